@@ -1,0 +1,9 @@
+from .recipes import (
+    flow_map_scheduler,
+    flow_match_sde_scheduler,
+    lcm_scheduler,
+    scm_scheduler,
+    scm_set_timesteps_kwargs,
+    t_list_from_scheduler,
+)
+from .scheduling_flow_match_few_step import FlowMatchFewStepScheduler

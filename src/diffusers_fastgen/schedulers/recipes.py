@@ -1,0 +1,89 @@
+"""Student sampling recipes: a scheduler whose config *is* the schedule the student is trained for.
+
+The training scripts take the student's t_list from `t_list_from_scheduler(scheduler, N)` and save
+that same scheduler in the pipeline folder, so `DiffusionPipeline.from_pretrained(path)` samples
+exactly what was trained. Each recipe is matched step for step against `diffusers_fastgen.sampling`
+in tests/schedulers.
+
+| recipe                    | scheduler (stock unless noted)          | process  | sampler                         |
+|---------------------------|-----------------------------------------|----------|---------------------------------|
+| flow_map_scheduler        | FlowMapEulerDiscreteScheduler           | RF       | deterministic x0 re-noise = Euler; MeanFlow jumps |
+| flow_match_sde_scheduler  | FlowMatchFewStepScheduler (ours)        | RF       | x0 + fresh noise (FastGen SDE)  |
+| lcm_scheduler             | LCMScheduler                            | VP       | multistep consistency           |
+| scm_scheduler             | SCMScheduler                            | TrigFlow | sCM multistep (needs set_timesteps kwargs) |
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import FlowMapEulerDiscreteScheduler, LCMScheduler, SCMScheduler
+
+from .scheduling_flow_match_few_step import FlowMatchFewStepScheduler
+
+# LCM's boundary condition c_skip = 0.25 / ((scaling * timestep)^2 + 0.25) must vanish for a student
+# that predicts x0 directly: with this scaling c_skip < 3e-13 at every timestep >= 1.
+_LCM_TIMESTEP_SCALING = 1.0e6
+
+
+def flow_map_scheduler(shift: float = 1.0, num_train_timesteps: int = 1000) -> FlowMapEulerDiscreteScheduler:
+    """Deterministic RF few-step schedule: sigmas = shift(linspace(1, 0, N + 1))."""
+    if shift <= 0:
+        raise ValueError(f"`shift` must be > 0, got {shift}.")
+    return FlowMapEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps, shift=shift)
+
+
+def flow_match_sde_scheduler(shift: float = 1.0, num_train_timesteps: int = 1000) -> FlowMatchFewStepScheduler:
+    """Stochastic RF few-step schedule: same sigmas as `flow_map_scheduler`, fresh noise per step."""
+    return FlowMatchFewStepScheduler(num_train_timesteps=num_train_timesteps, shift=shift)
+
+
+def lcm_scheduler(teacher_scheduler=None, *, original_inference_steps: int = 50, prediction_type: str | None = None,
+                  **vp_config) -> LCMScheduler:
+    """VP multistep consistency sampling with LCMScheduler, x0 boundary condition made exact.
+
+    Copies the teacher's beta schedule (`teacher_scheduler` config, or beta_start/beta_end/... kwargs).
+    """
+    config = dict(teacher_scheduler.config) if teacher_scheduler is not None else {}
+    config.update(vp_config)
+    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type")
+    kwargs = {k: config[k] for k in keys if k in config}
+    if prediction_type is not None:
+        kwargs["prediction_type"] = prediction_type
+    return LCMScheduler(**kwargs, original_inference_steps=original_inference_steps,
+                        timestep_scaling=_LCM_TIMESTEP_SCALING, set_alpha_to_one=True)
+
+
+def scm_scheduler(sigma_data: float = 0.5) -> SCMScheduler:
+    """TrigFlow sCM sampling. SCMScheduler keeps its schedule in set_timesteps' arguments
+    (max_timesteps, intermediate_timesteps), which `scm_set_timesteps_kwargs` provides."""
+    return SCMScheduler(sigma_data=sigma_data)
+
+
+def scm_set_timesteps_kwargs(num_inference_steps: int, *, max_timesteps: float = 1.57080,
+                             intermediate_timesteps: float = 1.3) -> dict:
+    """Arguments for SCMScheduler.set_timesteps matching sCM's 1- and 2-step schedules."""
+    if num_inference_steps == 2:
+        return dict(max_timesteps=max_timesteps, intermediate_timesteps=intermediate_timesteps)
+    return dict(max_timesteps=max_timesteps, intermediate_timesteps=None)
+
+
+def t_list_from_scheduler(scheduler, num_inference_steps: int, **set_timesteps_kwargs) -> torch.Tensor:
+    """The continuous-time t_list (ending at 0) that `scheduler` samples at for N steps.
+
+    RF schedulers: t = sigma. LCMScheduler: VP time t = timestep / (num_train_timesteps - 1).
+    SCMScheduler: TrigFlow time, as set.
+    """
+    if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+        raise ValueError(f"`num_inference_steps` must be an int >= 1, got {num_inference_steps!r}.")
+    if isinstance(scheduler, SCMScheduler):
+        kwargs = set_timesteps_kwargs or scm_set_timesteps_kwargs(num_inference_steps)
+        scheduler.set_timesteps(num_inference_steps, **kwargs)
+        return scheduler.timesteps.float().clone()
+    scheduler.set_timesteps(num_inference_steps, **set_timesteps_kwargs)
+    if isinstance(scheduler, LCMScheduler):
+        t = scheduler.timesteps.double() / (scheduler.config.num_train_timesteps - 1)
+        return torch.cat([t, t.new_zeros(1)]).float()
+    if hasattr(scheduler, "sigmas"):
+        return scheduler.sigmas.float().clone()
+    raise TypeError(f"no t_list recipe for scheduler {type(scheduler).__name__}; "
+                    "use FlowMapEulerDiscreteScheduler, FlowMatchFewStepScheduler, LCMScheduler or SCMScheduler.")

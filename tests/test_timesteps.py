@@ -1,0 +1,76 @@
+import math
+
+import pytest
+import torch
+from scipy import stats
+
+from diffusers_fastgen import timesteps as ts
+
+N = 20000
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_uniform_ks():
+    t = ts.sample_uniform((N,), t_min=0.2, t_max=0.7, generator=_gen())
+    assert stats.kstest(t.numpy(), stats.uniform(loc=0.2, scale=0.5).cdf).pvalue > 0.01
+
+
+def test_logit_normal_ks():
+    t = ts.sample_logit_normal((N,), mean=0.3, std=0.8, generator=_gen())
+    logits = torch.logit(t.double()).numpy()
+    assert stats.kstest(logits, stats.norm(loc=0.3, scale=0.8).cdf).pvalue > 0.01
+
+
+def test_log_normal_ks():
+    s = ts.sample_log_normal((N,), mean=-1.2, std=1.2, generator=_gen())
+    assert stats.kstest(s.double().log().numpy(), stats.norm(loc=-1.2, scale=1.2).cdf).pvalue > 0.01
+
+
+def test_shifted_matches_pushforward():
+    shift = 3.0
+    t = ts.sample_shifted((N,), shift=shift, generator=_gen())
+    # Inverse of t' = s t / (1 + (s-1) t) is t = t' / (s - (s-1) t'); the pre-image is uniform.
+    pre = t.double() / (shift - (shift - 1) * t.double())
+    assert stats.kstest(pre.numpy(), stats.uniform().cdf).pvalue > 0.01
+    assert ts.shift_time(torch.tensor(0.5), 5.0).item() == pytest.approx(5 / 6)
+
+
+def test_from_list_excludes_clean_end():
+    t = ts.sample_from_list((N,), [0.999, 0.833, 0.0], generator=_gen())
+    values, counts = torch.unique(t, return_counts=True)
+    torch.testing.assert_close(values, torch.tensor([0.833, 0.999]))
+    assert abs(counts[0].item() / N - 0.5) < 0.02
+
+
+def test_meanflow_pairs():
+    t, r = ts.sample_t_r_meanflow((N,), ratio_r_neq_t=0.25, mean=-0.4, std=1.0, generator=_gen())
+    assert bool((r <= t).all())
+    frac = (r != t).double().mean().item()
+    assert abs(frac - 0.25) < 0.015
+    # t is the max of two i.i.d. logit-normals: CDF F(t)^2.
+    cdf = lambda x: stats.norm(loc=-0.4, scale=1.0).cdf(math.log(x / (1 - x))) ** 2  # noqa: E731
+    import numpy as np
+    assert stats.kstest(t.double().numpy(), np.vectorize(cdf)).pvalue > 0.01
+
+
+def test_ect_curriculum():
+    assert ts.ect_ratio(0, total_iterations=800, num_stages=8) == 0.5
+    assert ts.ect_ratio(100, total_iterations=800, num_stages=8) == 0.25
+    assert ts.ect_ratio(799, total_iterations=800, num_stages=8) == 0.5**8
+    t, r = ts.sample_t_r_ect((100,), iteration=100, total_iterations=800, generator=_gen())
+    torch.testing.assert_close(r, t * 0.75)
+
+
+def test_generator_reproducible_and_bad_args():
+    a = ts.sample_logit_normal((5,), generator=_gen(3))
+    b = ts.sample_logit_normal((5,), generator=_gen(3))
+    torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="shift"):
+        ts.sample_shifted((3,), shift=0.0)
+    with pytest.raises(ValueError, match="t_list"):
+        ts.sample_from_list((3,), [0.5])
+    with pytest.raises(ValueError, match="base"):
+        ts.sample_shifted((3,), base="cosine")

@@ -1,0 +1,1 @@
+from .denoiser import Denoiser, unwrap_model

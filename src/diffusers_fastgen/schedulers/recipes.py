@@ -50,7 +50,7 @@ def lcm_scheduler(teacher_scheduler=None, *, original_inference_steps: int = 50,
     if prediction_type is not None:
         kwargs["prediction_type"] = prediction_type
     return LCMScheduler(**kwargs, original_inference_steps=original_inference_steps,
-                        timestep_scaling=_LCM_TIMESTEP_SCALING, set_alpha_to_one=True)
+                        timestep_scaling=_LCM_TIMESTEP_SCALING, set_alpha_to_one=True, steps_offset=1)
 
 
 def scm_scheduler(sigma_data: float = 0.5) -> SCMScheduler:

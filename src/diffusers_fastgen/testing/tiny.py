@@ -159,3 +159,33 @@ def tiny_cond(kind: str, batch_size: int, *, seed: int = 0, seq_len: int = 5) ->
     if kind in ("wan", "cogvideox"):
         return {"encoder_hidden_states": text}
     raise ValueError(f"`kind` must be one of unet2d, sd, sdxl, sd3, flux, flux_guidance, wan, cogvideox; got {kind!r}.")
+
+
+def tiny_pipeline(kind: str, scheduler, *, seed: int = 0):
+    """A complete tiny stock pipeline: 'sd' (StableDiffusionPipeline), 'sd3', 'flux' or 'wan'."""
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, WanPipeline
+
+    if kind == "sd":
+        tok = tiny_tokenizer(model_max_length=8)
+        return StableDiffusionPipeline(vae=tiny_vae(seed=seed), text_encoder=tiny_clip_text_encoder(tok, seed=seed),
+                                       tokenizer=tok, unet=tiny_unet2d_condition(seed=seed), scheduler=scheduler,
+                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    if kind == "sd3":
+        tok = tiny_tokenizer(model_max_length=8)
+        return StableDiffusion3Pipeline(
+            transformer=tiny_sd3_transformer(seed=seed), scheduler=scheduler,
+            vae=tiny_vae(seed=seed, shift_factor=0.0609, scaling_factor=1.5035),
+            text_encoder=tiny_clip_text_encoder(tok, with_projection=True, seed=seed), tokenizer=tok,
+            text_encoder_2=tiny_clip_text_encoder(tok, with_projection=True, seed=seed + 1), tokenizer_2=tok,
+            text_encoder_3=tiny_t5_text_encoder(tok, seed=seed), tokenizer_3=tok)
+    if kind == "flux":
+        tok = tiny_tokenizer(model_max_length=8)
+        return FluxPipeline(scheduler=scheduler, vae=tiny_vae(seed=seed, shift_factor=0.1159, scaling_factor=0.3611),
+                            text_encoder=tiny_clip_text_encoder(tok, seed=seed), tokenizer=tok,
+                            text_encoder_2=tiny_t5_text_encoder(tok, seed=seed), tokenizer_2=tok,
+                            transformer=tiny_flux_transformer(seed=seed))
+    if kind == "wan":
+        tok = tiny_tokenizer(model_max_length=8)
+        return WanPipeline(tokenizer=tok, text_encoder=tiny_t5_text_encoder(tok, seed=seed, umt5=True),
+                           vae=tiny_wan_vae(seed=seed), scheduler=scheduler, transformer=tiny_wan_transformer(seed=seed))
+    raise ValueError(f"`kind` must be one of 'sd', 'sd3', 'flux', 'wan'; got {kind!r}.")

@@ -1,0 +1,52 @@
+"""Accelerate setup shared by the scripts: mixed precision, accumulation, seeding, trackers, optimizer."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+
+from .args import OptimizerArgs, RunArgs, to_flat_dict
+
+logger = logging.getLogger("diffusers_fastgen")
+
+
+def setup_accelerator(run: RunArgs, project_name: str, config=None) -> Accelerator:
+    """Accelerator for `run`. Without CUDA it is created with cpu=True, which is what makes
+    `accelerate launch --multi_gpu --num_processes 2` run two gloo DDP processes on a CPU box."""
+    report_to = None if run.report_to == "none" else run.report_to
+    accelerator = Accelerator(
+        mixed_precision=run.mixed_precision,
+        gradient_accumulation_steps=run.gradient_accumulation_steps,
+        log_with=report_to,
+        project_config=ProjectConfiguration(project_dir=run.output_dir, logging_dir=os.path.join(run.output_dir, "logs")),
+        cpu=not torch.cuda.is_available(),
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    set_seed(run.seed, device_specific=True)
+    if accelerator.is_main_process:
+        os.makedirs(run.output_dir, exist_ok=True)
+    if report_to is not None:
+        hparams = {k: v for k, v in to_flat_dict(config).items() if isinstance(v, (int, float, str, bool))} if config else {}
+        accelerator.init_trackers(project_name, config=hparams)
+    return accelerator
+
+
+def make_optimizer(params, opt: OptimizerArgs) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW + linear warm-up then constant learning rate."""
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        raise ValueError("no trainable parameters were given to the optimizer.")
+    optimizer = torch.optim.AdamW(params, lr=opt.learning_rate, betas=(opt.adam_beta1, opt.adam_beta2),
+                                  weight_decay=opt.adam_weight_decay, eps=opt.adam_epsilon)
+    warmup = opt.lr_warmup_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+    return optimizer, scheduler
+
+
+def autocast_dtype(accelerator: Accelerator) -> torch.dtype:
+    """Weight dtype for frozen networks (teacher, VAE, text encoders) under the run's precision."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)

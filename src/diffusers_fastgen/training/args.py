@@ -1,0 +1,233 @@
+"""Config for the training scripts: dataclasses, parsed from the CLI with an optional YAML overlay.
+
+A script declares one `@dataclass <Method>Args` whose fields are either plain values or shared
+groups (`RunArgs`, `OptimizerArgs`, ...) composed as fields. Every leaf field becomes one flat CLI flag
+`--name` (names are unique across groups). Precedence: dataclass defaults < `--config x.yaml`
+(flat keys, or nested by group name) < command line. Unknown keys fail, and every `__post_init__`
+validates its values with a message naming the field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+
+import yaml
+
+MIXED_PRECISION = ("no", "fp16", "bf16")
+REPORT_TO = ("tensorboard", "wandb", "none")
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+@dataclass
+class RunArgs:
+    output_dir: str = "outputs/run"  # where checkpoints, logs, samples and the final pipeline go
+    seed: int = 0  # global seed (torch, numpy, python) and data order
+    max_train_steps: int = 1000  # optimizer steps of the main player
+    train_batch_size: int = 32  # per-process batch size
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
+    mixed_precision: str = "no"  # autocast dtype: no / fp16 / bf16
+    gradient_checkpointing: bool = False  # recompute activations in backward to save memory
+    checkpointing_steps: int = 500  # save accelerate state every N steps (0 = only at the end)
+    checkpoints_total_limit: int | None = 2  # keep at most N checkpoints (None = all)
+    resume_from_checkpoint: str | None = None  # a checkpoint path, or "latest"
+    validation_steps: int = 500  # write a sample grid every N steps (0 = only at the end)
+    logging_steps: int = 10  # log scalars every N steps
+    report_to: str = "tensorboard"  # tensorboard / wandb / none
+    dataloader_num_workers: int = 0  # torch DataLoader workers
+
+    def __post_init__(self):
+        _check(self.max_train_steps >= 1, f"`max_train_steps` must be >= 1, got {self.max_train_steps}.")
+        _check(self.train_batch_size >= 1, f"`train_batch_size` must be >= 1, got {self.train_batch_size}.")
+        _check(self.gradient_accumulation_steps >= 1,
+               f"`gradient_accumulation_steps` must be >= 1, got {self.gradient_accumulation_steps}.")
+        _check(self.mixed_precision in MIXED_PRECISION,
+               f"`mixed_precision` must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}.")
+        _check(self.report_to in REPORT_TO, f"`report_to` must be one of {REPORT_TO}, got {self.report_to!r}.")
+        _check(self.checkpointing_steps >= 0, f"`checkpointing_steps` must be >= 0, got {self.checkpointing_steps}.")
+        _check(self.checkpoints_total_limit is None or self.checkpoints_total_limit >= 1,
+               f"`checkpoints_total_limit` must be >= 1 or None, got {self.checkpoints_total_limit}.")
+        _check(self.validation_steps >= 0, f"`validation_steps` must be >= 0, got {self.validation_steps}.")
+        _check(self.logging_steps >= 1, f"`logging_steps` must be >= 1, got {self.logging_steps}.")
+
+
+@dataclass
+class OptimizerArgs:
+    learning_rate: float = 1e-4  # AdamW learning rate
+    adam_beta1: float = 0.9  # AdamW beta1
+    adam_beta2: float = 0.999  # AdamW beta2
+    adam_weight_decay: float = 0.0  # AdamW decoupled weight decay
+    adam_epsilon: float = 1e-8  # AdamW epsilon
+    max_grad_norm: float = 1.0  # gradient clipping (0 disables)
+    lr_warmup_steps: int = 0  # linear warm-up steps
+
+    def __post_init__(self):
+        _check(self.learning_rate > 0, f"`learning_rate` must be > 0, got {self.learning_rate}.")
+        _check(0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1,
+               f"`adam_beta1`/`adam_beta2` must be in [0, 1), got {self.adam_beta1}, {self.adam_beta2}.")
+        _check(self.max_grad_norm >= 0, f"`max_grad_norm` must be >= 0, got {self.max_grad_norm}.")
+        _check(self.lr_warmup_steps >= 0, f"`lr_warmup_steps` must be >= 0, got {self.lr_warmup_steps}.")
+
+
+@dataclass
+class EMAArgs:
+    ema_schedule: str = "constant"  # constant / halflife / power (EDM2)
+    ema_decay: float = 0.999  # decay for the constant schedule
+    ema_halflife_kimg: float = 0.5  # half-life in thousands of images (halflife schedule)
+    ema_gamma: float = 6.94  # exponent of the power schedule
+    ema_start_iter: int = 0  # copy weights (no averaging) up to this step
+
+    def __post_init__(self):
+        from ..ema import EMA_SCHEDULES
+
+        _check(self.ema_schedule in EMA_SCHEDULES,
+               f"`ema_schedule` must be one of {EMA_SCHEDULES}, got {self.ema_schedule!r}.")
+        _check(0 <= self.ema_decay < 1, f"`ema_decay` must be in [0, 1), got {self.ema_decay}.")
+
+
+# ------------------------------------------------------------------------------------------------
+# Flattening, CLI and YAML.
+# ------------------------------------------------------------------------------------------------
+
+
+def _leaf_fields(cls) -> dict[str, tuple[tuple[str, ...], object, dataclasses.Field]]:
+    """name -> (path of group attributes, type, field) over nested dataclasses."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            for name, (path, sub_tp, sub_f) in _leaf_fields(tp).items():
+                if name in out:
+                    raise TypeError(f"field name {name!r} appears twice in {cls.__name__}")
+                out[name] = ((f.name,) + path, sub_tp, sub_f)
+        else:
+            if f.name in out:
+                raise TypeError(f"field name {f.name!r} appears twice in {cls.__name__}")
+            out[f.name] = ((), tp, f)
+    return out
+
+
+def _base_type(tp):
+    """(scalar type, is_list, optional) of an annotation like `int | None` or `list[float]`."""
+    optional = False
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        non_none = [a for a in args if a is not type(None)]
+        optional = len(non_none) < len(args)
+        tp = non_none[0]
+    if typing.get_origin(tp) in (list, tuple):
+        return typing.get_args(tp)[0], True, optional
+    return tp, False, optional
+
+
+def _convert(name: str, value, tp):
+    scalar, is_list, optional = _base_type(tp)
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
+        if not optional:
+            raise ValueError(f"`{name}` cannot be None.")
+        return None
+    if is_list:
+        if isinstance(value, str):
+            value = [v for v in value.replace(",", " ").split()]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"`{name}` must be a list, got {value!r}.")
+        return [_convert(name, v, scalar) for v in value]
+    if scalar is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("1", "true", "yes"):
+            return True
+        if str(value).lower() in ("0", "false", "no"):
+            return False
+        raise ValueError(f"`{name}` must be true or false, got {value!r}.")
+    try:
+        if scalar is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return scalar(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"`{name}` must be of type {scalar.__name__}, got {value!r}.") from None
+
+
+def _flatten_yaml(data: dict, leaves: dict) -> dict:
+    flat = {}
+    for key, value in (data or {}).items():
+        if isinstance(value, dict) and key not in leaves:  # a group written nested
+            flat.update(_flatten_yaml(value, leaves))
+        else:
+            flat[key] = value
+    return flat
+
+
+def build(cls, values: dict):
+    """Instantiate `cls` (nested groups included) from flat {leaf name: value}; unknown keys fail."""
+    leaves = _leaf_fields(cls)
+    unknown = sorted(set(values) - set(leaves))
+    if unknown:
+        raise ValueError(f"unknown config keys {unknown}; allowed keys are {sorted(leaves)}.")
+
+    def make(c, prefix):
+        hints = typing.get_type_hints(c)
+        kwargs = {}
+        for f in dataclasses.fields(c):
+            tp = hints[f.name]
+            if dataclasses.is_dataclass(tp):
+                kwargs[f.name] = make(tp, prefix + (f.name,))
+            elif f.name in values:
+                kwargs[f.name] = _convert(f.name, values[f.name], tp)
+        return c(**kwargs)
+
+    return make(cls, ())
+
+
+def parse_args(cls, argv: list[str] | None = None):
+    """CLI (+ optional --config YAML) -> validated `cls` instance."""
+    leaves = _leaf_fields(cls)
+    parser = argparse.ArgumentParser(description=(cls.__doc__ or cls.__name__).strip().splitlines()[0])
+    parser.add_argument("--config", default=None, help="YAML file of flat (or group-nested) keys; CLI wins")
+    for name, (_, tp, f) in leaves.items():
+        _, is_list, _ = _base_type(tp)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        parser.add_argument(f"--{name}", default=argparse.SUPPRESS, nargs="+" if is_list else None,
+                            help=f"(default: {default})")
+    parsed = vars(parser.parse_args(argv))
+    config_path = parsed.pop("config")
+    values = {}
+    if config_path is not None:
+        if not os.path.isfile(config_path):
+            raise ValueError(f"`--config` file {config_path!r} does not exist.")
+        with open(config_path, encoding="utf-8") as fh:
+            values.update(_flatten_yaml(yaml.safe_load(fh), leaves))
+    values.update(parsed)
+    return build(cls, values)
+
+
+def to_flat_dict(args) -> dict:
+    """{leaf name: value} of a (nested) args dataclass, JSON-serialisable."""
+    out = {}
+    for f in dataclasses.fields(args):
+        value = getattr(args, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(to_flat_dict(value))
+        else:
+            out[f.name] = value
+    return out
+
+
+def save_config(args, path: str) -> None:
+    """Write the effective config beside the output (YAML, loadable with --config)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w", encoding="utf-8") as fh:
+        yaml.safe_dump(json.loads(json.dumps(to_flat_dict(args))), fh, sort_keys=False)
+
+
+__all__ = ["RunArgs", "OptimizerArgs", "EMAArgs", "parse_args", "build", "save_config", "to_flat_dict", "field"]

@@ -2,4 +2,5 @@
 
 __version__ = "0.1.0"
 
-from .schedulers import FlowMatchFewStepScheduler  # noqa: F401  (diffusers loads it by this name)
+from .pipelines import DigitsPipeline  # noqa: F401  (diffusers resolves components by these names)
+from .schedulers import FlowMatchFewStepScheduler  # noqa: F401

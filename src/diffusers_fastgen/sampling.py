@@ -68,3 +68,23 @@ def sample_meanflow(average_velocity, x: torch.Tensor, t_list) -> torch.Tensor:
         u = average_velocity(x, r.expand(x.shape[0]), t.expand(x.shape[0]))
         x = (x.float() - (t - r) * u.float()).to(x.dtype)
     return x
+
+
+@torch.no_grad()
+def teacher_ode_states(velocity, noise: torch.Tensor, t_list, *, steps_per_segment: int) -> list[torch.Tensor]:
+    """Euler solve of the RF probability-flow ODE dx/dt = v(x, t) from x(t_0) = noise through every
+    point of `t_list` (each interval split into `steps_per_segment` uniform Euler steps).
+
+    Returns [x(t_0), x(t_1), ..., x(0)]: the inputs of a multi-step KD student and the final target.
+    """
+    t_list = check_t_list(t_list)
+    if steps_per_segment < 1:
+        raise ValueError(f"`steps_per_segment` must be >= 1, got {steps_per_segment}.")
+    x, states = noise, [noise]
+    for i in range(len(t_list) - 1):
+        grid = torch.linspace(float(t_list[i]), float(t_list[i + 1]), steps_per_segment + 1)
+        for t, t_next in zip(grid[:-1], grid[1:]):
+            v = velocity(x, t.expand(x.shape[0]).to(x.device))
+            x = (x.float() + (t_next - t) * v.float()).to(x.dtype)
+        states.append(x)
+    return states

@@ -9,7 +9,7 @@ from diffusers_fastgen.training import OptimizerArgs, RunArgs, parse_args, save_
 class ToyArgs:
     """Toy method."""
 
-    run: RunArgs = field(default_factory=RunArgs)
+    run: RunArgs = field(default_factory=lambda: RunArgs(train_batch_size=128, max_train_steps=5))
     optimizer: OptimizerArgs = field(default_factory=OptimizerArgs)
     t_list: list[float] = field(default_factory=lambda: [0.999, 0.833, 0.0])  # student schedule
     guidance_scale: float = 1.0  # teacher CFG
@@ -28,7 +28,9 @@ def test_defaults_cli_and_yaml_precedence(tmp_path):
     assert args.run.max_train_steps == 7 and args.run.mixed_precision == "bf16"  # YAML beats default
     assert args.guidance_scale == 2.0 and args.t_list == [0.9, 0.5, 0.0]
     assert args.run.gradient_checkpointing is True and args.run.checkpoints_total_limit is None
-    assert parse_args(ToyArgs, []).run.train_batch_size == 32
+    defaults = parse_args(ToyArgs, [])
+    assert defaults.run.train_batch_size == 128 and defaults.run.max_train_steps == 5  # the script's group defaults
+    assert defaults.run.seed == 0 and defaults.optimizer.learning_rate == 1e-4
     # The saved config reloads to the same values.
     save_config(args, str(tmp_path / "out" / "config.yaml"))
     again = parse_args(ToyArgs, ["--config", str(tmp_path / "out" / "config.yaml")])

@@ -59,7 +59,7 @@ def _call_unet2d(model, x, timestep, cond):
 
 
 def _call_unet2d_condition(model, x, timestep, cond):
-    return model(x, timestep, encoder_hidden_states=cond["encoder_hidden_states"],
+    return model(x, timestep, encoder_hidden_states=cond.get("encoder_hidden_states"),
                  class_labels=cond.get("class_labels"), added_cond_kwargs=cond.get("added_cond_kwargs")).sample
 
 

@@ -175,18 +175,27 @@ def build(cls, values: dict):
     if unknown:
         raise ValueError(f"unknown config keys {unknown}; allowed keys are {sorted(leaves)}.")
 
-    def make(c, prefix):
+    def make(c, default=None):
+        """Build `c`; a group field starts from its own default (a script's default_factory may
+        change a shared group's defaults, e.g. a larger batch size)."""
         hints = typing.get_type_hints(c)
         kwargs = {}
         for f in dataclasses.fields(c):
             tp = hints[f.name]
             if dataclasses.is_dataclass(tp):
-                kwargs[f.name] = make(tp, prefix + (f.name,))
+                sub_default = None
+                if default is not None:
+                    sub_default = getattr(default, f.name)
+                elif f.default_factory is not dataclasses.MISSING:
+                    sub_default = f.default_factory()
+                kwargs[f.name] = make(tp, sub_default)
             elif f.name in values:
                 kwargs[f.name] = _convert(f.name, values[f.name], tp)
+        if default is not None:
+            return dataclasses.replace(default, **kwargs)  # re-runs __post_init__ validation
         return c(**kwargs)
 
-    return make(cls, ())
+    return make(cls)
 
 
 def parse_args(cls, argv: list[str] | None = None):

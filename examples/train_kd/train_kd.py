@@ -1,0 +1,229 @@
+"""KD: distil a teacher into a 1- or few-step student by regressing teacher ODE endpoints.
+
+1. Pairs: the teacher (many Euler steps, optional CFG) solves the probability-flow ODE from noise;
+   the states at the student's t_list and the endpoint x0 go into a `datasets` dataset on disk
+   (reused when the recipe matches).
+2. The student (initialised from the teacher) learns x0 from each state: kd_loss.
+3. The student is saved as a DigitsPipeline whose FlowMapEulerDiscreteScheduler(shift) is the
+   schedule it was trained on; 1 and N steps both work.
+
+    accelerate launch examples/train_kd/train_kd.py --output_dir outputs/kd
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from diffusers_fastgen.ema import EMA
+from diffusers_fastgen.evaluation import DIGITS_TEACHER_PATH
+from diffusers_fastgen.evaluation.digits_benchmark import DigitsReference, benchmark_row, markdown_table
+from diffusers_fastgen.guidance import guided_prediction
+from diffusers_fastgen.losses import kd_loss
+from diffusers_fastgen.models import Denoiser
+from diffusers_fastgen.models.digits import NULL_CLASS, digits_cond
+from diffusers_fastgen.parametrization import process_from_scheduler
+from diffusers_fastgen.pipelines import DigitsPipeline
+from diffusers_fastgen.sampling import teacher_ode_states
+from diffusers_fastgen.schedulers import flow_map_scheduler, t_list_from_scheduler
+from diffusers_fastgen.training import (
+    EMAArgs,
+    OptimizerArgs,
+    RunArgs,
+    load_checkpoint,
+    log_image_grid,
+    make_optimizer,
+    parse_args,
+    resolve_checkpoint,
+    save_checkpoint,
+    save_config,
+    save_image_grid,
+    setup_accelerator,
+)
+from diffusers_fastgen.training.data import InfiniteBatches
+
+logger = logging.getLogger("train_kd")
+
+
+@dataclass
+class KDArgs:
+    """Knowledge distillation of a teacher pipeline into a few-step student."""
+
+    run: RunArgs = field(default_factory=lambda: RunArgs(output_dir="outputs/kd", max_train_steps=2000,
+                                                         train_batch_size=128, checkpointing_steps=500,
+                                                         validation_steps=500))
+    optimizer: OptimizerArgs = field(default_factory=lambda: OptimizerArgs(learning_rate=2e-4, lr_warmup_steps=100))
+    ema: EMAArgs = field(default_factory=lambda: EMAArgs(ema_schedule="halflife", ema_halflife_kimg=20.0))
+    teacher: str = DIGITS_TEACHER_PATH  # teacher pipeline folder (default: the shipped digits teacher)
+    num_student_steps: int = 2  # the student's largest step count (t_list length - 1)
+    shift: float = 1.0  # student schedule: sigmas = shift(linspace(1, 0, N + 1))
+    num_pairs: int = 8000  # teacher ODE solutions to generate
+    teacher_steps: int = 32  # total teacher Euler steps per solution (split evenly over the student's intervals)
+    teacher_guidance_scale: float = 1.0  # CFG of the teacher ODE
+    pairs_dir: str | None = None  # where the pairs dataset lives (default: <output_dir>/teacher_pairs)
+    pairs_batch_size: int = 500  # teacher batch size while generating
+    eval_num_samples: int = 1000  # samples for the final benchmark rows (0 skips)
+
+    def __post_init__(self):
+        if self.num_student_steps < 1:
+            raise ValueError(f"`num_student_steps` must be >= 1, got {self.num_student_steps}.")
+        if self.teacher_steps < self.num_student_steps or self.teacher_steps % self.num_student_steps:
+            raise ValueError(f"`teacher_steps` must be a multiple of num_student_steps={self.num_student_steps}, "
+                             f"got {self.teacher_steps}.")
+        if self.num_pairs < 1:
+            raise ValueError(f"`num_pairs` must be >= 1, got {self.num_pairs}.")
+        if self.teacher_guidance_scale < 0:
+            raise ValueError(f"`teacher_guidance_scale` must be >= 0, got {self.teacher_guidance_scale}.")
+
+
+def generate_pairs(teacher: Denoiser, t_list: torch.Tensor, args: KDArgs, seed: int):
+    """Teacher ODE states at t_list and endpoints -> datasets.Dataset(noise, label, states (K+1, C, H, W))."""
+    import datasets
+
+    g = torch.Generator().manual_seed(seed)
+    labels_all = torch.arange(args.num_pairs) % 10
+    rows = {"label": [], "states": []}
+    for labels in tqdm(labels_all.split(args.pairs_batch_size), desc="teacher ODE pairs"):
+        noise = torch.randn(labels.shape[0], 1, 8, 8, generator=g)
+        cond, uncond = digits_cond(labels), digits_cond(torch.full_like(labels, NULL_CLASS))
+
+        def velocity(x, t):
+            return guided_prediction(teacher, x, t, cond, uncond, args.teacher_guidance_scale, target="flow")
+
+        states = teacher_ode_states(velocity, noise, t_list,
+                                    steps_per_segment=args.teacher_steps // args.num_student_steps)
+        rows["label"].extend(labels.tolist())
+        rows["states"].extend(torch.stack(states, 1).numpy())  # (B, K+1, C, H, W)
+    return datasets.Dataset.from_dict(rows)
+
+
+def load_or_generate_pairs(accelerator, teacher: Denoiser, t_list, args: KDArgs):
+    """Pairs on disk are reused when their recipe (teacher, t_list, steps, CFG, count) matches."""
+    import datasets
+
+    pairs_dir = args.pairs_dir or os.path.join(args.run.output_dir, "teacher_pairs")
+    recipe = {"teacher": os.path.abspath(args.teacher), "t_list": [round(float(t), 6) for t in t_list],
+              "teacher_steps": args.teacher_steps, "teacher_guidance_scale": args.teacher_guidance_scale,
+              "num_pairs": args.num_pairs, "seed": args.run.seed}
+    recipe_file = os.path.join(pairs_dir, "recipe.json")
+    if accelerator.is_main_process:
+        fresh = not (os.path.isfile(recipe_file) and json.load(open(recipe_file)) == recipe)
+        if fresh:
+            ds = generate_pairs(teacher, t_list, args, seed=args.run.seed)
+            tmp = pairs_dir + ".tmp"
+            ds.save_to_disk(tmp)
+            with open(os.path.join(tmp, "recipe.json"), "w") as fh:
+                json.dump(recipe, fh)
+            if os.path.isdir(pairs_dir):
+                import shutil
+
+                shutil.rmtree(pairs_dir)
+            os.replace(tmp, pairs_dir)
+    accelerator.wait_for_everyone()
+    table = datasets.load_from_disk(pairs_dir).with_format("torch")[:]  # {column: tensor}
+    return table["states"].float(), table["label"].long()
+
+
+def student_step(student: Denoiser, states: torch.Tensor, labels: torch.Tensor, t_list: torch.Tensor) -> torch.Tensor:
+    """KD loss at a random point of the student's schedule for each sample.
+
+    states: (B, K+1, C, H, W) teacher ODE states at t_list (last = x0 target)."""
+    b, k = states.shape[0], len(t_list) - 1
+    i = torch.randint(0, k, (b,), device=states.device)
+    x_t = states[torch.arange(b), i]  # (B, C, H, W)
+    t = t_list.to(states.device)[i]
+    x0 = student(x_t, t, digits_cond(labels), target="x0")
+    return kd_loss(x0, states[:, -1]).mean()
+
+
+def save_student(accelerator, unet, ema, scheduler, args: KDArgs, step: int) -> DigitsPipeline:
+    model = accelerator.unwrap_model(unet)
+    ema.copy_to(model)
+    pipe = DigitsPipeline(unet=model, scheduler=scheduler)
+    pipe.save_pretrained(args.run.output_dir)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(torch.arange(10).repeat(10), num_inference_steps=1, output_type="latent",
+                  generator=torch.Generator().manual_seed(0)).images
+    save_image_grid(images, os.path.join(args.run.output_dir, "samples_1step.png"), nrow=10, upscale=4)
+    log_image_grid(accelerator, images, step, tag="student_1step", nrow=10)
+    return pipe
+
+
+def main(argv=None):
+    args = parse_args(KDArgs, argv)
+    run = args.run
+    accelerator = setup_accelerator(run, "train_kd", args)
+    if accelerator.is_main_process:
+        save_config(args, os.path.join(run.output_dir, "train_config.yaml"))
+
+    teacher_pipe = DigitsPipeline.from_pretrained(args.teacher)
+    teacher = Denoiser(teacher_pipe.unet.requires_grad_(False).eval(), *process_from_scheduler(teacher_pipe.scheduler))
+    scheduler = flow_map_scheduler(shift=args.shift)
+    t_list = t_list_from_scheduler(scheduler, args.num_student_steps)
+    states, labels = load_or_generate_pairs(accelerator, teacher, t_list, args)
+
+    unet = DigitsPipeline.from_pretrained(args.teacher).unet  # student starts from the teacher
+    if run.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    optimizer, lr_scheduler = make_optimizer(unet.parameters(), args.optimizer)
+    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    ema = EMA(unet, schedule=args.ema.ema_schedule, decay=args.ema.ema_decay, halflife_kimg=args.ema.ema_halflife_kimg,
+              batch_size=run.train_batch_size * accelerator.num_processes, gamma=args.ema.ema_gamma,
+              start_iter=args.ema.ema_start_iter)
+    student = Denoiser(unet, teacher.process, teacher.prediction_type)
+    batches = InfiniteBatches(states, labels, batch_size=run.train_batch_size, seed=run.seed,
+                              rank=accelerator.process_index, world_size=accelerator.num_processes)
+
+    step = 0
+    checkpoint = resolve_checkpoint(run.output_dir, run.resume_from_checkpoint)
+    if checkpoint is not None:
+        step = load_checkpoint(accelerator, checkpoint, emas={"unet": ema})["step"]
+        logger.info("resumed from %s at step %d", checkpoint, step)
+    batches.state_at(step * run.gradient_accumulation_steps)
+
+    progress = tqdm(range(run.max_train_steps), initial=step, disable=not accelerator.is_local_main_process)
+    while step < run.max_train_steps:
+        with accelerator.accumulate(unet):
+            x, y = (t.to(accelerator.device) for t in next(batches))
+            loss = student_step(student, x, y, t_list)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and args.optimizer.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(unet.parameters(), args.optimizer.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        if not accelerator.sync_gradients:
+            continue
+        ema.update(unet)
+        step += 1
+        progress.update(1)
+        if step % run.logging_steps == 0:
+            logs = {"kd_loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0]}
+            progress.set_postfix(**logs)
+            accelerator.log(logs, step=step)
+        if run.checkpointing_steps and step % run.checkpointing_steps == 0:
+            save_checkpoint(accelerator, run.output_dir, step, emas={"unet": ema}, total_limit=run.checkpoints_total_limit)
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        pipe = save_student(accelerator, unet, ema, scheduler, args, step)
+        logger.info("saved the student pipeline to %s", run.output_dir)
+        if args.eval_num_samples:
+            reference = DigitsReference()
+            rows = [benchmark_row(pipe, reference, name="KD student", num_inference_steps=n, guidance_scale=1.0,
+                                  num_samples=args.eval_num_samples) for n in sorted({1, args.num_student_steps})]
+            table = markdown_table(rows)
+            with open(os.path.join(run.output_dir, "benchmark.md"), "w") as fh:
+                fh.write(table + "\n")
+            print(table)
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()

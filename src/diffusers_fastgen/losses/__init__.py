@@ -1,0 +1,2 @@
+from .denoising import denoising_loss
+from .regression import kd_loss

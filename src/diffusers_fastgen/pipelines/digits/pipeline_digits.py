@@ -1,0 +1,84 @@
+"""DigitsPipeline: class-conditional sampling of pixel-space digits models with any student scheduler."""
+
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline, ImagePipelineOutput
+from diffusers.loaders import StableDiffusionLoraLoaderMixin
+from diffusers.utils.torch_utils import randn_tensor
+
+from ...models.digits import NULL_CLASS
+
+
+class DigitsPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
+    """Components: `unet` (UNet2DConditionModel with class embeddings; class NULL_CLASS = unconditional)
+    and `scheduler` (FlowMapEulerDiscreteScheduler, FlowMatchFewStepScheduler, FlowMatchEuler..., or
+    any scheduler whose `timesteps` are the model's inputs). LoRA: `load_lora_weights` as in SD."""
+
+    model_cpu_offload_seq = "unet"
+    _optional_components = []
+
+    def __init__(self, unet, scheduler):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler)
+
+    def _step_kwargs(self, generator):
+        return {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
+
+    @torch.no_grad()
+    def __call__(self, class_labels, num_inference_steps: int = 1, guidance_scale: float = 1.0,
+                 generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
+                 output_type: str = "pil", return_dict: bool = True, **set_timesteps_kwargs):
+        """Sample one image per entry of `class_labels` (ints 0..9).
+
+        output_type: 'pil', 'np' ((B, 8, 8, 1) in [0, 1]), 'pt' ((B, 1, 8, 8) in [0, 1]) or
+        'latent' ((B, 1, 8, 8) raw model space, [-1, 1] for the digits).
+        """
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"`output_type` must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}.")
+        if guidance_scale < 0:
+            raise ValueError(f"`guidance_scale` must be >= 0, got {guidance_scale}.")
+        labels = torch.as_tensor(class_labels, dtype=torch.long, device=self.device).reshape(-1)
+        if labels.numel() == 0 or labels.min() < 0 or labels.max() >= NULL_CLASS:
+            raise ValueError(f"`class_labels` must be non-empty ints in [0, {NULL_CLASS - 1}], got {class_labels!r}.")
+        cfg = guidance_scale != 1.0
+        config = self.unet.config
+        shape = (labels.numel(), config.in_channels, config.sample_size, config.sample_size)
+        dtype = self.unet.dtype
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=self.device, dtype=dtype)
+        latents = latents * getattr(self.scheduler, "init_noise_sigma", 1.0)
+        self.scheduler.set_timesteps(num_inference_steps, device=self.device, **set_timesteps_kwargs)
+        step_kwargs = self._step_kwargs(generator)
+        model_labels = torch.cat([labels, torch.full_like(labels, NULL_CLASS)]) if cfg else labels
+        for t in self.progress_bar(self.scheduler.timesteps):
+            model_input = torch.cat([latents, latents]) if cfg else latents
+            model_input = self.scheduler.scale_model_input(model_input, t)
+            timestep = t.expand(model_input.shape[0]).to(self.device)
+            out = self.unet(model_input, timestep, encoder_hidden_states=None, class_labels=model_labels).sample
+            if cfg:
+                cond, uncond = out.chunk(2)
+                out = uncond + guidance_scale * (cond - uncond)
+            latents = self.scheduler.step(out, t, latents, return_dict=False, **step_kwargs)[0]
+        self.maybe_free_model_hooks()
+        if output_type == "latent":
+            images = latents
+        else:
+            images = (latents.float() / 2 + 0.5).clamp(0, 1)
+            if output_type != "pt":
+                images = images.permute(0, 2, 3, 1).cpu().numpy()
+                if output_type == "pil":
+                    images = self.numpy_to_pil(images)
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)
+
+    @staticmethod
+    def numpy_to_pil(images: np.ndarray):
+        from PIL import Image
+
+        images = (images * 255).round().astype("uint8")
+        return [Image.fromarray(im[..., 0], mode="L") if im.shape[-1] == 1 else Image.fromarray(im) for im in images]

@@ -1,0 +1,43 @@
+"""Helpers for the example-script smoke tests."""
+
+import hashlib
+import importlib.util
+import os
+
+import torch
+from accelerate.state import AcceleratorState
+from safetensors.torch import load_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def load_script(name):
+    """Import examples/train_<name>/train_<name>.py as a module."""
+    path = os.path.join(ROOT, "examples", f"train_{name}", f"train_{name}.py")
+    spec = importlib.util.spec_from_file_location(f"train_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_script(name, argv):
+    AcceleratorState._reset_state(True)
+    load_script(name).main(argv)
+    AcceleratorState._reset_state(True)
+
+
+def file_digest(path):
+    with open(path, "rb") as fh:
+        return hashlib.sha256(fh.read()).hexdigest()
+
+
+def unet_weights(folder):
+    return load_file(os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors"))
+
+
+def assert_changed(before: dict, after: dict):
+    assert before.keys() == after.keys()
+    changed = sum(not torch.equal(before[k], after[k]) for k in before)
+    assert changed > len(before) // 2, f"only {changed}/{len(before)} tensors changed"
+
+

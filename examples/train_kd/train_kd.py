@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from diffusers_fastgen.ema import EMA
 from diffusers_fastgen.evaluation import DIGITS_TEACHER_PATH
-from diffusers_fastgen.evaluation.digits_benchmark import DigitsReference, benchmark_row, markdown_table
+from diffusers_fastgen.evaluation.digits_benchmark import write_benchmark
 from diffusers_fastgen.guidance import guided_prediction
 from diffusers_fastgen.losses import kd_loss
 from diffusers_fastgen.models import Denoiser
@@ -54,7 +54,7 @@ logger = logging.getLogger("train_kd")
 class KDArgs:
     """Knowledge distillation of a teacher pipeline into a few-step student."""
 
-    run: RunArgs = field(default_factory=lambda: RunArgs(output_dir="outputs/kd", max_train_steps=2000,
+    run: RunArgs = field(default_factory=lambda: RunArgs(output_dir="outputs/kd", max_train_steps=1200,
                                                          train_batch_size=128, checkpointing_steps=500,
                                                          validation_steps=500))
     optimizer: OptimizerArgs = field(default_factory=lambda: OptimizerArgs(learning_rate=2e-4, lr_warmup_steps=100))
@@ -62,8 +62,8 @@ class KDArgs:
     teacher: str = DIGITS_TEACHER_PATH  # teacher pipeline folder (default: the shipped digits teacher)
     num_student_steps: int = 2  # the student's largest step count (t_list length - 1)
     shift: float = 1.0  # student schedule: sigmas = shift(linspace(1, 0, N + 1))
-    num_pairs: int = 8000  # teacher ODE solutions to generate
-    teacher_steps: int = 32  # total teacher Euler steps per solution (split evenly over the student's intervals)
+    num_pairs: int = 6000  # teacher ODE solutions to generate
+    teacher_steps: int = 16  # total teacher Euler steps per solution (split evenly over the student's intervals)
     teacher_guidance_scale: float = 1.0  # CFG of the teacher ODE
     pairs_dir: str | None = None  # where the pairs dataset lives (default: <output_dir>/teacher_pairs)
     pairs_batch_size: int = 500  # teacher batch size while generating
@@ -215,13 +215,8 @@ def main(argv=None):
         pipe = save_student(accelerator, unet, ema, scheduler, args, step)
         logger.info("saved the student pipeline to %s", run.output_dir)
         if args.eval_num_samples:
-            reference = DigitsReference()
-            rows = [benchmark_row(pipe, reference, name="KD student", num_inference_steps=n, guidance_scale=1.0,
-                                  num_samples=args.eval_num_samples) for n in sorted({1, args.num_student_steps})]
-            table = markdown_table(rows)
-            with open(os.path.join(run.output_dir, "benchmark.md"), "w") as fh:
-                fh.write(table + "\n")
-            print(table)
+            print(write_benchmark(pipe, run.output_dir, name="KD student", num_samples=args.eval_num_samples,
+                                  step_counts=[1, args.num_student_steps]))
     accelerator.end_training()
 
 

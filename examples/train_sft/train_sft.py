@@ -50,7 +50,7 @@ logger = logging.getLogger("train_sft")
 class SFTArgs:
     """Denoising fine-tuning (SFT) of a class-conditional diffusers UNet."""
 
-    run: RunArgs = field(default_factory=lambda: RunArgs(output_dir="outputs/sft", max_train_steps=3000,
+    run: RunArgs = field(default_factory=lambda: RunArgs(output_dir="outputs/sft", max_train_steps=2500,
                                                          train_batch_size=128, checkpointing_steps=1000,
                                                          validation_steps=1000))
     optimizer: OptimizerArgs = field(default_factory=lambda: OptimizerArgs(learning_rate=1e-3, lr_warmup_steps=200))

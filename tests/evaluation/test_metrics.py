@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -21,7 +23,8 @@ def test_frechet_distance_closed_form():
 def test_diversity_closed_form():
     f = np.array([[0.0, 0.0], [2.0, 0.0], [10.0, 10.0], [10.0, 12.0]])
     labels = np.array([0, 0, 1, 1])
-    assert within_class_diversity(f, labels) == pytest.approx(2.0)  # both classes: pairwise distance 2
+    # Two points 2 apart: ordered pairs (incl. i = j) have squared distances 0, 4, 4, 0 -> RMS sqrt(2).
+    assert within_class_diversity(f, labels) == pytest.approx(math.sqrt(2.0))
 
 
 def test_shipped_classifier_accuracy():

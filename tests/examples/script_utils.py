@@ -3,6 +3,7 @@
 import hashlib
 import importlib.util
 import os
+import sys
 
 import torch
 from accelerate.state import AcceleratorState
@@ -16,6 +17,7 @@ def load_script(name):
     path = os.path.join(ROOT, "examples", f"train_{name}", f"train_{name}.py")
     spec = importlib.util.spec_from_file_location(f"train_{name}", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
     spec.loader.exec_module(module)
     return module
 

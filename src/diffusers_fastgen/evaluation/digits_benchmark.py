@@ -78,3 +78,17 @@ def markdown_table(rows: list[dict]) -> str:
             time=f"{r['s_per_1k']:.2f}" if "s_per_1k" in r else "–", fd=r["fd"], acc=r["accuracy"],
             div=r["diversity"]))
     return head + "\n".join(lines)
+
+
+def write_benchmark(pipe, output_dir: str, *, name: str, step_counts, num_samples: int = 1000,
+                    guidance_scale: float = 1.0) -> str:
+    """Benchmark rows of a freshly trained student at `step_counts`, written to <output_dir>/benchmark.md."""
+    import os
+
+    reference = DigitsReference()
+    rows = [benchmark_row(pipe, reference, name=name, num_inference_steps=n, guidance_scale=guidance_scale,
+                          num_samples=num_samples) for n in sorted(set(step_counts))]
+    table = markdown_table(rows)
+    with open(os.path.join(output_dir, "benchmark.md"), "w", encoding="utf-8") as fh:
+        fh.write(table + "\n")
+    return table

@@ -31,7 +31,8 @@ def classify(classifier, images: torch.Tensor, batch_size: int = 500) -> tuple[n
 
 
 def within_class_diversity(features: np.ndarray, labels: np.ndarray) -> float:
-    """Mean over classes of the mean pairwise feature distance (RMS distance to the class mean * sqrt 2)."""
+    """Mean over classes of the RMS pairwise feature distance, sqrt(E_ij ||f_i - f_j||^2) over all ordered
+    pairs of the class (i = j included), computed as sqrt(2 E_i ||f_i - mean||^2)."""
     values = []
     for c in np.unique(labels):
         f = features[labels == c]

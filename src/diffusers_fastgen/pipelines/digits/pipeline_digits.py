@@ -20,6 +20,7 @@ class DigitsPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
 
     model_cpu_offload_seq = "unet"
     _optional_components = []
+    text_encoder = None  # no text encoder: StableDiffusionLoraLoaderMixin then loads LoRA into the unet only
 
     def __init__(self, unet, scheduler):
         super().__init__()

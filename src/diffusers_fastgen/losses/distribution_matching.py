@@ -1,0 +1,74 @@
+"""Distribution matching losses: DMD / DMD2, the fake-score loss, GAN terms, f-distill weights.
+
+Time convention: RF, t = 0 data, x_t = (1 - t) x0 + t eps. All losses are per-sample (B,), fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def dmd_generator_loss(x0_student: torch.Tensor, x0_teacher: torch.Tensor, x0_fake: torch.Tensor) -> torch.Tensor:
+    """DMD's distribution matching loss (Yin et al. arXiv:2311.18828 eq. 7-8; DMD2 arXiv:2405.14867).
+
+    The gradient of KL(p_student || p_data) w.r.t. a student sample x, estimated at a noised copy
+    x_t, is  (x0_fake(x_t) - x0_teacher(x_t)) / w  with the per-sample normaliser
+    w = mean |x - x0_teacher(x_t)| (eq. 8). We return  0.5 || x - sg(x - grad) ||^2 / D,  whose
+    gradient w.r.t. x is exactly grad / D (D = elements per sample). x0_teacher may include CFG.
+
+    Shapes: all (B, ...). x0_teacher and x0_fake are stop-gradient (detached here).
+    """
+    x = x0_student.float()
+    real, fake = x0_teacher.detach().float(), x0_fake.detach().float()
+    with torch.no_grad():
+        weight = (x - real).abs().flatten(1).mean(1).clamp_min(1e-6)  # (B,)
+        grad = (fake - real) / weight.view(-1, *([1] * (x.ndim - 1)))
+        target = x - grad
+    return 0.5 * (x - target).square().flatten(1).mean(1)
+
+
+def gan_generator_loss(logits_fake: torch.Tensor) -> torch.Tensor:
+    """Non-saturating generator loss softplus(-D(fake)) (Goodfellow et al. 2014), mean over logits -> (B,)."""
+    return F.softplus(-logits_fake.float()).flatten(1).mean(1)
+
+
+def gan_discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    """softplus(-D(real)) + softplus(D(fake)), per sample (B,). logits_fake comes from detached samples."""
+    return F.softplus(-logits_real.float()).flatten(1).mean(1) + F.softplus(logits_fake.float()).flatten(1).mean(1)
+
+
+def approx_r1_loss(logits_real: torch.Tensor, logits_real_perturbed: torch.Tensor) -> torch.Tensor:
+    """Approximate R1 (APT, Lin et al. arXiv:2501.08316): || D(x_real) - D(x_real + sigma n) ||^2
+    penalises the discriminator's sensitivity around real data without a double backward. (B,)."""
+    return (logits_real.float() - logits_real_perturbed.float()).square().flatten(1).mean(1)
+
+
+F_DIVERGENCES = ("reverse_kl", "kl", "js", "squared_hellinger", "jeffreys")
+
+
+def f_divergence_weight(logits: torch.Tensor, divergence: str) -> torch.Tensor:
+    """Per-sample weight h(r) = f''(r) r^2 of the DMD gradient for D_f(p_data || p_student)
+    (f-distill, Xu et al. arXiv:2502.15681), r = p_data / p_student = exp(D(x_t)) read from a
+    discriminator logit trained with `gan_discriminator_loss` (its optimum is D = log r).
+
+    f(r) and h(r):  reverse_kl  -log r           -> 1 (plain DMD)
+                    kl          r log r          -> r
+                    js          r log r - (r+1) log((r+1)/2) -> r / (r + 1)
+                    squared_hellinger (sqrt r - 1)^2 -> sqrt(r) / 2
+                    jeffreys    (r - 1) log r    -> r + 1
+    log r is clamped to [-10, 10] and h is divided by its batch mean (the paper normalises the
+    weights so the step size stays comparable to DMD's). Returns (B,), detached.
+    """
+    if divergence not in F_DIVERGENCES:
+        raise ValueError(f"`divergence` must be one of {F_DIVERGENCES}, got {divergence!r}.")
+    log_r = logits.detach().float().flatten(1).mean(1).clamp(-10, 10)  # (B,)
+    r = log_r.exp()
+    h = {
+        "reverse_kl": torch.ones_like(r),
+        "kl": r,
+        "js": r / (1 + r),
+        "squared_hellinger": 0.5 * r.sqrt(),
+        "jeffreys": r + 1,
+    }[divergence]
+    return h / h.mean().clamp_min(1e-8)

@@ -16,9 +16,10 @@ from __future__ import annotations
 import copy
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
+from peft.utils import get_peft_model_state_dict
 from tqdm.auto import tqdm
 
 from diffusers_fastgen.ema import EMA
@@ -27,7 +28,7 @@ from diffusers_fastgen.evaluation.digits_benchmark import write_benchmark
 from diffusers_fastgen.guidance import guided_prediction
 from diffusers_fastgen.losses import denoising_loss
 from diffusers_fastgen.losses.distribution_matching import dmd_generator_loss
-from diffusers_fastgen.models import Denoiser
+from diffusers_fastgen.models import Denoiser, unwrap_model
 from diffusers_fastgen.models.digits import NULL_CLASS, digits_cond
 from diffusers_fastgen.parametrization import add_noise, process_from_scheduler
 from diffusers_fastgen.pipelines import DigitsPipeline
@@ -48,6 +49,7 @@ from diffusers_fastgen.training import (
     setup_accelerator,
 )
 from diffusers_fastgen.training.data import InfiniteBatches, load_digits_arrays
+from diffusers_fastgen.training.lora import BASE, adapter_parameters, add_lora_adapters
 
 logger = logging.getLogger("train_dmd2")
 
@@ -71,6 +73,7 @@ class DMD2Args:
     dmd_t_min: float = 0.02  # the DMD loss noises student samples at t ~ U[dmd_t_min, dmd_t_max]
     dmd_t_max: float = 0.98
     backward_simulation: bool = True  # multi-step: inputs from the student's own rollout (else noised data)
+    lora_rank: int = 0  # > 0: student and fake score are LoRA adapters on one frozen base (the teacher)
     eval_num_samples: int = 1000  # samples for the final benchmark rows (0 skips)
 
     def __post_init__(self):
@@ -82,68 +85,98 @@ class DMD2Args:
             raise ValueError(f"need 0 <= dmd_t_min < dmd_t_max <= 1, got {self.dmd_t_min}, {self.dmd_t_max}.")
         if self.guidance_scale < 0:
             raise ValueError(f"`guidance_scale` must be >= 0, got {self.guidance_scale}.")
+        if self.lora_rank < 0:
+            raise ValueError(f"`lora_rank` must be >= 0 (0 = full fine-tuning), got {self.lora_rank}.")
         if self.fake_score_learning_rate <= 0:
             raise ValueError(f"`fake_score_learning_rate` must be > 0, got {self.fake_score_learning_rate}.")
 
 
-def student_inputs(student: Denoiser, noise, labels, t_list, real_x0, *, backward_simulation: bool):
+def student_inputs(student: Denoiser, noise, cond, t_list, real_x0, *, backward_simulation: bool):
     """(x_t, t) at a uniformly chosen point of the student's schedule, no gradient.
 
     Point 0 is the noise itself. Point i > 0 is reached by the student's own i-step rollout
     (backward simulation, DMD2 Sec. 4.5) or by noising real data (`real_x0`)."""
     b, k = noise.shape[0], len(t_list) - 1
-    if k == 1:
-        return noise, t_list[0].expand(b).to(noise.device)
-    i = int(torch.randint(0, k, ()))
+    i = int(torch.randint(0, k, ())) if k > 1 else 0
     t = t_list[i].expand(b).to(noise.device)
     if i == 0:
         return noise, t
-    eps = torch.randn_like(noise)
     if not backward_simulation:
-        return add_noise(student.process, real_x0, eps, t), t
+        return add_noise(student.process, real_x0, torch.randn_like(noise), t), t
     x = noise
     with torch.no_grad():
         for j in range(i):
-            x0 = student(x, t_list[j].expand(b).to(noise.device), digits_cond(labels))
-            x = add_noise(student.process, x0, eps if j == i - 1 else torch.randn_like(noise),
-                          t_list[j + 1].expand(b).to(noise.device))
+            x0 = student(x, t_list[j].expand(b).to(noise.device), cond)
+            x = add_noise(student.process, x0, torch.randn_like(noise), t_list[j + 1].expand(b).to(noise.device))
     return x, t
 
 
-def student_step(student, teacher, fake_score, x_t, t, labels, *, guidance_scale, t_min, t_max):
-    """DMD loss of the student's x0 at (x_t, t): teacher (real) vs fake score at a fresh noise level."""
-    x0 = student(x_t, t, digits_cond(labels))
+def student_step(student, teacher, fake_score, x_t, t, cond, uncond, *, guidance_scale, t_min, t_max):
+    """DMD loss of the student's x0 at (x_t, t): teacher (real, with CFG) vs fake score at a fresh noise level.
+
+    Network evaluations: student forward + backward, teacher forward (x2 batch with CFG), fake forward."""
+    x0 = student(x_t, t, cond)
     s = sample_uniform((x0.shape[0],), t_min=t_min, t_max=t_max, device=x0.device)
     noisy = add_noise(student.process, x0.detach(), torch.randn_like(x0), s)
     with torch.no_grad():
-        cond, uncond = digits_cond(labels), digits_cond(torch.full_like(labels, NULL_CLASS))
         x0_teacher = guided_prediction(teacher, noisy, s, cond, uncond, guidance_scale)
         x0_fake = fake_score(noisy, s, cond)
     return dmd_generator_loss(x0, x0_teacher, x0_fake).mean()
 
 
-def fake_score_step(student, fake_score, x_t, t, labels):
-    """Denoising loss of the fake score on fresh student samples (the student is not differentiated)."""
+def fake_score_step(student, fake_score, x_t, t, cond):
+    """Denoising loss of the fake score on fresh student samples (the student is not differentiated).
+
+    Network evaluations: student forward (no grad), fake forward + backward."""
     with torch.no_grad():
-        x0 = student(x_t, t, digits_cond(labels))
+        x0 = student(x_t, t, cond)
     eps = torch.randn_like(x0)
     s = sample_uniform((x0.shape[0],), t_min=0.0, t_max=1.0, device=x0.device)
-    prediction = fake_score(add_noise(fake_score.process, x0, eps, s), s, digits_cond(labels),
-                            target=fake_score.prediction_type)
+    prediction = fake_score(add_noise(fake_score.process, x0, eps, s), s, cond, target=fake_score.prediction_type)
     return denoising_loss(prediction, x0, eps, s, process=fake_score.process,
                           prediction_type=fake_score.prediction_type).mean()
 
 
-def save_student(accelerator, unet, ema, scheduler, args: DMD2Args, step: int) -> DigitsPipeline:
-    model = accelerator.unwrap_model(unet)
-    ema.copy_to(model)
-    pipe = DigitsPipeline(unet=model, scheduler=scheduler)
-    pipe.save_pretrained(args.run.output_dir)
+def build_players(args: DMD2Args):
+    """(modules to prepare, {player: parameters}, process, prediction type, adapters or None).
+
+    Full mode: teacher, and student + fake score as trainable copies of it.
+    LoRA mode: one frozen base with adapters "student" and "fake_score"; the teacher is the base."""
+    teacher_pipe = DigitsPipeline.from_pretrained(args.teacher)
+    process, prediction_type = process_from_scheduler(teacher_pipe.scheduler)
+    base = teacher_pipe.unet.requires_grad_(False)
+    if args.lora_rank:
+        add_lora_adapters(base, ["student", "fake_score"], rank=args.lora_rank)
+        params = {"student": adapter_parameters(base, "student"), "fake_score": adapter_parameters(base, "fake_score")}
+        return {"base": base}, params, process, prediction_type
+    base.eval()
+    student, fake = copy.deepcopy(base).requires_grad_(True), copy.deepcopy(base).requires_grad_(True)
+    params = {"student": list(student.parameters()), "fake_score": list(fake.parameters())}
+    return {"teacher": base, "student": student, "fake_score": fake}, params, process, prediction_type
+
+
+def save_student(accelerator, modules, ema, scheduler, args: DMD2Args, step: int) -> DigitsPipeline:
+    """Write the student as a pipeline folder (full) or base pipeline + LoRA weights (LoRA), then reload it
+    the way a user would and sample a grid."""
+    out = args.run.output_dir
+    if args.lora_rank:
+        base = accelerator.unwrap_model(modules["base"])
+        ema.copy_to(base)
+        lora = get_peft_model_state_dict(base, adapter_name="student")
+        DigitsPipeline(unet=DigitsPipeline.from_pretrained(args.teacher).unet, scheduler=scheduler).save_pretrained(out)
+        DigitsPipeline.save_lora_weights(out, unet_lora_layers=lora)
+        pipe = DigitsPipeline.from_pretrained(out)
+        pipe.load_lora_weights(out)  # stock diffusers LoRA loading
+    else:
+        model = accelerator.unwrap_model(modules["student"])
+        ema.copy_to(model)
+        DigitsPipeline(unet=model, scheduler=scheduler).save_pretrained(out)
+        pipe = DigitsPipeline.from_pretrained(out)
     pipe.set_progress_bar_config(disable=True)
     torch.manual_seed(0)
     images = pipe(torch.arange(10).repeat(10), num_inference_steps=args.num_student_steps, output_type="latent",
                   generator=torch.Generator().manual_seed(0)).images
-    save_image_grid(images, os.path.join(args.run.output_dir, "samples.png"), nrow=10, upscale=4)
+    save_image_grid(images, os.path.join(out, "samples.png"), nrow=10, upscale=4)
     log_image_grid(accelerator, images, step, tag="student", nrow=10)
     return pipe
 
@@ -151,37 +184,39 @@ def save_student(accelerator, unet, ema, scheduler, args: DMD2Args, step: int) -
 def main(argv=None):
     args = parse_args(DMD2Args, argv)
     run = args.run
-    accelerator = setup_accelerator(run, "train_dmd2", args)
+    accelerator = setup_accelerator(run, "train_dmd2", args, find_unused_parameters=args.lora_rank > 0)
     if accelerator.is_main_process:
         save_config(args, os.path.join(run.output_dir, "train_config.yaml"))
 
-    # 1. Players: frozen teacher, student and fake score initialised from it.
-    teacher_pipe = DigitsPipeline.from_pretrained(args.teacher)
-    process, prediction_type = process_from_scheduler(teacher_pipe.scheduler)
-    teacher_unet = teacher_pipe.unet.requires_grad_(False).eval()
-    student_unet, fake_unet = copy.deepcopy(teacher_unet).requires_grad_(True), copy.deepcopy(teacher_unet).requires_grad_(True)
-    if run.gradient_checkpointing:
-        student_unet.enable_gradient_checkpointing()
-        fake_unet.enable_gradient_checkpointing()
-    student_unet.train()
-    fake_unet.train()
+    # 1. Players, and one optimizer per trainable player.
+    modules, params, process, prediction_type = build_players(args)
+    for name, module in modules.items():
+        if run.gradient_checkpointing and name != "teacher":
+            module.enable_gradient_checkpointing()
+        module.train(name != "teacher")
+    student_opt, student_lr = make_optimizer(params["student"], args.optimizer)
+    fake_opt, fake_lr = make_optimizer(params["fake_score"], replace(args.optimizer,
+                                                                     learning_rate=args.fake_score_learning_rate))
+    trainable = [n for n in modules if n != "teacher"]
+    prepared = accelerator.prepare(*(modules[n] for n in trainable), student_opt, fake_opt, student_lr, fake_lr)
+    modules.update(zip(trainable, prepared[:len(trainable)]))
+    student_opt, fake_opt, student_lr, fake_lr = prepared[len(trainable):]
+    if args.lora_rank:
+        unet = modules["base"]
+        teacher = Denoiser(unet, process, prediction_type, adapter=BASE)
+        student = Denoiser(unet, process, prediction_type, adapter="student")
+        fake_score = Denoiser(unet, process, prediction_type, adapter="fake_score")
+        ema_names = [n for n, p in unwrap_model(unet).named_parameters() if "lora_" in n and ".student" in n]
+    else:
+        teacher = Denoiser(modules["teacher"].to(accelerator.device), process, prediction_type)
+        student = Denoiser(modules["student"], process, prediction_type)
+        fake_score = Denoiser(modules["fake_score"], process, prediction_type)
+        ema_names = None
+    ema = EMA(student.model, schedule=args.ema.ema_schedule, decay=args.ema.ema_decay,
+              halflife_kimg=args.ema.ema_halflife_kimg, batch_size=run.train_batch_size * accelerator.num_processes,
+              gamma=args.ema.ema_gamma, start_iter=args.ema.ema_start_iter, parameters=ema_names)
     scheduler = flow_match_sde_scheduler(shift=args.shift)
     t_list = t_list_from_scheduler(scheduler, args.num_student_steps)
-
-    # 2. One optimizer per trainable player.
-    student_opt, student_lr = make_optimizer(student_unet.parameters(), args.optimizer)
-    fake_args = copy.copy(args.optimizer)
-    fake_args.learning_rate = args.fake_score_learning_rate
-    fake_opt, fake_lr = make_optimizer(fake_unet.parameters(), fake_args)
-    student_unet, fake_unet, student_opt, fake_opt, student_lr, fake_lr = accelerator.prepare(
-        student_unet, fake_unet, student_opt, fake_opt, student_lr, fake_lr)
-    teacher_unet.to(accelerator.device)
-    ema = EMA(student_unet, schedule=args.ema.ema_schedule, decay=args.ema.ema_decay,
-              halflife_kimg=args.ema.ema_halflife_kimg, batch_size=run.train_batch_size * accelerator.num_processes,
-              gamma=args.ema.ema_gamma, start_iter=args.ema.ema_start_iter)
-    teacher = Denoiser(teacher_unet, process, prediction_type)
-    student = Denoiser(student_unet, process, prediction_type)
-    fake_score = Denoiser(fake_unet, process, prediction_type)
 
     images, labels = (torch.from_numpy(a) for a in load_digits_arrays("train"))
     batches = InfiniteBatches(images, labels, batch_size=run.train_batch_size, seed=run.seed,
@@ -195,37 +230,27 @@ def main(argv=None):
     iteration = step * args.student_update_freq
     batches.state_at(iteration)
 
-    # 3. Alternating updates: fake score every iteration, student every `student_update_freq`.
+    # 2. Alternating updates: fake score every iteration, student every `student_update_freq`.
     progress = tqdm(range(run.max_train_steps), initial=step, disable=not accelerator.is_local_main_process)
     logs = {}
     while step < run.max_train_steps:
         real_x0, y = (t.to(accelerator.device) for t in next(batches))
         noise = torch.randn_like(real_x0)
-        x_t, t = student_inputs(student, noise, y, t_list, real_x0, backward_simulation=args.backward_simulation)
+        cond, uncond = digits_cond(y), digits_cond(torch.full_like(y, NULL_CLASS))
+        x_t, t = student_inputs(student, noise, cond, t_list, real_x0, backward_simulation=args.backward_simulation)
         iteration += 1
-        if iteration % args.student_update_freq == 0:
-            loss = student_step(student, teacher, fake_score, x_t, t, y, guidance_scale=args.guidance_scale,
-                                t_min=args.dmd_t_min, t_max=args.dmd_t_max)
-            accelerator.backward(loss)
-            if args.optimizer.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(student_unet.parameters(), args.optimizer.max_grad_norm)
-            student_opt.step()
-            student_lr.step()
-            student_opt.zero_grad(set_to_none=True)
-            ema.update(student_unet)
-            step += 1
-            progress.update(1)
-            logs["dmd_loss"] = loss.detach()
-        else:
-            loss = fake_score_step(student, fake_score, x_t, t, y)
-            accelerator.backward(loss)
-            if args.optimizer.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(fake_unet.parameters(), args.optimizer.max_grad_norm)
-            fake_opt.step()
-            fake_lr.step()
-            fake_opt.zero_grad(set_to_none=True)
+        if iteration % args.student_update_freq:
+            loss = fake_score_step(student, fake_score, x_t, t, cond)
+            update(accelerator, loss, params["fake_score"], fake_opt, fake_lr, args.optimizer.max_grad_norm)
             logs["fake_score_loss"] = loss.detach()
             continue
+        loss = student_step(student, teacher, fake_score, x_t, t, cond, uncond, guidance_scale=args.guidance_scale,
+                            t_min=args.dmd_t_min, t_max=args.dmd_t_max)
+        update(accelerator, loss, params["student"], student_opt, student_lr, args.optimizer.max_grad_norm)
+        ema.update(student.model)
+        step += 1
+        progress.update(1)
+        logs["dmd_loss"] = loss.detach()
         if step % run.logging_steps == 0:
             scalars = {k: v.item() for k, v in logs.items()}
             progress.set_postfix(**scalars)
@@ -236,12 +261,30 @@ def main(argv=None):
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        pipe = save_student(accelerator, student_unet, ema, scheduler, args, step)
-        logger.info("saved the student pipeline to %s", run.output_dir)
+        logger.info("peak RSS %.1f MB; trainable parameters: student %d, fake score %d", peak_rss_mb(),
+                    sum(p.numel() for p in params["student"]), sum(p.numel() for p in params["fake_score"]))
+        pipe = save_student(accelerator, modules, ema, scheduler, args, step)
+        logger.info("saved the student to %s", run.output_dir)
         if args.eval_num_samples:
-            print(write_benchmark(pipe, run.output_dir, name="DMD2 student", num_samples=args.eval_num_samples,
-                                  step_counts=[args.num_student_steps]))
+            print(write_benchmark(pipe, run.output_dir, name="DMD2 student" + (" (LoRA)" if args.lora_rank else ""),
+                                  num_samples=args.eval_num_samples, step_counts=[args.num_student_steps]))
     accelerator.end_training()
+
+
+def update(accelerator, loss, params, optimizer, lr_scheduler, max_grad_norm: float) -> None:
+    """backward, clip, step, zero_grad for one player."""
+    accelerator.backward(loss)
+    if max_grad_norm > 0:
+        accelerator.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from .models.denoiser import unwrap_model
+
 EMA_SCHEDULES = ("constant", "halflife", "power")
 
 
@@ -30,17 +32,22 @@ def ema_decay(step: int, *, schedule: str, decay: float = 0.999, halflife_kimg: 
 
 
 class EMA:
-    """fp32 shadow of `model`'s trainable parameters (and buffers copied as is)."""
+    """fp32 shadow of `model`'s trainable parameters (or of the `parameters` named)."""
 
     def __init__(self, model: torch.nn.Module, *, schedule: str = "constant", decay: float = 0.999,
-                 halflife_kimg: float = 0.5, batch_size: int = 1, gamma: float = 6.94, start_iter: int = 0):
+                 halflife_kimg: float = 0.5, batch_size: int = 1, gamma: float = 6.94, start_iter: int = 0,
+                 parameters: list[str] | None = None):
         if schedule not in EMA_SCHEDULES:
             raise ValueError(f"`schedule` must be one of {EMA_SCHEDULES}, got {schedule!r}.")
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"`decay` must be in [0, 1), got {decay}.")
         self.kwargs = dict(schedule=schedule, decay=decay, halflife_kimg=halflife_kimg, batch_size=batch_size,
                            gamma=gamma, start_iter=start_iter)
-        self.shadow = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
+        model = unwrap_model(model)  # names without DDP's "module." prefix, so copy_to works on the bare model
+        # Which parameters to average: the named ones, or every trainable one.
+        keep = set(parameters) if parameters is not None else None
+        self.shadow = {n: p.detach().float().clone() for n, p in model.named_parameters()
+                       if (p.requires_grad if keep is None else n in keep)}
         self.step = 0
 
     @torch.no_grad()
@@ -49,7 +56,7 @@ class EMA:
         self.step += 1
         beta = ema_decay(self.step, **self.kwargs)
         names, shadows, params = [], [], []
-        for name, p in model.named_parameters():
+        for name, p in unwrap_model(model).named_parameters():
             if name in self.shadow:
                 names.append(name)
                 shadows.append(self.shadow[name])
@@ -59,7 +66,7 @@ class EMA:
 
     @torch.no_grad()
     def copy_to(self, model: torch.nn.Module) -> None:
-        for name, p in model.named_parameters():
+        for name, p in unwrap_model(model).named_parameters():
             if name in self.shadow:
                 p.copy_(self.shadow[name].to(p.dtype))
 

@@ -146,10 +146,14 @@ class Denoiser:
             `Denoiser.from_scheduler`).
         prediction_type: the model's native output: one of x0/eps/v/flow or diffusers' names
             (epsilon, v_prediction, sample).
+        adapter: for several peft adapters on one base (LoRA distillation): the adapter this denoiser
+            runs, or `training.lora.BASE` for the base with adapters disabled. None: leave as is.
     """
 
-    def __init__(self, model, process: Process | None = None, prediction_type: str | None = None):
+    def __init__(self, model, process: Process | None = None, prediction_type: str | None = None, *,
+                 adapter: str | None = None):
         self.model = model
+        self.adapter = adapter  # peft adapter to activate before each call (training.lora.BASE = adapters off)
         self._call, default_process, default_prediction = _architecture(model)
         self.process = process if process is not None else default_process
         prediction_type = prediction_type if prediction_type is not None else default_prediction
@@ -180,5 +184,9 @@ class Denoiser:
         t = torch.as_tensor(t, device=x_t.device, dtype=torch.float32)
         if t.ndim == 0:
             t = t.expand(x_t.shape[0])
+        if self.adapter is not None:
+            from ..training.lora import activate_adapter
+
+            activate_adapter(unwrap_model(self.model), self.adapter)
         out = self._call(self.model, x_t, self.native_timestep(t), cond or {})
         return convert_prediction(self.process, out, x_t, t, self.prediction_type, target).to(x_t.dtype)

@@ -14,11 +14,16 @@ from .args import OptimizerArgs, RunArgs, to_flat_dict
 logger = logging.getLogger("diffusers_fastgen")
 
 
-def setup_accelerator(run: RunArgs, project_name: str, config=None) -> Accelerator:
+def setup_accelerator(run: RunArgs, project_name: str, config=None, *, find_unused_parameters: bool = False) -> Accelerator:
     """Accelerator for `run`. Without CUDA it is created with cpu=True, which is what makes
-    `accelerate launch --multi_gpu --num_processes 2` run two gloo DDP processes on a CPU box."""
+    `accelerate launch --multi_gpu --num_processes 2` run two gloo DDP processes on a CPU box.
+    `find_unused_parameters`: for DDP when a step uses only part of a prepared module (one of several
+    LoRA adapters on a shared base)."""
+    from accelerate.utils import DistributedDataParallelKwargs
+
     report_to = None if run.report_to == "none" else run.report_to
     accelerator = Accelerator(
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)],
         mixed_precision=run.mixed_precision,
         gradient_accumulation_steps=run.gradient_accumulation_steps,
         log_with=report_to,

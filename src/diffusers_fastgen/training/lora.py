@@ -1,0 +1,46 @@
+"""LoRA distillation on one frozen base: several peft adapters (student, fake_score) share the base,
+and the teacher is the base with adapters disabled."""
+
+from __future__ import annotations
+
+import torch
+from peft import LoraConfig
+
+BASE = "__base__"  # pseudo adapter name: run the frozen base (the teacher)
+DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "proj_in", "proj_out", "time_emb_proj")
+
+
+def add_lora_adapters(model, names, *, rank: int, alpha: float | None = None, target_modules=DEFAULT_TARGETS):
+    """Freeze `model` and add one LoRA adapter per name (B initialised to 0: every adapter starts as the base)."""
+    if rank < 1:
+        raise ValueError(f"`rank` must be >= 1, got {rank}.")
+    model.requires_grad_(False)
+    present = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()} | {n for n, _ in model.named_modules()}
+    targets = [t for t in target_modules if any(m.endswith(t) for m in present)]
+    if not targets:
+        raise ValueError(f"none of `target_modules` {list(target_modules)} exist in {type(model).__name__}.")
+    for name in names:
+        model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=targets, init_lora_weights=True),
+                          adapter_name=name)
+    for p in adapter_parameters(model, names):
+        p.requires_grad_(True)
+    return model
+
+
+def adapter_parameters(model, names) -> list[torch.nn.Parameter]:
+    names = [names] if isinstance(names, str) else list(names)
+    return [p for n, p in model.named_parameters() if "lora_" in n and any(f".{a}." in n or n.endswith(f".{a}") for a in names)]
+
+
+def activate_adapter(model, name: str) -> None:
+    """Make `name` the active adapter (or BASE: adapters off) without changing requires_grad, so the set
+    of trainable parameters DDP/FSDP registered stays fixed (peft's set_adapter would toggle it)."""
+    flags = {n: p.requires_grad for n, p in model.named_parameters() if "lora_" in n}
+    if name == BASE:
+        model.disable_adapters()
+    else:
+        model.enable_adapters()
+        model.set_adapter(name)
+    for n, p in model.named_parameters():
+        if n in flags:
+            p.requires_grad_(flags[n])

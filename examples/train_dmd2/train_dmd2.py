@@ -36,6 +36,7 @@ from diffusers_fastgen.schedulers import flow_match_sde_scheduler, t_list_from_s
 from diffusers_fastgen.timesteps import sample_uniform
 from diffusers_fastgen.training import (
     EMAArgs,
+    check_replicas_in_sync,
     OptimizerArgs,
     RunArgs,
     load_checkpoint,
@@ -260,6 +261,7 @@ def main(argv=None):
                             total_limit=run.checkpoints_total_limit)
 
     accelerator.wait_for_everyone()
+    check_replicas_in_sync(accelerator, params["student"] + params["fake_score"])
     if accelerator.is_main_process:
         logger.info("peak RSS %.1f MB; trainable parameters: student %d, fake score %d", peak_rss_mb(),
                     sum(p.numel() for p in params["student"]), sum(p.numel() for p in params["fake_score"]))

@@ -55,3 +55,16 @@ def make_optimizer(params, opt: OptimizerArgs) -> tuple[torch.optim.Optimizer, t
 def autocast_dtype(accelerator: Accelerator) -> torch.dtype:
     """Weight dtype for frozen networks (teacher, VAE, text encoders) under the run's precision."""
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
+def check_replicas_in_sync(accelerator: Accelerator, params) -> float:
+    """Gather a float64 checksum of `params` from every process and fail loudly if DDP replicas
+    diverged (they must be bit-identical after synchronised updates). Returns the checksum."""
+    checksum = torch.stack([p.detach().double().sum() for p in params]).sum().reshape(1).to(accelerator.device)
+    gathered = accelerator.gather(checksum)
+    if not bool((gathered == gathered[0]).all()):
+        raise RuntimeError(f"DDP replicas diverged: parameter checksums {gathered.tolist()}.")
+    if accelerator.num_processes > 1:
+        logger.info("DDP replicas in sync across %d processes (checksum %.12e)", accelerator.num_processes,
+                    float(gathered[0]))
+    return float(gathered[0])

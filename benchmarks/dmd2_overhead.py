@@ -1,0 +1,125 @@
+"""DMD2 step overhead: each iteration kind's time divided by the sum of the network evaluations it
+needs, each timed alone on the same nets and batch (1.00 = no overhead).
+
+    python benchmarks/dmd2_overhead.py --batch_size 64 --rounds 30
+
+student step = student fwd+bwd + teacher fwd (CFG: one batched call of 2B) + fake-score fwd
+critic step  = student fwd (no grad) + fake-score fwd+bwd
+Timed: loss construction + backward (the optimizer update is not a network evaluation and is
+excluded everywhere). Rounds interleave all measurements; medians are reported.
+"""
+
+import argparse
+import copy
+import importlib.util
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+from diffusers_fastgen.evaluation import DIGITS_TEACHER_PATH
+from diffusers_fastgen.models import Denoiser
+from diffusers_fastgen.models.digits import NULL_CLASS, digits_cond
+from diffusers_fastgen.parametrization import RectifiedFlow
+from diffusers_fastgen.pipelines import DigitsPipeline
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_dmd2():
+    spec = importlib.util.spec_from_file_location("train_dmd2", os.path.join(ROOT, "examples", "train_dmd2", "train_dmd2.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def timed(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--guidance_scales", type=float, nargs="+", default=[1.0, 2.0])
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    dmd2 = load_dmd2()
+    base = DigitsPipeline.from_pretrained(DIGITS_TEACHER_PATH).unet.requires_grad_(False).eval()
+    student_net, fake_net = copy.deepcopy(base).requires_grad_(True).train(), copy.deepcopy(base).requires_grad_(True).train()
+    rf = RectifiedFlow()
+    teacher, student, fake = (Denoiser(m, rf, "flow") for m in (base, student_net, fake_net))
+    b = args.batch_size
+    labels = torch.arange(b) % 10
+    cond, uncond = digits_cond(labels), digits_cond(torch.full_like(labels, NULL_CLASS))
+    x, t = torch.randn(b, 1, 8, 8), torch.ones(b)
+    t_s = torch.full((b,), 0.5)
+
+    def zero():
+        student_net.zero_grad(set_to_none=True)
+        fake_net.zero_grad(set_to_none=True)
+
+    def student_fb():
+        student(x, t, cond).square().mean().backward()
+
+    def student_f():
+        with torch.no_grad():
+            student(x, t, cond)
+
+    def fake_f():
+        with torch.no_grad():
+            fake(x, t_s, cond)
+
+    def fake_fb():
+        fake(x, t_s, cond, target="flow").square().mean().backward()
+
+    def teacher_f(g):
+        def run():
+            with torch.no_grad():
+                if g == 1.0:
+                    teacher(x, t_s, cond)
+                else:
+                    teacher(torch.cat([x, x]), torch.cat([t_s, t_s]), digits_cond(torch.cat([labels, uncond["class_labels"]])))
+        return run
+
+    def student_step(g):
+        return lambda: dmd2.student_step(student, teacher, fake, x, t, cond, uncond, guidance_scale=g,
+                                         t_min=0.02, t_max=0.98).backward()
+
+    def critic_step():
+        dmd2.fake_score_step(student, fake, x, t, cond).backward()
+
+    items = {"student_fb": student_fb, "student_f": student_f, "fake_f": fake_f, "fake_fb": fake_fb,
+             "critic_step": critic_step}
+    for g in args.guidance_scales:
+        items[f"teacher_f@{g}"] = teacher_f(g)
+        items[f"student_step@{g}"] = student_step(g)
+    for fn in items.values():  # warm-up
+        fn()
+        zero()
+    times = {k: [] for k in items}
+    for _ in range(args.rounds):
+        for k, fn in items.items():
+            times[k].append(timed(fn))
+            zero()
+    med = {k: statistics.median(v) * 1000 for k, v in times.items()}
+    print(f"batch {b}, {args.rounds} rounds, {args.threads} thread(s); medians in ms")
+    for k, v in med.items():
+        print(f"  {k:>18}: {v:8.2f}")
+    print("\n| iteration | CFG | step (ms) | sum of nets alone (ms) | ratio |\n|---|---|---|---|---|")
+    for g in args.guidance_scales:
+        parts = med["student_fb"] + med[f"teacher_f@{g}"] + med["fake_f"]
+        print(f"| student | {g} | {med[f'student_step@{g}']:.2f} | {parts:.2f} | {med[f'student_step@{g}'] / parts:.3f} |")
+    parts = med["student_f"] + med["fake_fb"]
+    print(f"| critic (fake score) | – | {med['critic_step']:.2f} | {parts:.2f} | {med['critic_step'] / parts:.3f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -59,17 +59,17 @@ logger = logging.getLogger("train_dmd2")
 class DMD2Args:
     """DMD2 distillation of a teacher pipeline into a few-step student."""
 
-    run: RunArgs = field(default_factory=lambda: RunArgs(output_dir="outputs/dmd2", max_train_steps=1000,
-                                                         train_batch_size=128, checkpointing_steps=500,
-                                                         validation_steps=250))
-    optimizer: OptimizerArgs = field(default_factory=lambda: OptimizerArgs(learning_rate=2e-5, adam_beta1=0.0,
+    run: RunArgs = field(default_factory=lambda: RunArgs(output_dir="outputs/dmd2", max_train_steps=250,
+                                                         train_batch_size=128, checkpointing_steps=125,
+                                                         validation_steps=0))
+    optimizer: OptimizerArgs = field(default_factory=lambda: OptimizerArgs(learning_rate=1e-4, adam_beta1=0.0,
                                                                            adam_beta2=0.999, max_grad_norm=10.0))
-    ema: EMAArgs = field(default_factory=lambda: EMAArgs(ema_schedule="halflife", ema_halflife_kimg=10.0))
+    ema: EMAArgs = field(default_factory=lambda: EMAArgs(ema_schedule="halflife", ema_halflife_kimg=2.0))
     teacher: str = DIGITS_TEACHER_PATH  # teacher pipeline folder (default: the shipped digits teacher)
     num_student_steps: int = 1  # the student's step count (t_list length - 1)
     shift: float = 1.0  # student schedule: sigmas = shift(linspace(1, 0, N + 1)), fresh-noise re-noising
     guidance_scale: float = 1.0  # teacher CFG in the real score
-    fake_score_learning_rate: float = 2e-5  # AdamW learning rate of the fake score
+    fake_score_learning_rate: float = 1e-4  # AdamW learning rate of the fake score
     student_update_freq: int = 5  # student step every N iterations (fake score every iteration)
     dmd_t_min: float = 0.02  # the DMD loss noises student samples at t ~ U[dmd_t_min, dmd_t_max]
     dmd_t_max: float = 0.98
@@ -263,7 +263,8 @@ def main(argv=None):
     accelerator.wait_for_everyone()
     check_replicas_in_sync(accelerator, params["student"] + params["fake_score"])
     if accelerator.is_main_process:
-        logger.info("peak RSS %.1f MB; trainable parameters: student %d, fake score %d", peak_rss_mb(),
+        logger.info("peak RSS %.1f MB; weights + grads + optimizer state %.1f MB; trainable parameters: "
+                    "student %d, fake score %d", peak_rss_mb(), training_state_mb(modules, [student_opt, fake_opt]),
                     sum(p.numel() for p in params["student"]), sum(p.numel() for p in params["fake_score"]))
         pipe = save_student(accelerator, modules, ema, scheduler, args, step)
         logger.info("saved the student to %s", run.output_dir)
@@ -281,6 +282,16 @@ def update(accelerator, loss, params, optimizer, lr_scheduler, max_grad_norm: fl
     optimizer.step()
     lr_scheduler.step()
     optimizer.zero_grad(set_to_none=True)
+
+
+def training_state_mb(modules: dict, optimizers) -> float:
+    """Bytes held by every player's weights, their gradients and the optimizer states, in MB."""
+    params = {id(p): p for m in modules.values() for p in m.parameters()}.values()
+    total = sum(p.numel() * p.element_size() * (2 if p.requires_grad else 1) for p in params)
+    for opt in optimizers:
+        total += sum(v.numel() * v.element_size() for state in opt.state.values() for v in state.values()
+                     if torch.is_tensor(v))
+    return total / 2**20
 
 
 def peak_rss_mb() -> float:

@@ -15,7 +15,7 @@ setup(
     install_requires=[
         # torch is pinned by the README/CI install command (CPU wheel); any >=2.5 works on GPU machines.
         "torch>=2.5",
-        "diffusers>=0.42.1",
+        "diffusers>=0.42.1,<0.43",  # uses attention_backend and FlowMapEulerDiscreteScheduler
         "transformers>=4.50",
         "accelerate>=1.0",
         "peft>=0.15",

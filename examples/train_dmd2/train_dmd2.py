@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -27,8 +28,15 @@ from diffusers_fastgen.evaluation import DIGITS_TEACHER_PATH
 from diffusers_fastgen.evaluation.digits_benchmark import write_benchmark
 from diffusers_fastgen.guidance import guided_prediction
 from diffusers_fastgen.losses import denoising_loss
-from diffusers_fastgen.losses.distribution_matching import dmd_generator_loss
+from diffusers_fastgen.losses.distribution_matching import (
+    approx_r1_loss,
+    dmd_generator_loss,
+    gan_discriminator_loss,
+    gan_generator_loss,
+)
 from diffusers_fastgen.models import Denoiser, unwrap_model
+from diffusers_fastgen.models.discriminator import head_for_features
+from diffusers_fastgen.models.features import run_until_tap, tap_features
 from diffusers_fastgen.models.digits import NULL_CLASS, digits_cond
 from diffusers_fastgen.parametrization import add_noise, process_from_scheduler
 from diffusers_fastgen.pipelines import DigitsPipeline
@@ -75,6 +83,11 @@ class DMD2Args:
     dmd_t_max: float = 0.98
     backward_simulation: bool = True  # multi-step: inputs from the student's own rollout (else noised data)
     lora_rank: int = 0  # > 0: student and fake score are LoRA adapters on one frozen base (the teacher)
+    gan_generator_weight: float = 0.0  # > 0 turns on DMD2's GAN branch: weight of the student's GAN loss
+    gan_discriminator_weight: float = 1e-2  # weight of the discriminator loss added to the fake-score loss
+    gan_feature_module: str = "mid_block"  # fake-score block whose output the discriminator head reads
+    r1_weight: float = 0.0  # approximate R1 on real data (0 = off)
+    r1_sigma: float = 0.01  # perturbation of real inputs for approximate R1
     eval_num_samples: int = 1000  # samples for the final benchmark rows (0 skips)
 
     def __post_init__(self):
@@ -86,6 +99,8 @@ class DMD2Args:
             raise ValueError(f"need 0 <= dmd_t_min < dmd_t_max <= 1, got {self.dmd_t_min}, {self.dmd_t_max}.")
         if self.guidance_scale < 0:
             raise ValueError(f"`guidance_scale` must be >= 0, got {self.guidance_scale}.")
+        if self.gan_generator_weight < 0 or self.gan_discriminator_weight < 0 or self.r1_weight < 0:
+            raise ValueError("`gan_generator_weight`, `gan_discriminator_weight` and `r1_weight` must be >= 0.")
         if self.lora_rank < 0:
             raise ValueError(f"`lora_rank` must be >= 0 (0 = full fine-tuning), got {self.lora_rank}.")
         if self.fake_score_learning_rate <= 0:
@@ -112,30 +127,56 @@ def student_inputs(student: Denoiser, noise, cond, t_list, real_x0, *, backward_
     return x, t
 
 
-def student_step(student, teacher, fake_score, x_t, t, cond, uncond, *, guidance_scale, t_min, t_max):
-    """DMD loss of the student's x0 at (x_t, t): teacher (real, with CFG) vs fake score at a fresh noise level.
+def student_step(student, teacher, fake_score, x_t, t, cond, uncond, *, guidance_scale, t_min, t_max,
+                 head=None, gan_weight: float = 0.0, feature_module: str = "mid_block"):
+    """DMD loss of the student's x0 at (x_t, t): teacher (real, with CFG) vs fake score at a fresh noise
+    level; with the GAN branch (`head`, gan_weight > 0) plus the non-saturating GAN loss of the head on the
+    fake score's `feature_module` features, read from the same fake-score forward.
 
-    Network evaluations: student forward + backward, teacher forward (x2 batch with CFG), fake forward."""
+    Network evaluations: student fwd + bwd, teacher fwd (one 2B batch with CFG), fake fwd (GAN: with
+    graph, and bwd of the path from the tapped block to its input)."""
+    gan = head is not None and gan_weight > 0
     x0 = student(x_t, t, cond)
     s = sample_uniform((x0.shape[0],), t_min=t_min, t_max=t_max, device=x0.device)
-    noisy = add_noise(student.process, x0.detach(), torch.randn_like(x0), s)
+    noisy = add_noise(student.process, x0 if gan else x0.detach(), torch.randn_like(x0), s)
     with torch.no_grad():
-        x0_teacher = guided_prediction(teacher, noisy, s, cond, uncond, guidance_scale)
+        x0_teacher = guided_prediction(teacher, noisy.detach(), s, cond, uncond, guidance_scale)
+    if not gan:
+        with torch.no_grad():
+            x0_fake = fake_score(noisy, s, cond)
+        return dmd_generator_loss(x0, x0_teacher, x0_fake).mean()
+    with tap_features(fake_score.model, feature_module) as features:
         x0_fake = fake_score(noisy, s, cond)
-    return dmd_generator_loss(x0, x0_teacher, x0_fake).mean()
+    return (dmd_generator_loss(x0, x0_teacher, x0_fake) + gan_weight * gan_generator_loss(head(features[0]))).mean()
 
 
-def fake_score_step(student, fake_score, x_t, t, cond):
-    """Denoising loss of the fake score on fresh student samples (the student is not differentiated).
+def fake_score_step(student, fake_score, x_t, t, cond, *, real_x0=None, head=None, disc_weight: float = 0.0,
+                    feature_module: str = "mid_block", r1_weight: float = 0.0, r1_sigma: float = 0.01):
+    """Denoising loss of the fake score on fresh student samples (the student is not differentiated);
+    with the GAN branch (`head`) plus the discriminator loss on the fake score's features: fake
+    features come from the denoising forward itself, real ones from noised `real_x0` with a forward cut
+    at the tapped block; optional approximate R1 on perturbed real inputs.
 
-    Network evaluations: student forward (no grad), fake forward + backward."""
+    Network evaluations: student fwd (no grad), fake fwd + bwd (GAN: + fake fwd to the tapped block and
+    its bwd, for real data; R1: once more)."""
     with torch.no_grad():
         x0 = student(x_t, t, cond)
     eps = torch.randn_like(x0)
     s = sample_uniform((x0.shape[0],), t_min=0.0, t_max=1.0, device=x0.device)
-    prediction = fake_score(add_noise(fake_score.process, x0, eps, s), s, cond, target=fake_score.prediction_type)
-    return denoising_loss(prediction, x0, eps, s, process=fake_score.process,
-                          prediction_type=fake_score.prediction_type).mean()
+    noisy = add_noise(fake_score.process, x0, eps, s)
+    with tap_features(fake_score.model, feature_module) if head is not None else nullcontext([]) as features:
+        prediction = fake_score(noisy, s, cond, target=fake_score.prediction_type)
+    loss = denoising_loss(prediction, x0, eps, s, process=fake_score.process, prediction_type=fake_score.prediction_type)
+    if head is None:
+        return loss.mean()
+    noisy_real = add_noise(fake_score.process, real_x0, torch.randn_like(real_x0), s)
+    logits_real = head(run_until_tap(fake_score, noisy_real, s, cond, feature_module))
+    loss = loss + disc_weight * gan_discriminator_loss(logits_real, head(features[0]))
+    if r1_weight > 0:
+        perturbed = noisy_real + r1_sigma * torch.randn_like(noisy_real)
+        logits_perturbed = head(run_until_tap(fake_score, perturbed, s, cond, feature_module))
+        loss = loss + r1_weight * approx_r1_loss(logits_real, logits_perturbed)
+    return loss.mean()
 
 
 def build_players(args: DMD2Args):
@@ -154,6 +195,17 @@ def build_players(args: DMD2Args):
     student, fake = copy.deepcopy(base).requires_grad_(True), copy.deepcopy(base).requires_grad_(True)
     params = {"student": list(student.parameters()), "fake_score": list(fake.parameters())}
     return {"teacher": base, "student": student, "fake_score": fake}, params, process, prediction_type
+
+
+def make_head(fake_module, process, prediction_type, args: DMD2Args):
+    """Size a discriminator head by one dry forward of the fake score cut at `gan_feature_module`."""
+    adapter = "fake_score" if args.lora_rank else None
+    probe = Denoiser(fake_module, process, prediction_type, adapter=adapter)
+    with torch.no_grad():
+        labels = torch.zeros(1, dtype=torch.long)
+        features = run_until_tap(probe, torch.zeros(1, 1, 8, 8), torch.full((1,), 0.5), digits_cond(labels),
+                                 args.gan_feature_module)
+    return head_for_features(features)
 
 
 def save_student(accelerator, modules, ema, scheduler, args: DMD2Args, step: int) -> DigitsPipeline:
@@ -191,8 +243,11 @@ def main(argv=None):
 
     # 1. Players, and one optimizer per trainable player.
     modules, params, process, prediction_type = build_players(args)
+    if args.gan_generator_weight > 0:  # discriminator head on the fake score's features, trained with it
+        modules["head"] = make_head(modules.get("fake_score", modules.get("base")), process, prediction_type, args)
+        params["fake_score"] = params["fake_score"] + list(modules["head"].parameters())
     for name, module in modules.items():
-        if run.gradient_checkpointing and name != "teacher":
+        if run.gradient_checkpointing and hasattr(module, "enable_gradient_checkpointing") and name != "teacher":
             module.enable_gradient_checkpointing()
         module.train(name != "teacher")
     student_opt, student_lr = make_optimizer(params["student"], args.optimizer)
@@ -241,13 +296,18 @@ def main(argv=None):
         x_t, t = student_inputs(student, noise, cond, t_list, real_x0, backward_simulation=args.backward_simulation)
         iteration += 1
         if iteration % args.student_update_freq:
-            loss = fake_score_step(student, fake_score, x_t, t, cond)
+            loss = fake_score_step(student, fake_score, x_t, t, cond, real_x0=real_x0, head=modules.get("head"),
+                                   disc_weight=args.gan_discriminator_weight, feature_module=args.gan_feature_module,
+                                   r1_weight=args.r1_weight, r1_sigma=args.r1_sigma)
             update(accelerator, loss, params["fake_score"], fake_opt, fake_lr, args.optimizer.max_grad_norm)
             logs["fake_score_loss"] = loss.detach()
             continue
         loss = student_step(student, teacher, fake_score, x_t, t, cond, uncond, guidance_scale=args.guidance_scale,
-                            t_min=args.dmd_t_min, t_max=args.dmd_t_max)
+                            t_min=args.dmd_t_min, t_max=args.dmd_t_max, head=modules.get("head"),
+                            gan_weight=args.gan_generator_weight, feature_module=args.gan_feature_module)
         update(accelerator, loss, params["student"], student_opt, student_lr, args.optimizer.max_grad_norm)
+        if "head" in modules:
+            fake_opt.zero_grad(set_to_none=True)  # the GAN loss also reached the fake score and head: drop that
         ema.update(student.model)
         step += 1
         progress.update(1)

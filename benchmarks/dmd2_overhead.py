@@ -5,6 +5,10 @@ needs, each timed alone on the same nets and batch (1.00 = no overhead).
 
 student step = student fwd+bwd + teacher fwd (CFG: one batched call of 2B) + fake-score fwd
 critic step  = student fwd (no grad) + fake-score fwd+bwd
+With the GAN branch (head on the fake score's mid_block):
+student step = student fwd+bwd + teacher fwd + fake fwd with graph and bwd from the tapped block to its input
+critic step  = student fwd + fake fwd+bwd (denoising + head on its own features) + fake fwd cut at the
+               tapped block + its bwd (real data)
 Timed: loss construction + backward (the optimizer update is not a network evaluation and is
 excluded everywhere). Rounds interleave all measurements; medians are reported.
 """
@@ -22,6 +26,8 @@ import torch
 from diffusers_fastgen.evaluation import DIGITS_TEACHER_PATH
 from diffusers_fastgen.models import Denoiser
 from diffusers_fastgen.models.digits import NULL_CLASS, digits_cond
+from diffusers_fastgen.models.discriminator import head_for_features
+from diffusers_fastgen.models.features import run_until_tap, tap_features
 from diffusers_fastgen.parametrization import RectifiedFlow
 from diffusers_fastgen.pipelines import DigitsPipeline
 
@@ -63,8 +69,9 @@ def main():
     t_s = torch.full((b,), 0.5)
 
     def zero():
-        student_net.zero_grad(set_to_none=True)
-        fake_net.zero_grad(set_to_none=True)
+        for module in (student_net, fake_net, head):
+            module.zero_grad(set_to_none=True)
+        x_in.grad = None
 
     def student_fb():
         student(x, t, cond).square().mean().backward()
@@ -96,8 +103,33 @@ def main():
     def critic_step():
         dmd2.fake_score_step(student, fake, x, t, cond).backward()
 
+    with torch.no_grad():
+        head = head_for_features(run_until_tap(fake, x, t_s, cond, "mid_block"))
+    x_in = x.clone().requires_grad_(True)
+
+    def fake_graph_tap_bwd():  # the GAN generator's share of the fake score
+        with tap_features(fake_net, "mid_block") as feats:
+            fake(x_in, t_s, cond)
+        head(feats[0]).sum().backward()
+
+    def fake_fb_head():  # denoising loss + head on the same forward's features
+        with tap_features(fake_net, "mid_block") as feats:
+            out = fake(x, t_s, cond, target="flow")
+        (out.square().mean() + head(feats[0]).mean()).backward()
+
+    def fake_cut_fb():  # real branch: forward cut at the tapped block, head, backward
+        head(run_until_tap(fake, x, t_s, cond, "mid_block")).mean().backward()
+
+    def student_step_gan():
+        dmd2.student_step(student, teacher, fake, x, t, cond, uncond, guidance_scale=1.0, t_min=0.02, t_max=0.98,
+                          head=head, gan_weight=0.01).backward()
+
+    def critic_step_gan():
+        dmd2.fake_score_step(student, fake, x, t, cond, real_x0=x, head=head, disc_weight=0.1).backward()
+
     items = {"student_fb": student_fb, "student_f": student_f, "fake_f": fake_f, "fake_fb": fake_fb,
-             "critic_step": critic_step}
+             "critic_step": critic_step, "fake_graph_tap_bwd": fake_graph_tap_bwd, "fake_fb_head": fake_fb_head,
+             "fake_cut_fb": fake_cut_fb, "student_step_gan": student_step_gan, "critic_step_gan": critic_step_gan}
     for g in args.guidance_scales:
         items[f"teacher_f@{g}"] = teacher_f(g)
         items[f"student_step@{g}"] = student_step(g)
@@ -119,6 +151,10 @@ def main():
         print(f"| student | {g} | {med[f'student_step@{g}']:.2f} | {parts:.2f} | {med[f'student_step@{g}'] / parts:.3f} |")
     parts = med["student_f"] + med["fake_fb"]
     print(f"| critic (fake score) | – | {med['critic_step']:.2f} | {parts:.2f} | {med['critic_step'] / parts:.3f} |")
+    parts = med["student_fb"] + med["teacher_f@1.0"] + med["fake_graph_tap_bwd"]
+    print(f"| student, GAN on | 1.0 | {med['student_step_gan']:.2f} | {parts:.2f} | {med['student_step_gan'] / parts:.3f} |")
+    parts = med["student_f"] + med["fake_fb_head"] + med["fake_cut_fb"]
+    print(f"| critic, GAN on | – | {med['critic_step_gan']:.2f} | {parts:.2f} | {med['critic_step_gan'] / parts:.3f} |")
 
 
 if __name__ == "__main__":

@@ -63,3 +63,36 @@ def test_dmd2_steps_touch_only_their_player(kind):
     opt_s.step()
     assert _changed(snaps["student"], student_model) > 0
     assert _changed(snaps["fake"], fake_model) == 0 and _changed(snaps["teacher"], teacher_model) == 0
+
+
+@pytest.mark.parametrize("kind,module", [("unet2d", "mid_block"), ("wan", "blocks.0")])
+def test_dmd2_gan_branch_steps(kind, module):
+    """With the GAN branch the critic step trains fake score + head, the student step trains the student."""
+    from diffusers_fastgen.models.discriminator import head_for_features
+    from diffusers_fastgen.models.features import run_until_tap
+
+    build, shape, kw = CASES[kind]
+    teacher_model = build().requires_grad_(False)
+    student_model, fake_model = copy.deepcopy(teacher_model).requires_grad_(True), copy.deepcopy(teacher_model).requires_grad_(True)
+    teacher, student, fake = (Denoiser(m, **kw) for m in (teacher_model, student_model, fake_model))
+    cond, uncond = T.tiny_cond(kind, 2, seed=1), T.tiny_cond(kind, 2, seed=2)
+    torch.manual_seed(0)
+    noise, real = torch.randn(shape), torch.randn(shape)
+    t = torch.full((2,), 0.999)
+    with torch.no_grad():
+        head = head_for_features(run_until_tap(fake, noise, t, cond, module))
+    head_before = _snapshot(head)
+    loss = dmd2.fake_score_step(student, fake, noise, t, cond, real_x0=real, head=head, disc_weight=1.0,
+                                feature_module=module, r1_weight=1.0)
+    loss.backward()
+    assert all(p.grad is None for p in student_model.parameters())
+    assert all(p.grad is not None for p in head.parameters())
+    student_before = _snapshot(student_model)
+    fake_model.zero_grad(set_to_none=True)
+    head.zero_grad(set_to_none=True)
+    loss = dmd2.student_step(student, teacher, fake, noise, t, cond, uncond, guidance_scale=1.0, t_min=0.02,
+                             t_max=0.98, head=head, gan_weight=1.0, feature_module=module)
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student_model.parameters())
+    torch.optim.SGD(student_model.parameters(), lr=0.1).step()
+    assert _changed(student_before, student_model) > 0 and _changed(head_before, head) == 0

@@ -331,6 +331,7 @@ def main(argv=None):
         if args.eval_num_samples:
             print(write_benchmark(pipe, run.output_dir, name="DMD2 student" + (" (LoRA)" if args.lora_rank else ""),
                                   num_samples=args.eval_num_samples, step_counts=[args.num_student_steps]))
+    accelerator.wait_for_everyone()  # ranks tear the process group down together (a lone gloo rank can hang)
     accelerator.end_training()
 
 

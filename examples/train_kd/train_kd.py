@@ -217,6 +217,7 @@ def main(argv=None):
         if args.eval_num_samples:
             print(write_benchmark(pipe, run.output_dir, name="KD student", num_samples=args.eval_num_samples,
                                   step_counts=[1, args.num_student_steps]))
+    accelerator.wait_for_everyone()  # ranks tear the process group down together (a lone gloo rank can hang)
     accelerator.end_training()
 
 

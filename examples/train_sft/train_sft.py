@@ -189,6 +189,7 @@ def main(argv=None):
         ema.copy_to(model)
         DigitsPipeline(unet=model, scheduler=scheduler).save_pretrained(run.output_dir)
         logger.info("saved the EMA pipeline to %s", run.output_dir)
+    accelerator.wait_for_everyone()  # ranks tear the process group down together (a lone gloo rank can hang)
     accelerator.end_training()
 
 

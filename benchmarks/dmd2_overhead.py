@@ -6,7 +6,7 @@ needs, each timed alone on the same nets and batch (1.00 = no overhead).
 student step = student fwd+bwd + teacher fwd (CFG: one batched call of 2B) + fake-score fwd
 critic step  = student fwd (no grad) + fake-score fwd+bwd
 With the GAN branch (head on the fake score's mid_block):
-student step = student fwd+bwd + teacher fwd + fake fwd with graph and bwd from the tapped block to its input
+student step = student fwd+bwd + teacher fwd + fake fwd + fake fwd cut at the tapped block and its bwd to the input
 critic step  = student fwd + fake fwd+bwd (denoising + head on its own features) + fake fwd cut at the
                tapped block + its bwd (real data)
 Timed: loss construction + backward (the optimizer update is not a network evaluation and is
@@ -107,10 +107,8 @@ def main():
         head = head_for_features(run_until_tap(fake, x, t_s, cond, "mid_block"))
     x_in = x.clone().requires_grad_(True)
 
-    def fake_graph_tap_bwd():  # the GAN generator's share of the fake score
-        with tap_features(fake_net, "mid_block") as feats:
-            fake(x_in, t_s, cond)
-        head(feats[0]).sum().backward()
+    def fake_cut_bwd_to_input():  # the GAN generator's share of the fake score
+        head(run_until_tap(fake, x_in, t_s, cond, "mid_block")).sum().backward()
 
     def fake_fb_head():  # denoising loss + head on the same forward's features
         with tap_features(fake_net, "mid_block") as feats:
@@ -128,7 +126,7 @@ def main():
         dmd2.fake_score_step(student, fake, x, t, cond, real_x0=x, head=head, disc_weight=0.1).backward()
 
     items = {"student_fb": student_fb, "student_f": student_f, "fake_f": fake_f, "fake_fb": fake_fb,
-             "critic_step": critic_step, "fake_graph_tap_bwd": fake_graph_tap_bwd, "fake_fb_head": fake_fb_head,
+             "critic_step": critic_step, "fake_cut_bwd_to_input": fake_cut_bwd_to_input, "fake_fb_head": fake_fb_head,
              "fake_cut_fb": fake_cut_fb, "student_step_gan": student_step_gan, "critic_step_gan": critic_step_gan}
     for g in args.guidance_scales:
         items[f"teacher_f@{g}"] = teacher_f(g)
@@ -151,7 +149,7 @@ def main():
         print(f"| student | {g} | {med[f'student_step@{g}']:.2f} | {parts:.2f} | {med[f'student_step@{g}'] / parts:.3f} |")
     parts = med["student_f"] + med["fake_fb"]
     print(f"| critic (fake score) | – | {med['critic_step']:.2f} | {parts:.2f} | {med['critic_step'] / parts:.3f} |")
-    parts = med["student_fb"] + med["teacher_f@1.0"] + med["fake_graph_tap_bwd"]
+    parts = med["student_fb"] + med["teacher_f@1.0"] + med["fake_f"] + med["fake_cut_bwd_to_input"]
     print(f"| student, GAN on | 1.0 | {med['student_step_gan']:.2f} | {parts:.2f} | {med['student_step_gan'] / parts:.3f} |")
     parts = med["student_f"] + med["fake_fb_head"] + med["fake_cut_fb"]
     print(f"| critic, GAN on | – | {med['critic_step_gan']:.2f} | {parts:.2f} | {med['critic_step_gan'] / parts:.3f} |")

@@ -131,23 +131,21 @@ def student_step(student, teacher, fake_score, x_t, t, cond, uncond, *, guidance
                  head=None, gan_weight: float = 0.0, feature_module: str = "mid_block"):
     """DMD loss of the student's x0 at (x_t, t): teacher (real, with CFG) vs fake score at a fresh noise
     level; with the GAN branch (`head`, gan_weight > 0) plus the non-saturating GAN loss of the head on the
-    fake score's `feature_module` features, read from the same fake-score forward.
+    fake score's `feature_module` features of the same noisy sample, differentiated w.r.t. the sample.
 
-    Network evaluations: student fwd + bwd, teacher fwd (one 2B batch with CFG), fake fwd (GAN: with
-    graph, and bwd of the path from the tapped block to its input)."""
+    Network evaluations: student fwd + bwd, teacher fwd (one 2B batch with CFG), fake fwd; GAN: + fake fwd
+    cut at the tapped block and its bwd to the input (cheaper than recording the whole fake forward)."""
     gan = head is not None and gan_weight > 0
     x0 = student(x_t, t, cond)
     s = sample_uniform((x0.shape[0],), t_min=t_min, t_max=t_max, device=x0.device)
     noisy = add_noise(student.process, x0 if gan else x0.detach(), torch.randn_like(x0), s)
     with torch.no_grad():
         x0_teacher = guided_prediction(teacher, noisy.detach(), s, cond, uncond, guidance_scale)
-    if not gan:
-        with torch.no_grad():
-            x0_fake = fake_score(noisy, s, cond)
-        return dmd_generator_loss(x0, x0_teacher, x0_fake).mean()
-    with tap_features(fake_score.model, feature_module) as features:
-        x0_fake = fake_score(noisy, s, cond)
-    return (dmd_generator_loss(x0, x0_teacher, x0_fake) + gan_weight * gan_generator_loss(head(features[0]))).mean()
+        x0_fake = fake_score(noisy.detach(), s, cond)
+    loss = dmd_generator_loss(x0, x0_teacher, x0_fake)
+    if gan:
+        loss = loss + gan_weight * gan_generator_loss(head(run_until_tap(fake_score, noisy, s, cond, feature_module)))
+    return loss.mean()
 
 
 def fake_score_step(student, fake_score, x_t, t, cond, *, real_x0=None, head=None, disc_weight: float = 0.0,

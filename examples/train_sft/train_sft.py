@@ -89,12 +89,13 @@ def load_data(args: SFTArgs) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def build_model(args: SFTArgs):
-    """(unet, process, native prediction type)."""
+    """(unet, process, native prediction type, sampling scheduler for grids and the saved pipeline)."""
     if args.pretrained_model_name_or_path is None:
-        return digits_unet(args.block_out_channels, args.layers_per_block), RectifiedFlow(), "flow"
+        unet = digits_unet(args.block_out_channels, args.layers_per_block)
+        return unet, RectifiedFlow(), "flow", flow_map_scheduler(shift=1.0)
     pipe = DigitsPipeline.from_pretrained(args.pretrained_model_name_or_path)
     process, prediction_type = process_from_scheduler(pipe.scheduler)
-    return pipe.unet, process, prediction_type
+    return pipe.unet, process, prediction_type, pipe.scheduler
 
 
 def sft_step(denoiser: Denoiser, x0: torch.Tensor, labels: torch.Tensor, *, cond_dropout: float, logit_mean: float,
@@ -133,7 +134,7 @@ def main(argv=None):
     if accelerator.is_main_process:
         save_config(args, os.path.join(run.output_dir, "train_config.yaml"))
 
-    unet, process, prediction_type = build_model(args)
+    unet, process, prediction_type, scheduler = build_model(args)
     if run.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
@@ -146,8 +147,6 @@ def main(argv=None):
               batch_size=run.train_batch_size * accelerator.num_processes, gamma=args.ema.ema_gamma,
               start_iter=args.ema.ema_start_iter)
     denoiser = Denoiser(unet, process, prediction_type)
-    scheduler = flow_map_scheduler(shift=1.0) if isinstance(process, RectifiedFlow) else \
-        DigitsPipeline.from_pretrained(args.pretrained_model_name_or_path).scheduler
 
     step = 0
     checkpoint = resolve_checkpoint(run.output_dir, run.resume_from_checkpoint)

@@ -6,7 +6,8 @@ needs, each timed alone on the same nets and batch (1.00 = no overhead).
 student step = student fwd+bwd + teacher fwd (CFG: one batched call of 2B) + fake-score fwd
 critic step  = student fwd (no grad) + fake-score fwd+bwd
 With the GAN branch (head on the fake score's mid_block):
-student step = student fwd+bwd + teacher fwd + fake fwd + fake fwd cut at the tapped block and its bwd to the input
+student step = student fwd+bwd + teacher fwd + fake fwd recorded up to the tapped block (fake score and head
+               frozen) + its bwd from the tap to the input (input gradients only)
 critic step  = student fwd + fake fwd+bwd (denoising + head on its own features) + fake fwd cut at the
                tapped block + its bwd (real data)
 Timed: loss construction + backward (the optimizer update is not a network evaluation and is
@@ -15,10 +16,7 @@ excluded everywhere). Rounds interleave all measurements; medians are reported.
 
 import argparse
 import copy
-import importlib.util
-import os
 import statistics
-import sys
 import time
 
 import torch
@@ -27,20 +25,10 @@ from diffusers_fastgen.evaluation import DIGITS_TEACHER_PATH
 from diffusers_fastgen.models import Denoiser
 from diffusers_fastgen.models.digits import NULL_CLASS, digits_cond
 from diffusers_fastgen.models.discriminator import head_for_features
-from diffusers_fastgen.models.features import run_until_tap, tap_features
+from diffusers_fastgen.models.features import forward_with_tap_grad, frozen, run_until_tap, tap_features
 from diffusers_fastgen.parametrization import RectifiedFlow
 from diffusers_fastgen.pipelines import DigitsPipeline
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_dmd2():
-    spec = importlib.util.spec_from_file_location("train_dmd2", os.path.join(ROOT, "examples", "train_dmd2", "train_dmd2.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
+from diffusers_fastgen.training import distribution_matching as dmd2
 
 def timed(fn):
     start = time.perf_counter()
@@ -57,7 +45,6 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    dmd2 = load_dmd2()
     base = DigitsPipeline.from_pretrained(DIGITS_TEACHER_PATH).unet.requires_grad_(False).eval()
     student_net, fake_net = copy.deepcopy(base).requires_grad_(True).train(), copy.deepcopy(base).requires_grad_(True).train()
     rf = RectifiedFlow()
@@ -107,8 +94,13 @@ def main():
         head = head_for_features(run_until_tap(fake, x, t_s, cond, "mid_block"))
     x_in = x.clone().requires_grad_(True)
 
-    def fake_cut_bwd_to_input():  # the GAN generator's share of the fake score
-        head(run_until_tap(fake, x_in, t_s, cond, "mid_block")).sum().backward()
+    critic_params = list(fake_net.parameters()) + list(head.parameters())
+
+    def fake_tapgrad_bwd_to_input():  # the GAN generator's share of the fake score: one forward, input grads
+        with frozen(critic_params):
+            _, feats = forward_with_tap_grad(fake, x_in, t_s, cond, "mid_block")
+            out = head(feats)
+        out.sum().backward()
 
     def fake_fb_head():  # denoising loss + head on the same forward's features
         with tap_features(fake_net, "mid_block") as feats:
@@ -120,13 +112,13 @@ def main():
 
     def student_step_gan():
         dmd2.student_step(student, teacher, fake, x, t, cond, uncond, guidance_scale=1.0, t_min=0.02, t_max=0.98,
-                          head=head, gan_weight=0.01).backward()
+                          head=head, gan_weight=0.01, critic_params=critic_params).backward()
 
     def critic_step_gan():
         dmd2.fake_score_step(student, fake, x, t, cond, real_x0=x, head=head, disc_weight=0.1).backward()
 
     items = {"student_fb": student_fb, "student_f": student_f, "fake_f": fake_f, "fake_fb": fake_fb,
-             "critic_step": critic_step, "fake_cut_bwd_to_input": fake_cut_bwd_to_input, "fake_fb_head": fake_fb_head,
+             "critic_step": critic_step, "fake_tapgrad_bwd_to_input": fake_tapgrad_bwd_to_input, "fake_fb_head": fake_fb_head,
              "fake_cut_fb": fake_cut_fb, "student_step_gan": student_step_gan, "critic_step_gan": critic_step_gan}
     for g in args.guidance_scales:
         items[f"teacher_f@{g}"] = teacher_f(g)
@@ -149,7 +141,7 @@ def main():
         print(f"| student | {g} | {med[f'student_step@{g}']:.2f} | {parts:.2f} | {med[f'student_step@{g}'] / parts:.3f} |")
     parts = med["student_f"] + med["fake_fb"]
     print(f"| critic (fake score) | – | {med['critic_step']:.2f} | {parts:.2f} | {med['critic_step'] / parts:.3f} |")
-    parts = med["student_fb"] + med["teacher_f@1.0"] + med["fake_f"] + med["fake_cut_bwd_to_input"]
+    parts = med["student_fb"] + med["teacher_f@1.0"] + med["fake_tapgrad_bwd_to_input"]
     print(f"| student, GAN on | 1.0 | {med['student_step_gan']:.2f} | {parts:.2f} | {med['student_step_gan'] / parts:.3f} |")
     parts = med["student_f"] + med["fake_fb_head"] + med["fake_cut_fb"]
     print(f"| critic, GAN on | – | {med['critic_step_gan']:.2f} | {parts:.2f} | {med['critic_step_gan'] / parts:.3f} |")

@@ -72,3 +72,18 @@ def f_divergence_weight(logits: torch.Tensor, divergence: str) -> torch.Tensor:
         "jeffreys": r + 1,
     }[divergence]
     return h / h.mean().clamp_min(1e-8)
+
+
+def ladd_generator_loss(logits_fake: list[torch.Tensor]) -> torch.Tensor:
+    """LADD / ADD generator loss (Sauer et al. arXiv:2403.12015, arXiv:2311.17042):  - sum_k mean D_k(fake),
+    summed over the discriminator heads k (one per tapped teacher block). Each logits (B, ...) -> (B,)."""
+    return sum(-l.float().flatten(1).mean(1) for l in logits_fake)
+
+
+def ladd_discriminator_loss(logits_real: list[torch.Tensor], logits_fake: list[torch.Tensor]) -> torch.Tensor:
+    """Hinge discriminator loss summed over heads (ADD eq. 3, LADD):
+    sum_k  mean relu(1 - D_k(real)) + mean relu(1 + D_k(fake)); fake logits from detached samples. (B,)."""
+    if len(logits_real) != len(logits_fake):
+        raise ValueError(f"one real and one fake logit tensor per head: got {len(logits_real)} and {len(logits_fake)}.")
+    return sum(F.relu(1 - r.float()).flatten(1).mean(1) + F.relu(1 + f.float()).flatten(1).mean(1)
+               for r, f in zip(logits_real, logits_fake))

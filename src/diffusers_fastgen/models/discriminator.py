@@ -33,3 +33,17 @@ def head_for_features(features) -> nn.Module:
     if features.ndim == 3:
         return TokenHead(features.shape[-1])
     raise ValueError(f"features must be (B, C, H, W) or (B, L, D), got shape {tuple(features.shape)}.")
+
+
+class FeatureHeads(nn.Module):
+    """One head per tapped block (LADD's multi-level discriminator): a list of features -> a list of
+    (B, 1) logits. One module, so DDP/FSDP wrap and sync all heads together."""
+
+    def __init__(self, heads):
+        super().__init__()
+        self.heads = nn.ModuleList(heads)
+
+    def forward(self, features):
+        if len(features) != len(self.heads):
+            raise ValueError(f"expected {len(self.heads)} feature tensors, got {len(features)}.")
+        return [head(f) for head, f in zip(self.heads, features)]

@@ -1,5 +1,16 @@
-"""Feature taps: read an intermediate block's output of any adapter-wrapped model with a forward hook,
-optionally stopping the forward right there (the rest of the network is not run)."""
+"""Feature taps: read intermediate blocks' outputs of any adapter-wrapped model with forward hooks.
+
+Three ways to read them, by what the caller needs to differentiate:
+- `tap_features`: a normal forward that also records the tapped outputs (e.g. the fake score's
+  denoising forward, whose features also feed a discriminator head);
+- `run_until_tap`: the forward is cut after the last tapped block (the rest of the net never runs);
+- `forward_with_tap_grad`: one full forward whose autograd graph stops at the last tap: the blocks
+  after it run without recording, so the network output comes for the price of a no-grad forward while
+  the features stay differentiable (DMD2's GAN generator term: the fake score's x0 and its features
+  of the same noisy sample, in one pass).
+`frozen` turns parameters' gradients off for a block, so a backward through a critic computes input
+gradients only (no weight gradients that would be thrown away).
+"""
 
 from __future__ import annotations
 
@@ -14,36 +25,89 @@ class _StopForward(Exception):
     pass
 
 
+def _names(module_names) -> list[str]:
+    names = [module_names] if isinstance(module_names, str) else list(module_names)
+    if not names:
+        raise ValueError("`module_name` must name at least one submodule.")
+    return names
+
+
 @contextlib.contextmanager
-def tap_features(model, module_name: str, *, stop: bool = False):
-    """Within the block, every forward of `model` stores `module_name`'s output in the yielded list;
-    with stop=True the forward is cut right after that module (call it through `run_until_tap`)."""
+def tap_features(model, module_name, *, stop: bool = False, no_grad_after: bool = False):
+    """Within the block, a forward of `model` stores the outputs of `module_name` (one name or a list) in
+    the yielded list, in the order given. stop=True cuts the forward after the last of them has run
+    (call it through `run_until_tap`); no_grad_after=True runs the rest without autograd recording
+    (use `forward_with_tap_grad`, which restores the grad mode)."""
     inner = unwrap_model(model)
-    try:
-        module = inner.get_submodule(module_name)
-    except AttributeError:
-        raise ValueError(f"`module_name` {module_name!r} is not a submodule of {type(inner).__name__}.") from None
-    captured: list[torch.Tensor] = []
+    names = _names(module_name)
+    modules = []
+    for name in names:
+        try:
+            modules.append(inner.get_submodule(name))
+        except AttributeError:
+            raise ValueError(f"`module_name` {name!r} is not a submodule of {type(inner).__name__}.") from None
+    captured: list[torch.Tensor | None] = [None] * len(names)
+    slots = {}
+    for i, module in enumerate(modules):
+        slots.setdefault(id(module), []).append(i)
 
-    def hook(_module, _inputs, output):
-        captured.append(output[0] if isinstance(output, tuple) else output)
-        if stop:
-            raise _StopForward
+    def hook(module, _inputs, output):
+        for i in slots[id(module)]:
+            captured[i] = output[0] if isinstance(output, tuple) else output
+        if all(c is not None for c in captured):
+            if stop:
+                raise _StopForward
+            if no_grad_after:
+                torch.set_grad_enabled(False)
 
-    handle = module.register_forward_hook(hook)
+    handles = [m.register_forward_hook(hook) for m in {id(m): m for m in modules}.values()]
     try:
         yield captured
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
 
 
-def run_until_tap(denoiser, x_t, t, cond, module_name: str) -> torch.Tensor:
-    """Features of `module_name` at (x_t, t, cond); the layers after it are never evaluated."""
+def _check_reached(captured, module_name) -> None:
+    missing = [n for n, c in zip(_names(module_name), captured) if c is None]
+    if missing:
+        raise RuntimeError(f"module(s) {missing} were not reached in the forward pass.")
+
+
+def run_until_tap(denoiser, x_t, t, cond, module_name):
+    """Features of `module_name` (a tensor; a list for a list of names) at (x_t, t, cond); the layers
+    after the last tapped one are never evaluated."""
     with tap_features(denoiser.model, module_name, stop=True) as captured:
         try:
             denoiser(x_t, t, cond)
         except _StopForward:
             pass
-    if not captured:
-        raise RuntimeError(f"module {module_name!r} was not reached in the forward pass.")
-    return captured[0]
+    _check_reached(captured, module_name)
+    return captured[0] if isinstance(module_name, str) else list(captured)
+
+
+def forward_with_tap_grad(denoiser, x_t, t, cond, module_name, *, target: str = "x0"):
+    """(prediction, features) from one forward: the features of `module_name` carry the autograd graph
+    back to the inputs (and to parameters that require grad); everything after the last tap runs
+    without recording, so `prediction` has no graph."""
+    grad_mode = torch.is_grad_enabled()
+    try:
+        with tap_features(denoiser.model, module_name, no_grad_after=True) as captured:
+            prediction = denoiser(x_t, t, cond, target=target)
+    finally:
+        torch.set_grad_enabled(grad_mode)
+    _check_reached(captured, module_name)
+    return prediction.detach(), captured[0] if isinstance(module_name, str) else list(captured)
+
+
+@contextlib.contextmanager
+def frozen(params):
+    """Temporarily set requires_grad=False on `params` (restored on exit)."""
+    params = [p for p in params if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)

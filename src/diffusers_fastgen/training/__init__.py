@@ -1,4 +1,12 @@
-from .accelerate_setup import autocast_dtype, check_replicas_in_sync, make_optimizer, setup_accelerator
+from .accelerate_setup import (
+    autocast_dtype,
+    check_replicas_in_sync,
+    make_optimizer,
+    peak_rss_mb,
+    setup_accelerator,
+    training_state_mb,
+    update,
+)
 from .args import EMAArgs, OptimizerArgs, RunArgs, build, parse_args, save_config, to_flat_dict
 from .checkpoint import list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
 from .validation import log_image_grid, make_grid, save_image_grid

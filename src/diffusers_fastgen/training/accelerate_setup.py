@@ -68,3 +68,31 @@ def check_replicas_in_sync(accelerator: Accelerator, params) -> float:
         logger.info("DDP replicas in sync across %d processes (checksum %.12e)", accelerator.num_processes,
                     float(gathered[0]))
     return float(gathered[0])
+
+
+def update(accelerator: Accelerator, loss, params, optimizer, lr_scheduler, max_grad_norm: float) -> None:
+    """backward, clip, step, zero_grad for one player."""
+    accelerator.backward(loss)
+    if max_grad_norm > 0:
+        accelerator.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def training_state_mb(modules, optimizers) -> float:
+    """Bytes held by every module's weights (shared ones once), their gradients and the optimizer
+    states, in MB."""
+    params = {id(p): p for m in modules for p in m.parameters()}.values()
+    total = sum(p.numel() * p.element_size() * (2 if p.requires_grad else 1) for p in params)
+    for opt in optimizers:
+        total += sum(v.numel() * v.element_size() for state in opt.state.values() for v in state.values()
+                     if torch.is_tensor(v))
+    return total / 2**20
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MB (Linux ru_maxrss is in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -1,5 +1,6 @@
-"""The DMD2 student and fake-score steps run on every adapter architecture at tiny scale, and each
-update touches only its own player's parameters (the teacher never changes)."""
+"""The distribution-matching step functions (DMD2, f-distill, LADD) run on every adapter architecture at
+tiny scale, each update touches only its own player's parameters (the teacher never changes), and the
+one-pass GAN generator term equals the two-forward reference."""
 
 import copy
 
@@ -10,9 +11,7 @@ from diffusers_fastgen.models import Denoiser
 from diffusers_fastgen.parametrization import vp_from_betas
 from diffusers_fastgen.testing import tiny as T
 
-from script_utils import load_script
-
-dmd2 = load_script("dmd2")
+from diffusers_fastgen.training import distribution_matching as dmd2
 
 CASES = {
     "unet2d": (lambda: T.tiny_unet2d(), (2, 1, 8, 8), dict(process=vp_from_betas(), prediction_type="epsilon")),

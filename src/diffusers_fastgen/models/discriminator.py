@@ -5,14 +5,27 @@ from __future__ import annotations
 from torch import nn
 
 
+class ConvHead(nn.Module):
+    """(B, C, H, W) UNet features -> (B, 1) logits: GroupNorm, SiLU, 3x3 conv, SiLU, global mean, linear."""
+
+    def __init__(self, channels: int, hidden: int = 64, groups: int = 8):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.GroupNorm(min(groups, channels), channels), nn.SiLU(),
+            nn.Conv2d(channels, hidden, 3, padding=1), nn.SiLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),  # (B, hidden)
+            nn.Linear(hidden, 1),
+        )
+
+    def forward(self, features):
+        # Attention blocks hand back channels-last strided features; GroupNorm's CPU backward on such an
+        # input that does not itself require grad segfaults (torch 2.13), so make them contiguous.
+        return self.net(features.contiguous())
+
+
 def conv_head(channels: int, hidden: int = 64, groups: int = 8) -> nn.Module:
     """(B, C, H, W) UNet features -> (B, 1) logits."""
-    return nn.Sequential(
-        nn.GroupNorm(min(groups, channels), channels), nn.SiLU(),
-        nn.Conv2d(channels, hidden, 3, padding=1), nn.SiLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(),  # (B, hidden)
-        nn.Linear(hidden, 1),
-    )
+    return ConvHead(channels, hidden, groups)
 
 
 class TokenHead(nn.Module):

@@ -1,0 +1,214 @@
+"""f-distill: distribution matching with an f-divergence (Xu, Nie, Vahdat, arXiv:2502.15681).
+
+DMD minimises the reverse KL; f-distill minimises D_f(p_data || p_student) for another f. Its
+gradient is DMD's score difference weighted per sample by h(r) = f''(r) r^2, where the density ratio
+r = p_data / p_student at the noisy sample is read from a discriminator logit (log r at the
+discriminator's optimum). So the players are DMD2's with the GAN branch always on:
+  teacher     frozen; its (CFG) x0 prediction is the "real" score.
+  fake_score  denoiser of the student's samples + a discriminator head on its `gan_feature_module`
+              features, trained together every iteration (denoising + GAN discriminator loss).
+  student     every `student_update_freq` iterations: h(r)-weighted DMD loss (+ the GAN loss).
+Divergences: reverse_kl (h = 1, plain DMD), kl, js (the paper's best), squared_hellinger, jeffreys.
+
+    accelerate launch examples/train_fdistill/train_fdistill.py --output_dir outputs/fdistill
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field, replace
+
+import torch
+from tqdm.auto import tqdm
+
+from diffusers_fastgen.ema import EMA
+from diffusers_fastgen.evaluation import DIGITS_TEACHER_PATH
+from diffusers_fastgen.evaluation.digits_benchmark import write_benchmark
+from diffusers_fastgen.losses.distribution_matching import F_DIVERGENCES
+from diffusers_fastgen.models import unwrap_model
+from diffusers_fastgen.models.digits import NULL_CLASS, digits_cond
+from diffusers_fastgen.parametrization import process_from_scheduler
+from diffusers_fastgen.pipelines import DigitsPipeline
+from diffusers_fastgen.schedulers import flow_match_sde_scheduler, t_list_from_scheduler
+from diffusers_fastgen.training import (
+    EMAArgs,
+    OptimizerArgs,
+    RunArgs,
+    check_replicas_in_sync,
+    load_checkpoint,
+    make_optimizer,
+    parse_args,
+    peak_rss_mb,
+    resolve_checkpoint,
+    save_checkpoint,
+    save_config,
+    setup_accelerator,
+    training_state_mb,
+    update,
+)
+from diffusers_fastgen.training.data import InfiniteBatches, load_digits_arrays
+from diffusers_fastgen.training.distribution_matching import (
+    build_players,
+    fake_score_step,
+    make_heads,
+    player_denoisers,
+    save_digits_student,
+    student_inputs,
+    student_step,
+)
+
+logger = logging.getLogger("train_fdistill")
+
+
+@dataclass
+class FDistillArgs:
+    """f-distill: f-divergence distribution matching of a teacher pipeline into a few-step student."""
+
+    run: RunArgs = field(default_factory=lambda: RunArgs(output_dir="outputs/fdistill", max_train_steps=250,
+                                                         train_batch_size=128, checkpointing_steps=125,
+                                                         validation_steps=0))
+    optimizer: OptimizerArgs = field(default_factory=lambda: OptimizerArgs(learning_rate=1e-4, adam_beta1=0.0,
+                                                                           adam_beta2=0.999, max_grad_norm=10.0))
+    ema: EMAArgs = field(default_factory=lambda: EMAArgs(ema_schedule="halflife", ema_halflife_kimg=2.0))
+    teacher: str = DIGITS_TEACHER_PATH  # teacher pipeline folder (default: the shipped digits teacher)
+    num_student_steps: int = 1  # the student's step count (t_list length - 1)
+    shift: float = 1.0  # student schedule: sigmas = shift(linspace(1, 0, N + 1)), fresh-noise re-noising
+    guidance_scale: float = 1.0  # teacher CFG in the real score
+    fake_score_learning_rate: float = 1e-4  # AdamW learning rate of the fake score
+    student_update_freq: int = 5  # student step every N iterations (fake score every iteration)
+    dmd_t_min: float = 0.02  # the DMD loss noises student samples at t ~ U[dmd_t_min, dmd_t_max]
+    dmd_t_max: float = 0.98
+    backward_simulation: bool = True  # multi-step: inputs from the student's own rollout (else noised data)
+    lora_rank: int = 0  # > 0: student and fake score are LoRA adapters on one frozen base (the teacher)
+    divergence: str = "js"  # f of D_f(p_data || p_student): reverse_kl | kl | js | squared_hellinger | jeffreys
+    gan_generator_weight: float = 1e-2  # weight of the student's GAN loss (0: the head only estimates r)
+    gan_discriminator_weight: float = 1e-1  # weight of the discriminator loss added to the fake-score loss
+    gan_feature_module: str = "mid_block"  # fake-score block whose output the discriminator head reads
+    r1_weight: float = 0.0  # approximate R1 on real data (0 = off)
+    r1_sigma: float = 0.01  # perturbation of real inputs for approximate R1
+    eval_num_samples: int = 1000  # samples for the final benchmark rows (0 skips)
+
+    def __post_init__(self):
+        if self.num_student_steps < 1:
+            raise ValueError(f"`num_student_steps` must be >= 1, got {self.num_student_steps}.")
+        if self.student_update_freq < 1:
+            raise ValueError(f"`student_update_freq` must be >= 1, got {self.student_update_freq}.")
+        if not 0.0 <= self.dmd_t_min < self.dmd_t_max <= 1.0:
+            raise ValueError(f"need 0 <= dmd_t_min < dmd_t_max <= 1, got {self.dmd_t_min}, {self.dmd_t_max}.")
+        if self.guidance_scale < 0:
+            raise ValueError(f"`guidance_scale` must be >= 0, got {self.guidance_scale}.")
+        if self.gan_generator_weight < 0 or self.gan_discriminator_weight < 0 or self.r1_weight < 0:
+            raise ValueError("`gan_generator_weight`, `gan_discriminator_weight` and `r1_weight` must be >= 0.")
+        if self.lora_rank < 0:
+            raise ValueError(f"`lora_rank` must be >= 0 (0 = full fine-tuning), got {self.lora_rank}.")
+        if self.divergence not in F_DIVERGENCES:
+            raise ValueError(f"`divergence` must be one of {F_DIVERGENCES}, got {self.divergence!r}.")
+        if self.gan_discriminator_weight <= 0:
+            raise ValueError("`gan_discriminator_weight` must be > 0: the discriminator estimates the density ratio.")
+        if self.fake_score_learning_rate <= 0:
+            raise ValueError(f"`fake_score_learning_rate` must be > 0, got {self.fake_score_learning_rate}.")
+
+
+def main(argv=None):
+    args = parse_args(FDistillArgs, argv)
+    run = args.run
+    accelerator = setup_accelerator(run, "train_fdistill", args, find_unused_parameters=args.lora_rank > 0)
+    if accelerator.is_main_process:
+        save_config(args, os.path.join(run.output_dir, "train_config.yaml"))
+
+    # 1. Players (teacher, student, fake score + discriminator head), one optimizer per trained player.
+    teacher_pipe = DigitsPipeline.from_pretrained(args.teacher)
+    process, prediction_type = process_from_scheduler(teacher_pipe.scheduler)
+    modules, params = build_players(teacher_pipe.unet, lora_rank=args.lora_rank)
+    nets = player_denoisers(modules, process, prediction_type)
+    probe_cond = digits_cond(torch.zeros(1, dtype=torch.long))  # the head reads the fake score's features
+    modules["head"] = make_heads(nets["fake_score"], [args.gan_feature_module], probe_cond, (1, 8, 8)).heads[0]
+    params["fake_score"] = params["fake_score"] + list(modules["head"].parameters())
+    for name, module in modules.items():
+        if run.gradient_checkpointing and hasattr(module, "enable_gradient_checkpointing") and name != "teacher":
+            module.enable_gradient_checkpointing()
+        module.train(name != "teacher")
+    student_opt, student_lr = make_optimizer(params["student"], args.optimizer)
+    fake_opt, fake_lr = make_optimizer(params["fake_score"], replace(args.optimizer,
+                                                                     learning_rate=args.fake_score_learning_rate))
+    trainable = [n for n in modules if n != "teacher"]
+    prepared = accelerator.prepare(*(modules[n] for n in trainable), student_opt, fake_opt, student_lr, fake_lr)
+    modules.update(zip(trainable, prepared[:len(trainable)]))
+    student_opt, fake_opt, student_lr, fake_lr = prepared[len(trainable):]
+    if "teacher" in modules:
+        modules["teacher"].to(accelerator.device)
+    nets = player_denoisers(modules, process, prediction_type)  # over the prepared (DDP-wrapped) modules
+    teacher, student, fake_score = nets["teacher"], nets["student"], nets["fake_score"]
+    ema_names = None  # full mode: the whole student
+    if args.lora_rank:
+        ema_names = [n for n, _ in unwrap_model(modules["base"]).named_parameters() if "lora_" in n and ".student" in n]
+    ema = EMA(student.model, schedule=args.ema.ema_schedule, decay=args.ema.ema_decay,
+              halflife_kimg=args.ema.ema_halflife_kimg, batch_size=run.train_batch_size * accelerator.num_processes,
+              gamma=args.ema.ema_gamma, start_iter=args.ema.ema_start_iter, parameters=ema_names)
+    scheduler = flow_match_sde_scheduler(shift=args.shift)
+    t_list = t_list_from_scheduler(scheduler, args.num_student_steps)
+
+    images, labels = (torch.from_numpy(a) for a in load_digits_arrays("train"))
+    batches = InfiniteBatches(images, labels, batch_size=run.train_batch_size, seed=run.seed,
+                              rank=accelerator.process_index, world_size=accelerator.num_processes)
+
+    step = 0  # counts student updates
+    checkpoint = resolve_checkpoint(run.output_dir, run.resume_from_checkpoint)
+    if checkpoint is not None:
+        step = load_checkpoint(accelerator, checkpoint, emas={"student": ema})["step"]
+        logger.info("resumed from %s at step %d", checkpoint, step)
+    iteration = step * args.student_update_freq
+    batches.state_at(iteration)
+
+    # 2. Alternating updates: fake score + head every iteration, student every `student_update_freq`.
+    progress = tqdm(range(run.max_train_steps), initial=step, disable=not accelerator.is_local_main_process)
+    logs = {}
+    while step < run.max_train_steps:
+        real_x0, y = (t.to(accelerator.device) for t in next(batches))
+        noise = torch.randn_like(real_x0)
+        cond, uncond = digits_cond(y), digits_cond(torch.full_like(y, NULL_CLASS))
+        x_t, t = student_inputs(student, noise, cond, t_list, real_x0, backward_simulation=args.backward_simulation)
+        iteration += 1
+        if iteration % args.student_update_freq:
+            loss = fake_score_step(student, fake_score, x_t, t, cond, real_x0=real_x0, head=modules["head"],
+                                   disc_weight=args.gan_discriminator_weight, feature_module=args.gan_feature_module,
+                                   r1_weight=args.r1_weight, r1_sigma=args.r1_sigma)
+            update(accelerator, loss, params["fake_score"], fake_opt, fake_lr, args.optimizer.max_grad_norm)
+            logs["fake_score_loss"] = loss.detach()
+            continue
+        loss = student_step(student, teacher, fake_score, x_t, t, cond, uncond, guidance_scale=args.guidance_scale,
+                            t_min=args.dmd_t_min, t_max=args.dmd_t_max, head=modules["head"],
+                            gan_weight=args.gan_generator_weight, feature_module=args.gan_feature_module,
+                            divergence=args.divergence, critic_params=params["fake_score"])
+        update(accelerator, loss, params["student"], student_opt, student_lr, args.optimizer.max_grad_norm)
+        ema.update(student.model)
+        step += 1
+        progress.update(1)
+        logs["student_loss"] = loss.detach()
+        if step % run.logging_steps == 0:
+            scalars = {k: v.item() for k, v in logs.items()}
+            progress.set_postfix(**scalars)
+            accelerator.log(scalars, step=step)
+        if run.checkpointing_steps and step % run.checkpointing_steps == 0:
+            save_checkpoint(accelerator, run.output_dir, step, emas={"student": ema},
+                            total_limit=run.checkpoints_total_limit)
+
+    accelerator.wait_for_everyone()
+    check_replicas_in_sync(accelerator, params["student"] + params["fake_score"])
+    if accelerator.is_main_process:
+        logger.info("peak RSS %.1f MB; weights + grads + optimizer state %.1f MB; trainable parameters: "
+                    "student %d, fake score %d", peak_rss_mb(), training_state_mb(modules.values(), [student_opt, fake_opt]),
+                    sum(p.numel() for p in params["student"]), sum(p.numel() for p in params["fake_score"]))
+        pipe = save_digits_student(accelerator, modules, ema, scheduler, output_dir=run.output_dir,
+                                   teacher_path=args.teacher, num_steps=args.num_student_steps, step=step)
+        logger.info("saved the student to %s", run.output_dir)
+        if args.eval_num_samples:
+            print(write_benchmark(pipe, run.output_dir, name=f"f-distill ({args.divergence}) student" + (" (LoRA)" if args.lora_rank else ""),
+                                  num_samples=args.eval_num_samples, step_counts=[args.num_student_steps]))
+    accelerator.wait_for_everyone()  # ranks tear the process group down together (a lone gloo rank can hang)
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,196 @@
+"""LADD: latent adversarial diffusion distillation (Sauer et al., arXiv:2403.12015).
+
+Pure adversarial distillation: no regression or score-matching term. Players:
+  teacher   frozen; the discriminator's feature network. Student samples and real data are re-noised
+            at s ~ logit-normal(ladd_t_mean, ladd_t_std) (biased to high noise, which favours global
+            structure) and the teacher's outputs at `feature_modules` feed one head each.
+  heads     small discriminator heads (conv for UNet features, token MLP for transformers), trained
+            with the hinge loss on re-noised real vs student samples (the teacher is not trained).
+  student   every `student_update_freq` iterations: the hinge generator loss, differentiated through
+            the frozen teacher and heads back to its sample.
+The student starts as a copy of the teacher (or as a LoRA adapter on it, `--lora_rank`).
+
+    accelerate launch examples/train_ladd/train_ladd.py --output_dir outputs/ladd
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field, replace
+
+import torch
+from tqdm.auto import tqdm
+
+from diffusers_fastgen.ema import EMA
+from diffusers_fastgen.evaluation import DIGITS_TEACHER_PATH
+from diffusers_fastgen.evaluation.digits_benchmark import write_benchmark
+from diffusers_fastgen.models import unwrap_model
+from diffusers_fastgen.models.digits import digits_cond
+from diffusers_fastgen.parametrization import process_from_scheduler
+from diffusers_fastgen.pipelines import DigitsPipeline
+from diffusers_fastgen.schedulers import flow_match_sde_scheduler, t_list_from_scheduler
+from diffusers_fastgen.training import (
+    EMAArgs,
+    OptimizerArgs,
+    RunArgs,
+    check_replicas_in_sync,
+    load_checkpoint,
+    make_optimizer,
+    parse_args,
+    peak_rss_mb,
+    resolve_checkpoint,
+    save_checkpoint,
+    save_config,
+    setup_accelerator,
+    training_state_mb,
+    update,
+)
+from diffusers_fastgen.training.data import InfiniteBatches, load_digits_arrays
+from diffusers_fastgen.training.distribution_matching import (
+    build_players,
+    ladd_discriminator_step,
+    ladd_student_step,
+    make_heads,
+    player_denoisers,
+    save_digits_student,
+    student_inputs,
+)
+
+logger = logging.getLogger("train_ladd")
+
+
+@dataclass
+class LADDArgs:
+    """LADD: adversarial distillation of a teacher pipeline on its own features."""
+
+    run: RunArgs = field(default_factory=lambda: RunArgs(output_dir="outputs/ladd", max_train_steps=500,
+                                                         train_batch_size=128, checkpointing_steps=250,
+                                                         validation_steps=0))
+    optimizer: OptimizerArgs = field(default_factory=lambda: OptimizerArgs(learning_rate=2e-5, adam_beta1=0.0,
+                                                                           adam_beta2=0.99, max_grad_norm=1.0))
+    ema: EMAArgs = field(default_factory=lambda: EMAArgs(ema_schedule="halflife", ema_halflife_kimg=2.0))
+    teacher: str = DIGITS_TEACHER_PATH  # teacher pipeline folder (default: the shipped digits teacher)
+    num_student_steps: int = 1  # the student's step count (t_list length - 1)
+    shift: float = 1.0  # student schedule: sigmas = shift(linspace(1, 0, N + 1)), fresh-noise re-noising
+    head_learning_rate: float = 1e-4  # AdamW learning rate of the discriminator heads
+    student_update_freq: int = 2  # student step every N iterations (heads every other iteration)
+    feature_modules: list[str] = field(default_factory=lambda: ["down_blocks.0", "down_blocks.1", "mid_block"])  # teacher taps
+    ladd_t_mean: float = 1.0  # re-noising level s ~ logit-normal(mean, std) for the discriminator
+    ladd_t_std: float = 1.0
+    backward_simulation: bool = True  # multi-step: inputs from the student's own rollout (else noised data)
+    lora_rank: int = 0  # > 0: the student is a LoRA adapter on the frozen teacher
+    eval_num_samples: int = 1000  # samples for the final benchmark rows (0 skips)
+
+    def __post_init__(self):
+        if self.num_student_steps < 1:
+            raise ValueError(f"`num_student_steps` must be >= 1, got {self.num_student_steps}.")
+        if self.student_update_freq < 2:
+            raise ValueError(f"`student_update_freq` must be >= 2 (heads train in between), got {self.student_update_freq}.")
+        if not self.feature_modules:
+            raise ValueError("`feature_modules` must name at least one teacher block.")
+        if self.ladd_t_std <= 0:
+            raise ValueError(f"`ladd_t_std` must be > 0, got {self.ladd_t_std}.")
+        if self.lora_rank < 0:
+            raise ValueError(f"`lora_rank` must be >= 0 (0 = full fine-tuning), got {self.lora_rank}.")
+        if self.head_learning_rate <= 0:
+            raise ValueError(f"`head_learning_rate` must be > 0, got {self.head_learning_rate}.")
+
+
+def main(argv=None):
+    args = parse_args(LADDArgs, argv)
+    run = args.run
+    accelerator = setup_accelerator(run, "train_ladd", args, find_unused_parameters=args.lora_rank > 0)
+    if accelerator.is_main_process:
+        save_config(args, os.path.join(run.output_dir, "train_config.yaml"))
+
+    # 1. Players (teacher, student, heads on the teacher's features), one optimizer per trained player.
+    teacher_pipe = DigitsPipeline.from_pretrained(args.teacher)
+    process, prediction_type = process_from_scheduler(teacher_pipe.scheduler)
+    modules, params = build_players(teacher_pipe.unet, lora_rank=args.lora_rank, trainable=("student",))
+    nets = player_denoisers(modules, process, prediction_type, names=("student",))
+    modules["heads"] = make_heads(nets["teacher"], args.feature_modules, digits_cond(torch.zeros(1, dtype=torch.long)),
+                                  (1, 8, 8))
+    params["heads"] = list(modules["heads"].parameters())
+    for name, module in modules.items():
+        if run.gradient_checkpointing and hasattr(module, "enable_gradient_checkpointing") and name != "teacher":
+            module.enable_gradient_checkpointing()
+        module.train(name != "teacher")
+    student_opt, student_lr = make_optimizer(params["student"], args.optimizer)
+    head_opt, head_lr = make_optimizer(params["heads"], replace(args.optimizer, learning_rate=args.head_learning_rate))
+    trainable = [n for n in modules if n != "teacher"]
+    prepared = accelerator.prepare(*(modules[n] for n in trainable), student_opt, head_opt, student_lr, head_lr)
+    modules.update(zip(trainable, prepared[:len(trainable)]))
+    student_opt, head_opt, student_lr, head_lr = prepared[len(trainable):]
+    if "teacher" in modules:
+        modules["teacher"].to(accelerator.device)
+    nets = player_denoisers(modules, process, prediction_type, names=("student",))  # over the prepared modules
+    teacher, student = nets["teacher"], nets["student"]
+    ema_names = None  # full mode: the whole student
+    if args.lora_rank:
+        ema_names = [n for n, _ in unwrap_model(modules["base"]).named_parameters() if "lora_" in n and ".student" in n]
+    ema = EMA(student.model, schedule=args.ema.ema_schedule, decay=args.ema.ema_decay,
+              halflife_kimg=args.ema.ema_halflife_kimg, batch_size=run.train_batch_size * accelerator.num_processes,
+              gamma=args.ema.ema_gamma, start_iter=args.ema.ema_start_iter, parameters=ema_names)
+    scheduler = flow_match_sde_scheduler(shift=args.shift)
+    t_list = t_list_from_scheduler(scheduler, args.num_student_steps)
+
+    images, labels = (torch.from_numpy(a) for a in load_digits_arrays("train"))
+    batches = InfiniteBatches(images, labels, batch_size=run.train_batch_size, seed=run.seed,
+                              rank=accelerator.process_index, world_size=accelerator.num_processes)
+
+    step = 0  # counts student updates
+    checkpoint = resolve_checkpoint(run.output_dir, run.resume_from_checkpoint)
+    if checkpoint is not None:
+        step = load_checkpoint(accelerator, checkpoint, emas={"student": ema})["step"]
+        logger.info("resumed from %s at step %d", checkpoint, step)
+    iteration = step * args.student_update_freq
+    batches.state_at(iteration)
+
+    # 2. Alternating updates: heads on the other iterations, student every `student_update_freq`.
+    taps = dict(feature_modules=args.feature_modules, t_mean=args.ladd_t_mean, t_std=args.ladd_t_std)
+    progress = tqdm(range(run.max_train_steps), initial=step, disable=not accelerator.is_local_main_process)
+    logs = {}
+    while step < run.max_train_steps:
+        real_x0, y = (t.to(accelerator.device) for t in next(batches))
+        cond = digits_cond(y)
+        x_t, t = student_inputs(student, torch.randn_like(real_x0), cond, t_list, real_x0,
+                                backward_simulation=args.backward_simulation)
+        iteration += 1
+        if iteration % args.student_update_freq:
+            loss = ladd_discriminator_step(student, teacher, modules["heads"], x_t, t, cond, real_x0, **taps)
+            update(accelerator, loss, params["heads"], head_opt, head_lr, args.optimizer.max_grad_norm)
+            logs["discriminator_loss"] = loss.detach()
+            continue
+        loss = ladd_student_step(student, teacher, modules["heads"], x_t, t, cond, **taps)
+        update(accelerator, loss, params["student"], student_opt, student_lr, args.optimizer.max_grad_norm)
+        ema.update(student.model)
+        step += 1
+        progress.update(1)
+        logs["generator_loss"] = loss.detach()
+        if step % run.logging_steps == 0:
+            scalars = {k: v.item() for k, v in logs.items()}
+            progress.set_postfix(**scalars)
+            accelerator.log(scalars, step=step)
+        if run.checkpointing_steps and step % run.checkpointing_steps == 0:
+            save_checkpoint(accelerator, run.output_dir, step, emas={"student": ema},
+                            total_limit=run.checkpoints_total_limit)
+
+    accelerator.wait_for_everyone()
+    check_replicas_in_sync(accelerator, params["student"] + params["heads"])
+    if accelerator.is_main_process:
+        logger.info("peak RSS %.1f MB; weights + grads + optimizer state %.1f MB; trainable parameters: "
+                    "student %d, heads %d", peak_rss_mb(), training_state_mb(modules.values(), [student_opt, head_opt]),
+                    sum(p.numel() for p in params["student"]), sum(p.numel() for p in params["heads"]))
+        pipe = save_digits_student(accelerator, modules, ema, scheduler, output_dir=run.output_dir,
+                                   teacher_path=args.teacher, num_steps=args.num_student_steps, step=step)
+        logger.info("saved the student to %s", run.output_dir)
+        if args.eval_num_samples:
+            print(write_benchmark(pipe, run.output_dir, name="LADD student" + (" (LoRA)" if args.lora_rank else ""),
+                                  num_samples=args.eval_num_samples, step_counts=[args.num_student_steps]))
+    accelerator.wait_for_everyone()  # ranks tear the process group down together (a lone gloo rank can hang)
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()

@@ -71,3 +71,15 @@ def test_kd_loss_stops_gradient_to_target():
     kd_loss(s, target).sum().backward()
     assert target.grad is None
     torch.testing.assert_close(s.grad, 2 * (s - target).detach() / 3)
+
+
+def test_ladd_hinge_losses_closed_forms():
+    from diffusers_fastgen.losses.distribution_matching import ladd_discriminator_loss, ladd_generator_loss
+
+    real = [torch.tensor([[0.5], [2.0]]), torch.tensor([[-1.0, 1.0], [0.0, 0.0]])]
+    fake = [torch.tensor([[-2.0], [0.5]]), torch.tensor([[0.0, -3.0], [1.0, 1.0]])]
+    # head 1: relu(1 - r) + relu(1 + f) = [0.5 + 0, 0 + 1.5]; head 2 (means over 2 logits): [(2+0)/2 + (1+0)/2, 1 + 2]
+    torch.testing.assert_close(ladd_discriminator_loss(real, fake), torch.tensor([0.5 + 1.5, 1.5 + 3.0]))
+    torch.testing.assert_close(ladd_generator_loss(fake), torch.tensor([2.0 + 1.5, -0.5 - 1.0]))
+    with pytest.raises(ValueError, match="one real and one fake"):
+        ladd_discriminator_loss(real, fake[:1])

@@ -3,7 +3,7 @@ import torch
 
 from diffusers_fastgen.models import Denoiser
 from diffusers_fastgen.models.discriminator import TokenHead, head_for_features
-from diffusers_fastgen.models.features import run_until_tap, tap_features
+from diffusers_fastgen.models.features import forward_with_tap_grad, frozen, run_until_tap, tap_features
 from diffusers_fastgen.parametrization import vp_from_betas
 from diffusers_fastgen.testing import tiny as T
 
@@ -31,3 +31,49 @@ def test_token_head_on_transformer_features():
     feats = run_until_tap(den, torch.randn(2, 16, 2, 8, 8), torch.tensor([0.5, 0.5]), T.tiny_cond("wan", 2), "blocks.0")
     head = head_for_features(feats)
     assert isinstance(head, TokenHead) and head(feats).shape == (2, 1)
+
+
+def _unet_case():
+    model = T.tiny_unet2d()
+    den = Denoiser(model, vp_from_betas(), "epsilon")
+    return model, den, torch.randn(2, 1, 8, 8), torch.tensor([0.3, 0.6]), T.tiny_cond("unet2d", 2)
+
+
+def test_forward_with_tap_grad_matches_full_forward_and_cut_gradient():
+    """One pass gives the full forward's prediction (no graph) and features whose input gradient equals
+    the one through a forward cut at the tap; frozen() keeps weight gradients out and restores flags."""
+    model, den, x, t, cond = _unet_case()
+    with torch.no_grad():
+        full = den(x, t, cond)
+    x_ref = x.clone().requires_grad_(True)
+    ref = run_until_tap(den, x_ref, t, cond, "mid_block")
+    ref.square().sum().backward()
+    model.zero_grad(set_to_none=True)
+
+    x_in = x.clone().requires_grad_(True)
+    params = list(model.parameters())
+    with frozen(params):
+        pred, feats = forward_with_tap_grad(den, x_in, t, cond, "mid_block")
+    assert pred.grad_fn is None and torch.is_grad_enabled()
+    torch.testing.assert_close(pred, full, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(feats, ref.detach(), rtol=1e-5, atol=1e-6)
+    feats.square().sum().backward()
+    torch.testing.assert_close(x_in.grad, x_ref.grad, rtol=1e-4, atol=1e-6)
+    assert all(p.grad is None for p in params) and all(p.requires_grad for p in params)
+
+
+def test_multi_tap_returns_in_given_order_and_stops_after_last():
+    model, den, x, t, cond = _unet_case()
+    calls = []
+    handle = model.up_blocks[0].register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        with tap_features(model, ["mid_block", "down_blocks.0"]) as captured:
+            den(x, t, cond)
+        cut = run_until_tap(den, x, t, cond, ["mid_block", "down_blocks.0"])
+    handle.remove()
+    assert len(calls) == 1  # only the uncut forward reached the up blocks
+    assert cut[0].shape == captured[0].shape and cut[1].shape == captured[1].shape
+    for a, b in zip(cut, captured):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="at least one"):
+        run_until_tap(den, x, t, cond, [])

@@ -95,3 +95,84 @@ def test_dmd2_gan_branch_steps(kind, module):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student_model.parameters())
     torch.optim.SGD(student_model.parameters(), lr=0.1).step()
     assert _changed(student_before, student_model) > 0 and _changed(head_before, head) == 0
+
+
+def _unet_players():
+    build, shape, kw = CASES["unet2d"]
+    teacher_model = build().requires_grad_(False)
+    student_model = copy.deepcopy(teacher_model).requires_grad_(True)
+    fake_model = copy.deepcopy(teacher_model).requires_grad_(True)
+    with torch.no_grad():  # make the fake score differ from the teacher so the DMD gradient is non-zero
+        for p in fake_model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    teacher, student, fake = (Denoiser(m, **kw) for m in (teacher_model, student_model, fake_model))
+    return (teacher_model, student_model, fake_model), (teacher, student, fake), shape
+
+
+@pytest.mark.parametrize("divergence,gan_weight", [("reverse_kl", 0.5), ("js", 0.5), ("kl", 0.0)])
+def test_one_pass_student_step_equals_two_forward_reference(divergence, gan_weight):
+    """The step's single fake forward (graph cut at the tap, critic frozen) gives the same loss and the
+    same student gradients as an independent reference: a no-grad fake forward for x0_fake plus a second
+    forward cut at the tap for the head's logits, with h(r)-weighted DMD + GAN terms written out."""
+    from diffusers_fastgen.guidance import guided_prediction
+    from diffusers_fastgen.losses.distribution_matching import dmd_generator_loss, f_divergence_weight, gan_generator_loss
+    from diffusers_fastgen.models.discriminator import head_for_features
+    from diffusers_fastgen.models.features import run_until_tap
+    from diffusers_fastgen.parametrization import add_noise
+    from diffusers_fastgen.timesteps import sample_uniform
+
+    (_, student_model, fake_model), (teacher, student, fake), shape = _unet_players()
+    cond, uncond = T.tiny_cond("unet2d", 2, seed=1), T.tiny_cond("unet2d", 2, seed=2)
+    noise, t = torch.randn(shape, generator=torch.Generator().manual_seed(3)), torch.full((2,), 0.999)
+    with torch.no_grad():
+        head = head_for_features(run_until_tap(fake, noise, t, cond, "mid_block"))
+    critic = list(fake_model.parameters()) + list(head.parameters())
+
+    torch.manual_seed(0)
+    loss = dmd2.student_step(student, teacher, fake, noise, t, cond, uncond, guidance_scale=2.0, t_min=0.02,
+                             t_max=0.98, head=head, gan_weight=gan_weight, divergence=divergence, critic_params=critic)
+    loss.backward()
+    grads = [p.grad.clone() for p in student_model.parameters()]
+    assert all(p.grad is None for p in critic) and all(p.requires_grad for p in critic)
+    student_model.zero_grad(set_to_none=True)
+
+    torch.manual_seed(0)  # the reference draws s and the noise in the same order
+    x0 = student(noise, t, cond)
+    s = sample_uniform((2,), t_min=0.02, t_max=0.98)
+    noisy = add_noise(student.process, x0, torch.randn_like(x0), s)
+    with torch.no_grad():
+        x0_teacher = guided_prediction(teacher, noisy, s, cond, uncond, 2.0)
+        x0_fake = fake(noisy, s, cond)
+    logits = head(run_until_tap(fake, noisy if gan_weight else noisy.detach(), s, cond, "mid_block"))
+    ref = f_divergence_weight(logits, divergence) * dmd_generator_loss(x0, x0_teacher, x0_fake)
+    ref = (ref + gan_weight * gan_generator_loss(logits)).mean()
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-7)
+    for g, p in zip(grads, student_model.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_ladd_steps_train_only_their_player():
+    from diffusers_fastgen.training.distribution_matching import make_heads
+
+    (teacher_model, student_model, _), (teacher, student, _), shape = _unet_players()
+    cond = T.tiny_cond("unet2d", 2, seed=1)
+    taps = ["down_blocks.0", "mid_block"]
+    heads = make_heads(teacher, taps, T.tiny_cond("unet2d", 1), shape[1:])
+    noise, real, t = torch.randn(shape), torch.randn(shape), torch.ones(2)
+    teacher_before = _snapshot(teacher_model)
+
+    loss = dmd2.ladd_discriminator_step(student, teacher, heads, noise, t, cond, real, feature_modules=taps)
+    loss.backward()
+    assert all(p.grad is not None for p in heads.parameters())
+    # (the last bias gets -1 + 1 = 0 while both hinges are active: real and fake pull it equally)
+    assert all(p.grad.abs().sum() > 0 for n, p in heads.named_parameters() if n.endswith("weight"))
+    assert all(p.grad is None for p in student_model.parameters())
+    heads.zero_grad(set_to_none=True)
+
+    loss = dmd2.ladd_student_step(student, teacher, heads, noise, t, cond, feature_modules=taps)
+    loss.backward()
+    assert all(p.grad is None for p in heads.parameters()) and all(p.requires_grad for p in heads.parameters())
+    assert sum(p.grad.abs().sum() for p in student_model.parameters() if p.grad is not None) > 0
+    assert all(p.grad is None for p in teacher_model.parameters())
+    assert _changed(teacher_before, teacher_model) == 0

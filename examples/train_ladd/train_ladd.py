@@ -64,10 +64,10 @@ logger = logging.getLogger("train_ladd")
 class LADDArgs:
     """LADD: adversarial distillation of a teacher pipeline on its own features."""
 
-    run: RunArgs = field(default_factory=lambda: RunArgs(output_dir="outputs/ladd", max_train_steps=500,
-                                                         train_batch_size=128, checkpointing_steps=250,
+    run: RunArgs = field(default_factory=lambda: RunArgs(output_dir="outputs/ladd", max_train_steps=600,
+                                                         train_batch_size=128, checkpointing_steps=300,
                                                          validation_steps=0))
-    optimizer: OptimizerArgs = field(default_factory=lambda: OptimizerArgs(learning_rate=2e-5, adam_beta1=0.0,
+    optimizer: OptimizerArgs = field(default_factory=lambda: OptimizerArgs(learning_rate=1e-4, adam_beta1=0.0,
                                                                            adam_beta2=0.99, max_grad_norm=1.0))
     ema: EMAArgs = field(default_factory=lambda: EMAArgs(ema_schedule="halflife", ema_halflife_kimg=2.0))
     teacher: str = DIGITS_TEACHER_PATH  # teacher pipeline folder (default: the shipped digits teacher)

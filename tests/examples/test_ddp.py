@@ -1,4 +1,5 @@
-"""Two CPU processes (gloo DDP) run the digits DMD2 script to completion with replicas in sync."""
+"""Two CPU processes (gloo DDP) run the digits distillation scripts to completion with replicas in sync:
+DMD2 (full, LoRA, and with the GAN branch + approximate R1 in both modes) and LADD."""
 
 import os
 import subprocess
@@ -9,22 +10,33 @@ import pytest
 from script_utils import ROOT
 
 
-def _launch(args, tmp_path):
+def _launch(script, args, tmp_path, port):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
-           os.path.join(ROOT, "examples", "train_dmd2", "train_dmd2.py"), *args]
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+           os.path.join(ROOT, "examples", f"train_{script}", f"train_{script}.py"), *args]
     return subprocess.run(cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.parametrize("lora_rank", [0, 2])
-def test_dmd2_two_process_ddp(tiny_teacher, tmp_path, lora_rank):
+GAN = ["--gan_generator_weight", "0.01", "--gan_discriminator_weight", "0.1", "--r1_weight", "0.1"]
+
+
+@pytest.mark.parametrize("script,extra,port", [
+    ("dmd2", ["--lora_rank", "0"], 29517),
+    ("dmd2", ["--lora_rank", "2"], 29518),
+    ("dmd2", ["--lora_rank", "0", *GAN], 29519),
+    ("dmd2", ["--lora_rank", "2", *GAN], 29520),
+    ("ladd", ["--lora_rank", "0"], 29521),
+])
+def test_two_process_ddp(tiny_teacher, tmp_path, script, extra, port):
     out = str(tmp_path / "ddp")
-    proc = _launch(["--teacher", tiny_teacher, "--output_dir", out, "--max_train_steps", "2", "--train_batch_size", "4",
-                    "--student_update_freq", "2", "--eval_num_samples", "0", "--report_to", "none",
-                    "--lora_rank", str(lora_rank)], tmp_path)
+    # 3 student steps x 2 iterations: every player updates at least twice, so a DDP reducer left waiting
+    # by an unsynchronised forward would fail on the next iteration.
+    proc = _launch(script, ["--teacher", tiny_teacher, "--output_dir", out, "--max_train_steps", "3",
+                            "--train_batch_size", "4", "--student_update_freq", "2", "--eval_num_samples", "0",
+                            "--report_to", "none", *extra], tmp_path, port)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-3000:]
     assert "DDP replicas in sync across 2 processes" in log
-    saved = "pytorch_lora_weights.safetensors" if lora_rank else "model_index.json"
+    saved = "pytorch_lora_weights.safetensors" if "2" in extra[:2] else "model_index.json"
     assert os.path.isfile(os.path.join(out, saved))

@@ -133,10 +133,10 @@ def fake_score_step(student, fake_score, x_t, t, cond, *, real_x0=None, head=Non
     return loss.mean()
 
 
-def ladd_student_step(student, teacher, heads, x_t, t, cond, *, feature_modules, t_mean: float = 1.0,
+def ladd_student_step(student, teacher, heads, x_t, t, cond, *, feature_modules, t_mean: float = -1.0,
                       t_std: float = 1.0):
     """LADD generator step (Sauer et al. arXiv:2403.12015): the student's x0 at (x_t, t) is re-noised at
-    s ~ logit-normal(t_mean, t_std) (biased to high noise), the frozen teacher's features at the tapped
+    s ~ logit-normal(t_mean, t_std) (t_mean > 0 biases it to high noise), the frozen teacher's features at the tapped
     blocks feed one head each (`heads`: a FeatureHeads), and the student minimises the adversarial
     loss. Gradients reach x0 through the teacher and the heads, whose weights stay frozen here
     (input gradients only; both run unwrapped, outside DDP's sync).
@@ -152,7 +152,7 @@ def ladd_student_step(student, teacher, heads, x_t, t, cond, *, feature_modules,
 
 
 def ladd_discriminator_step(student, teacher, heads, x_t, t, cond, real_x0, *, feature_modules,
-                            t_mean: float = 1.0, t_std: float = 1.0):
+                            t_mean: float = -1.0, t_std: float = 1.0):
     """LADD discriminator step: hinge loss of the heads on the teacher's features of re-noised real data
     and of re-noised (detached) student samples, at the same s for both. The teacher runs without
     gradient (cut at the last tap): only the heads are trained.

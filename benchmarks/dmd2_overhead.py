@@ -11,7 +11,9 @@ student step = student fwd+bwd + teacher fwd + fake fwd recorded up to the tappe
 critic step  = student fwd + fake fwd+bwd (denoising + head on its own features) + fake fwd cut at the
                tapped block + its bwd (real data)
 Timed: loss construction + backward (the optimizer update is not a network evaluation and is
-excluded everywhere). Rounds interleave all measurements; medians are reported.
+excluded everywhere). Rounds interleave all measurements; medians and per-round paired ratios are
+reported. By default the process first calls training.cpu_memory.retain_freed_memory(), as the training
+scripts do on CPU; --allocator glibc_default measures without it.
 """
 
 import argparse
@@ -29,6 +31,7 @@ from diffusers_fastgen.models.features import forward_with_tap_grad, frozen, run
 from diffusers_fastgen.parametrization import RectifiedFlow
 from diffusers_fastgen.pipelines import DigitsPipeline
 from diffusers_fastgen.training import distribution_matching as dmd2
+from diffusers_fastgen.training.cpu_memory import retain_freed_memory
 
 def timed(fn):
     start = time.perf_counter()
@@ -42,7 +45,11 @@ def main():
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--guidance_scales", type=float, nargs="+", default=[1.0, 2.0])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--allocator", choices=["glibc_default", "retain"], default="retain",
+                        help="retain: training.cpu_memory.retain_freed_memory(), as the training scripts do on CPU")
     args = parser.parse_args()
+    if args.allocator == "retain":
+        print("retain_freed_memory:", retain_freed_memory())
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     base = DigitsPipeline.from_pretrained(DIGITS_TEACHER_PATH).unet.requires_grad_(False).eval()
@@ -132,19 +139,21 @@ def main():
             times[k].append(timed(fn))
             zero()
     med = {k: statistics.median(v) * 1000 for k, v in times.items()}
-    print(f"batch {b}, {args.rounds} rounds, {args.threads} thread(s); medians in ms")
+    print(f"batch {b}, {args.rounds} rounds, {args.threads} thread(s), allocator {args.allocator}; medians in ms")
     for k, v in med.items():
         print(f"  {k:>18}: {v:8.2f}")
-    print("\n| iteration | CFG | step (ms) | sum of nets alone (ms) | ratio |\n|---|---|---|---|---|")
-    for g in args.guidance_scales:
-        parts = med["student_fb"] + med[f"teacher_f@{g}"] + med["fake_f"]
-        print(f"| student | {g} | {med[f'student_step@{g}']:.2f} | {parts:.2f} | {med[f'student_step@{g}'] / parts:.3f} |")
-    parts = med["student_f"] + med["fake_fb"]
-    print(f"| critic (fake score) | – | {med['critic_step']:.2f} | {parts:.2f} | {med['critic_step'] / parts:.3f} |")
-    parts = med["student_fb"] + med["teacher_f@1.0"] + med["fake_tapgrad_bwd_to_input"]
-    print(f"| student, GAN on | 1.0 | {med['student_step_gan']:.2f} | {parts:.2f} | {med['student_step_gan'] / parts:.3f} |")
-    parts = med["student_f"] + med["fake_fb_head"] + med["fake_cut_fb"]
-    print(f"| critic, GAN on | – | {med['critic_step_gan']:.2f} | {parts:.2f} | {med['critic_step_gan'] / parts:.3f} |")
+    rows = [(f"student | {g}", f"student_step@{g}", ["student_fb", f"teacher_f@{g}", "fake_f"]) for g in args.guidance_scales]
+    rows += [("critic (fake score) | –", "critic_step", ["student_f", "fake_fb"])]
+    if 1.0 in args.guidance_scales:
+        rows += [("student, GAN on | 1.0", "student_step_gan", ["student_fb", "teacher_f@1.0", "fake_tapgrad_bwd_to_input"])]
+    rows += [("critic, GAN on | –", "critic_step_gan", ["student_f", "fake_fb_head", "fake_cut_fb"])]
+    print("\nratio of medians = median(step) / sum of median(parts); paired ratio = median over rounds of "
+          "step / sum of parts measured in the same round (cancels slow drifts of the shared machine)")
+    print("\n| iteration | CFG | step (ms) | sum of nets alone (ms) | ratio of medians | paired ratio |\n|---|---|---|---|---|---|")
+    for label, step, parts in rows:
+        total = sum(med[p] for p in parts)
+        paired = statistics.median(times[step][i] / sum(times[p][i] for p in parts) for i in range(args.rounds))
+        print(f"| {label} | {med[step]:.2f} | {total:.2f} | {med[step] / total:.3f} | {paired:.3f} |")
 
 
 if __name__ == "__main__":

@@ -10,13 +10,15 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 
 from .args import OptimizerArgs, RunArgs, to_flat_dict
+from .cpu_memory import retain_freed_memory
 
 logger = logging.getLogger("diffusers_fastgen")
 
 
 def setup_accelerator(run: RunArgs, project_name: str, config=None, *, find_unused_parameters: bool = False) -> Accelerator:
     """Accelerator for `run`. Without CUDA it is created with cpu=True, which is what makes
-    `accelerate launch --multi_gpu --num_processes 2` run two gloo DDP processes on a CPU box.
+    `accelerate launch --multi_gpu --num_processes 2` run two gloo DDP processes on a CPU box; on CPU,
+    freed tensor memory is kept for reuse (`cpu_memory.retain_freed_memory`).
     `find_unused_parameters`: for DDP when a step uses only part of a prepared module (one of several
     LoRA adapters on a shared base)."""
     from accelerate.utils import DistributedDataParallelKwargs
@@ -31,6 +33,8 @@ def setup_accelerator(run: RunArgs, project_name: str, config=None, *, find_unus
         cpu=not torch.cuda.is_available(),
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if accelerator.device.type == "cpu" and retain_freed_memory():
+        logger.info("CPU run: glibc keeps freed tensor memory for reuse (training.cpu_memory)")
     set_seed(run.seed, device_specific=True)
     if accelerator.is_main_process:
         os.makedirs(run.output_dir, exist_ok=True)

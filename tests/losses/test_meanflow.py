@@ -1,0 +1,72 @@
+"""MeanFlow targets on Gaussian data, where the average velocity is known in closed form.
+
+x ~ N(0, s^2 I), z_t = (1 - t) x + t eps. Then sigma_t^2 = (1 - t)^2 s^2 + t^2, the velocity field is
+v*(z, t) = a(t) z with a(t) = (t - (1 - t) s^2) / sigma_t^2 = d/dt log sigma_t, the ODE keeps z / sigma_t
+fixed, so z_r = (sigma_r / sigma_t) z_t and u*(z, r, t) = z (1 - sigma_r / sigma_t) / (t - r).
+"""
+
+import pytest
+import torch
+
+from diffusers_fastgen.losses.meanflow import meanflow_loss, meanflow_target
+
+S = 0.7  # data standard deviation
+
+
+def sigma(t):
+    return ((1 - t) ** 2 * S**2 + t**2).sqrt()
+
+
+def v_star(z, t):
+    return ((t - (1 - t) * S**2) / sigma(t) ** 2).view(-1, 1) * z
+
+
+def u_star(z, r, t):
+    return ((1 - sigma(r) / sigma(t)) / (t - r)).view(-1, 1) * z
+
+
+def _batch(n=5, d=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t = 0.2 + 0.75 * torch.rand(n, generator=g, dtype=torch.float64)
+    r = t * torch.rand(n, generator=g, dtype=torch.float64) * 0.9
+    return torch.randn(n, d, generator=g, dtype=torch.float64), r, t
+
+
+@pytest.mark.parametrize("method,eps", [("exact", 3e-5), ("finite_difference", 1e-6)])
+def test_target_equals_closed_form_average_velocity(method, eps):
+    """With the exact u and v, the MeanFlow identity holds: u_tgt = u*."""
+    z, r, t = _batch()
+    u, u_tgt = meanflow_target(u_star, z, r, t, v_star(z, t), jvp_method=method, eps=eps)
+    torch.testing.assert_close(u, u_star(z, r, t))
+    torch.testing.assert_close(u_tgt, u_star(z, r, t), rtol=1e-7, atol=1e-8)
+    loss, aux = meanflow_loss(u_star, z, r, t, v_star(z, t), jvp_method=method, eps=eps)
+    assert loss.shape == (5,) and float(aux["mse"].max()) < 1e-14
+
+
+def test_data_velocity_target_is_unbiased():
+    """Training from data uses v = eps - x; averaged over the posterior of (x, eps) given z_t the target is u*."""
+    n, d = 40000, 2
+    t, r = torch.full((n,), 0.6, dtype=torch.float64), torch.full((n,), 0.15, dtype=torch.float64)
+    z = torch.tensor([[0.8, -1.3]], dtype=torch.float64).expand(n, d)
+    g = torch.Generator().manual_seed(1)
+    var_t = sigma(t[0]) ** 2
+    mean_x, std_x = (1 - t[0]) * S**2 / var_t * z, (S**2 * t[0] ** 2 / var_t).sqrt()
+    x = mean_x + std_x * torch.randn(n, d, generator=g, dtype=torch.float64)  # x | z_t
+    eps = (z - (1 - t[0]) * x) / t[0]
+    _, u_tgt = meanflow_target(u_star, z, r, t, eps - x)
+    torch.testing.assert_close(u_tgt.mean(0), u_star(z[:1], r[:1], t[:1])[0], rtol=0, atol=0.02)
+    assert float(u_tgt.std(0).min()) > 0.1  # the single-sample target is noisy; only its mean is exact
+
+
+def test_adaptive_weight():
+    z, r, t = _batch(n=3, d=4, seed=2)
+    off = torch.tensor([0.0, 0.1, 1.0], dtype=torch.float64).view(-1, 1)
+
+    def u_fn(zz, rr, tt):
+        return u_star(zz, rr, tt) + off
+
+    for p in (0.0, 0.5, 1.0):
+        loss, aux = meanflow_loss(u_fn, z, r, t, v_star(z, t), adaptive_p=p, adaptive_c=1e-3)
+        mse = off.view(-1) ** 2  # the offset is constant in (z, t), so the target stays u*
+        torch.testing.assert_close(aux["mse"], mse, rtol=1e-6, atol=1e-12)
+        torch.testing.assert_close(loss, mse / (mse + 1e-3) ** p, rtol=1e-6, atol=1e-12)

@@ -1,0 +1,58 @@
+"""Discrete-time consistency losses: CM / iCT / ECT training (from data) and distillation.
+
+A consistency function f(x_t, t) maps every point of a probability-flow ODE trajectory to its t = 0
+end (Song et al. arXiv:2303.01469); with EDM's parametrization f = c_skip x_t + c_out F, so f(x, 0) = x
+holds by construction — our `Denoiser(..., target="x0")` is that f for any process. Training pulls
+f(x_t, t) towards the stop-gradient target f(x_r, r) at an earlier point r < t of the same trajectory:
+
+  training (iCT arXiv:2310.14189, ECT arXiv:2406.14548): x_t = alpha_t x0 + sigma_t eps and
+      x_r = alpha_r x0 + sigma_r eps with the same eps — a one-sample estimate of the ODE step;
+  distillation: x_r = one teacher ODE step from x_t (`ddim_step` with the teacher's x0).
+
+Loss (ECT eq. 4-5): w(t, r) d(f(x_t, t), sg f(x_r, r)), w = 1 / (t - r) and d the pseudo-Huber
+distance sqrt(||a - b||^2 + c^2) - c (iCT: c = 0.00054 sqrt(D) for D elements per sample).
+ECT shrinks t - r during training (`timesteps.sample_t_r_ect`). Time convention: t = 0 is data.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..parametrization import Process, add_noise
+
+
+def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float | None = None) -> torch.Tensor:
+    """sqrt(||a - b||^2 + c^2) - c per sample (B,), L2 norm over all non-batch elements, at least fp32.
+    c=None uses iCT's 0.00054 sqrt(D)."""
+    dtype = torch.promote_types(a.dtype, torch.float32)
+    d = (a.to(dtype) - b.to(dtype)).flatten(1)
+    if c is None:
+        c = 0.00054 * math.sqrt(d.shape[1])
+    return (d.square().sum(1) + c * c).sqrt() - c
+
+
+def consistency_pair(process: Process, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, r: torch.Tensor):
+    """(x_t, x_r) on the same noise: consistency training's points (shapes (B, ...), t and r (B,))."""
+    return add_noise(process, x0, eps, t), add_noise(process, x0, eps, r)
+
+
+def ddim_step(process: Process, x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """First-order PF-ODE step t -> r given an x0 prediction at (x_t, t): x_r = alpha_r x0 + sigma_r eps_hat,
+    eps_hat = (x_t - alpha_t x0) / sigma_t (DDIM; equal to Euler for RF and EDM). Computed in fp32."""
+    view = (-1,) + (1,) * (x_t.ndim - 1)
+    dtype = torch.promote_types(x_t.dtype, torch.float32)
+    t, r = t.to(dtype).view(view), r.to(dtype).view(view)
+    x_t, x0 = x_t.to(dtype), x0.to(dtype)
+    eps_hat = (x_t - process.alpha(t) * x0) / process.sigma(t)
+    return process.alpha(r) * x0 + process.sigma(r) * eps_hat
+
+
+def consistency_loss(f_t: torch.Tensor, f_r: torch.Tensor, t: torch.Tensor, r: torch.Tensor, *,
+                     huber_c: float | None = None) -> torch.Tensor:
+    """ECT's per-sample loss  d(f_t, sg f_r) / (t - r)  (B,). f_t = f_theta(x_t, t) carries the graph;
+    f_r = f_theta(x_r, r) (same network, run without grad or detached here) is the target."""
+    if bool((t <= r).any()):
+        raise ValueError("consistency_loss needs r < t for every sample.")
+    return pseudo_huber(f_t, f_r.detach(), huber_c) / (t - r).to(torch.promote_types(t.dtype, torch.float32))

@@ -1,0 +1,78 @@
+"""sCM's tangent on Gaussian data in TrigFlow, where the consistency function is known.
+
+x0 ~ N(0, s^2 I), x_t = cos t x0 + sin t z, z ~ N(0, sigma_d^2 I): v_t = cos^2 t s^2 + sin^2 t sigma_d^2,
+the PF-ODE keeps x / sqrt(v_t) fixed (velocity x cos t sin t (sigma_d^2 - s^2) / v_t), the exact
+consistency function is f*(x, t) = s x / sqrt(v_t) and, from f = cos t x - sin t sigma_d F(x / sigma_d, t),
+F*(y, t) = y (cos t - s / sqrt(v_t)) / sin t.
+"""
+
+import pytest
+import torch
+
+from diffusers_fastgen.losses.scm import scm_loss
+
+S, SD = 0.8, 0.5
+
+
+def v(t):
+    return torch.cos(t) ** 2 * S**2 + torch.sin(t) ** 2 * SD**2
+
+
+def velocity(x, t):
+    return (torch.cos(t) * torch.sin(t) * (SD**2 - S**2) / v(t)).view(-1, 1) * x
+
+
+def F_star(y, t):
+    return ((torch.cos(t) - S / v(t).sqrt()) / torch.sin(t)).view(-1, 1) * y
+
+
+def _batch():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(4, 3, generator=g, dtype=torch.float64), torch.tensor([0.2, 0.6, 1.0, 1.4], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("method,eps", [("exact", 0.0), ("finite_difference", 1e-6)])
+def test_exact_consistency_function_has_zero_tangent(method, eps):
+    x, t = _batch()
+    loss, aux = scm_loss(F_star, x, t, velocity(x, t), sigma_d=SD, jvp_method=method, eps=eps or 3e-5)
+    torch.testing.assert_close(aux["g"], torch.zeros_like(x), rtol=0, atol=1e-9)
+    torch.testing.assert_close(loss, torch.zeros(4, dtype=torch.float64), rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("method", ["exact", "finite_difference"])
+def test_tangent_is_cos_t_times_total_derivative_of_f(method):
+    """For a wrong F, g = cos(t) d/dt f(x(t), t) along the exact ODE (checked by a central difference)."""
+    x, t = _batch()
+
+    def F(y, tt):
+        return 1.3 * F_star(y, tt) + 0.2 * torch.sin(3 * tt).view(-1, 1) * y**2
+
+    def f(xx, tt):
+        return torch.cos(tt).view(-1, 1) * xx - (torch.sin(tt) * SD).view(-1, 1) * F(xx / SD, tt)
+
+    h = 1e-5
+    x_at = lambda tt: (v(tt) / v(t)).sqrt().view(-1, 1) * x  # the exact trajectory through (x, t)
+    g_ref = torch.cos(t).view(-1, 1) * (f(x_at(t + h), t + h) - f(x_at(t - h), t - h)) / (2 * h)
+    _, aux = scm_loss(F, x, t, velocity(x, t), sigma_d=SD, jvp_method=method, eps=1e-6)
+    torch.testing.assert_close(aux["g"], g_ref, rtol=1e-6, atol=1e-8)
+    # warm-up 0 keeps only the first term, -cos^2 t (sigma_d F - dx/dt)
+    _, aux0 = scm_loss(F, x, t, velocity(x, t), sigma_d=SD, warmup=0.0)
+    first = -(torch.cos(t) ** 2).view(-1, 1) * (SD * F(x / SD, t) - velocity(x, t))
+    torch.testing.assert_close(aux0["g"], first)
+
+
+def test_normalisation_and_adaptive_weight():
+    x, t = _batch()
+
+    def F(y, tt):
+        return F_star(y, tt) + 0.5
+
+    loss, aux = scm_loss(F, x, t, velocity(x, t), sigma_d=SD, tangent_c=0.1)
+    g = aux["g"]
+    g_used = g / (g.norm(dim=1, keepdim=True) + 0.1)
+    torch.testing.assert_close(aux["mse"], g_used.square().mean(1))  # F - F^- = 0 in value
+    logvar = torch.tensor([0.0, 1.0, -1.0, 2.0], dtype=torch.float64)
+    weighted, _ = scm_loss(F, x, t, velocity(x, t), sigma_d=SD, tangent_c=0.1, logvar=logvar)
+    torch.testing.assert_close(weighted, aux["mse"] * torch.exp(-logvar) + logvar)
+    with pytest.raises(ValueError, match="warmup"):
+        scm_loss(F, x, t, velocity(x, t), sigma_d=SD, warmup=1.5)

@@ -60,7 +60,8 @@ def _call_unet2d(model, x, timestep, cond):
 
 def _call_unet2d_condition(model, x, timestep, cond):
     return model(x, timestep, encoder_hidden_states=cond.get("encoder_hidden_states"),
-                 class_labels=cond.get("class_labels"), added_cond_kwargs=cond.get("added_cond_kwargs")).sample
+                 class_labels=cond.get("class_labels"), added_cond_kwargs=cond.get("added_cond_kwargs"),
+                 timestep_cond=cond.get("timestep_cond")).sample
 
 
 def _call_sd3(model, x, timestep, cond):
@@ -176,14 +177,32 @@ class Denoiser:
     def native_timestep(self, t: torch.Tensor) -> torch.Tensor:
         return self.process.timestep_from_t(t)
 
-    def __call__(self, x_t: torch.Tensor, t, cond: dict | None = None, *, target: str = "x0") -> torch.Tensor:
+    def _interval_cond(self, t: torch.Tensor, r) -> torch.Tensor:
+        inner = unwrap_model(self.model)
+        dim = getattr(getattr(inner, "config", None), "time_cond_proj_dim", None)
+        if not isinstance(inner, UNet2DConditionModel) or dim is None:
+            raise ValueError("`r` needs a UNet2DConditionModel with time_cond_proj_dim set "
+                             "(models.interval.add_interval_input); got " + type(inner).__name__ + ".")
+        from .interval import interval_embedding
+
+        r = torch.as_tensor(r, device=t.device, dtype=t.dtype).expand_as(t)
+        return interval_embedding(self.native_timestep(t), self.native_timestep(r), dim,
+                                  flip_sin_to_cos=inner.config.flip_sin_to_cos,
+                                  freq_shift=inner.config.freq_shift).to(inner.dtype)
+
+    def __call__(self, x_t: torch.Tensor, t, cond: dict | None = None, *, target: str = "x0", r=None) -> torch.Tensor:
         """Prediction of `target` type at (x_t, t), in x_t's dtype (so fp32 latents under bf16 autocast
-        give fp32 predictions; the conversion itself runs in fp32). t: scalar or (B,) continuous time."""
+        give fp32 predictions; the conversion itself runs in fp32). t: scalar or (B,) continuous time.
+
+        r: the second time of a flow-map / MeanFlow student (u(x_t, r, t)); needs a UNet2DConditionModel
+        made with `models.interval.add_interval_input` (it receives the embedding of the interval)."""
         if target not in PREDICTION_TYPES:
             raise ValueError(f"`target` must be one of {PREDICTION_TYPES}, got {target!r}.")
         t = torch.as_tensor(t, device=x_t.device, dtype=torch.float32)
         if t.ndim == 0:
             t = t.expand(x_t.shape[0])
+        if r is not None:
+            cond = {**(cond or {}), "timestep_cond": self._interval_cond(t, r)}
         if self.adapter is not None:
             from ..training.lora import activate_adapter
 

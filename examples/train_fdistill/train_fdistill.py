@@ -22,11 +22,8 @@ from dataclasses import dataclass, field, replace
 import torch
 from tqdm.auto import tqdm
 
-from diffusers_fastgen.ema import EMA
 from diffusers_fastgen.evaluation import DIGITS_TEACHER_PATH
-from diffusers_fastgen.evaluation.digits_benchmark import write_benchmark
 from diffusers_fastgen.losses.distribution_matching import F_DIVERGENCES
-from diffusers_fastgen.models import unwrap_model
 from diffusers_fastgen.models.digits import NULL_CLASS, digits_cond
 from diffusers_fastgen.parametrization import process_from_scheduler
 from diffusers_fastgen.pipelines import DigitsPipeline
@@ -35,25 +32,24 @@ from diffusers_fastgen.training import (
     EMAArgs,
     OptimizerArgs,
     RunArgs,
-    check_replicas_in_sync,
     load_checkpoint,
     make_optimizer,
     parse_args,
-    peak_rss_mb,
     resolve_checkpoint,
     save_checkpoint,
     save_config,
     setup_accelerator,
-    training_state_mb,
     update,
 )
 from diffusers_fastgen.training.data import InfiniteBatches, load_digits_arrays
 from diffusers_fastgen.training.distribution_matching import (
     build_players,
     fake_score_step,
+    finish_digits_run,
     make_heads,
     player_denoisers,
-    save_digits_student,
+    prepare_players,
+    student_ema,
     student_inputs,
     student_step,
 )
@@ -125,27 +121,14 @@ def main(argv=None):
     probe_cond = digits_cond(torch.zeros(1, dtype=torch.long))  # the head reads the fake score's features
     modules["head"] = make_heads(nets["fake_score"], [args.gan_feature_module], probe_cond, (1, 8, 8)).heads[0]
     params["fake_score"] = params["fake_score"] + list(modules["head"].parameters())
-    for name, module in modules.items():
-        if run.gradient_checkpointing and hasattr(module, "enable_gradient_checkpointing") and name != "teacher":
-            module.enable_gradient_checkpointing()
-        module.train(name != "teacher")
-    student_opt, student_lr = make_optimizer(params["student"], args.optimizer)
-    fake_opt, fake_lr = make_optimizer(params["fake_score"], replace(args.optimizer,
-                                                                     learning_rate=args.fake_score_learning_rate))
-    trainable = [n for n in modules if n != "teacher"]
-    prepared = accelerator.prepare(*(modules[n] for n in trainable), student_opt, fake_opt, student_lr, fake_lr)
-    modules.update(zip(trainable, prepared[:len(trainable)]))
-    student_opt, fake_opt, student_lr, fake_lr = prepared[len(trainable):]
-    if "teacher" in modules:
-        modules["teacher"].to(accelerator.device)
+    fake_args = replace(args.optimizer, learning_rate=args.fake_score_learning_rate)
+    optimizers = {"student": make_optimizer(params["student"], args.optimizer),
+                  "fake_score": make_optimizer(params["fake_score"], fake_args)}
+    modules, optimizers = prepare_players(accelerator, modules, optimizers, gradient_checkpointing=run.gradient_checkpointing)
+    (student_opt, student_lr), (fake_opt, fake_lr) = optimizers["student"], optimizers["fake_score"]
     nets = player_denoisers(modules, process, prediction_type)  # over the prepared (DDP-wrapped) modules
     teacher, student, fake_score = nets["teacher"], nets["student"], nets["fake_score"]
-    ema_names = None  # full mode: the whole student
-    if args.lora_rank:
-        ema_names = [n for n, _ in unwrap_model(modules["base"]).named_parameters() if "lora_" in n and ".student" in n]
-    ema = EMA(student.model, schedule=args.ema.ema_schedule, decay=args.ema.ema_decay,
-              halflife_kimg=args.ema.ema_halflife_kimg, batch_size=run.train_batch_size * accelerator.num_processes,
-              gamma=args.ema.ema_gamma, start_iter=args.ema.ema_start_iter, parameters=ema_names)
+    ema = student_ema(accelerator, modules, args.ema, run.train_batch_size)
     scheduler = flow_match_sde_scheduler(shift=args.shift)
     t_list = t_list_from_scheduler(scheduler, args.num_student_steps)
 
@@ -194,20 +177,9 @@ def main(argv=None):
             save_checkpoint(accelerator, run.output_dir, step, emas={"student": ema},
                             total_limit=run.checkpoints_total_limit)
 
-    accelerator.wait_for_everyone()
-    check_replicas_in_sync(accelerator, params["student"] + params["fake_score"])
-    if accelerator.is_main_process:
-        logger.info("peak RSS %.1f MB; weights + grads + optimizer state %.1f MB; trainable parameters: "
-                    "student %d, fake score %d", peak_rss_mb(), training_state_mb(modules.values(), [student_opt, fake_opt]),
-                    sum(p.numel() for p in params["student"]), sum(p.numel() for p in params["fake_score"]))
-        pipe = save_digits_student(accelerator, modules, ema, scheduler, output_dir=run.output_dir,
-                                   teacher_path=args.teacher, num_steps=args.num_student_steps, step=step)
-        logger.info("saved the student to %s", run.output_dir)
-        if args.eval_num_samples:
-            print(write_benchmark(pipe, run.output_dir, name=f"f-distill ({args.divergence}) student" + (" (LoRA)" if args.lora_rank else ""),
-                                  num_samples=args.eval_num_samples, step_counts=[args.num_student_steps]))
-    accelerator.wait_for_everyone()  # ranks tear the process group down together (a lone gloo rank can hang)
-    accelerator.end_training()
+    finish_digits_run(accelerator, modules, params, optimizers, ema, scheduler, output_dir=run.output_dir,
+                      teacher_path=args.teacher, num_steps=args.num_student_steps, step=step,
+                      eval_num_samples=args.eval_num_samples, name=f"f-distill ({args.divergence}) student", logger=logger)
 
 
 if __name__ == "__main__":

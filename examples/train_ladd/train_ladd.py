@@ -24,10 +24,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from tqdm.auto import tqdm
 
-from diffusers_fastgen.ema import EMA
 from diffusers_fastgen.evaluation import DIGITS_TEACHER_PATH
-from diffusers_fastgen.evaluation.digits_benchmark import write_benchmark
-from diffusers_fastgen.models import unwrap_model
 from diffusers_fastgen.models.digits import digits_cond
 from diffusers_fastgen.parametrization import process_from_scheduler
 from diffusers_fastgen.pipelines import DigitsPipeline
@@ -36,26 +33,25 @@ from diffusers_fastgen.training import (
     EMAArgs,
     OptimizerArgs,
     RunArgs,
-    check_replicas_in_sync,
     load_checkpoint,
     make_optimizer,
     parse_args,
-    peak_rss_mb,
     resolve_checkpoint,
     save_checkpoint,
     save_config,
     setup_accelerator,
-    training_state_mb,
     update,
 )
 from diffusers_fastgen.training.data import InfiniteBatches, load_digits_arrays
 from diffusers_fastgen.training.distribution_matching import (
     build_players,
+    finish_digits_run,
     ladd_discriminator_step,
     ladd_student_step,
     make_heads,
     player_denoisers,
-    save_digits_student,
+    prepare_players,
+    student_ema,
     student_inputs,
 )
 
@@ -114,26 +110,13 @@ def main(argv=None):
     modules["heads"] = make_heads(nets["teacher"], args.feature_modules, digits_cond(torch.zeros(1, dtype=torch.long)),
                                   (1, 8, 8))
     params["heads"] = list(modules["heads"].parameters())
-    for name, module in modules.items():
-        if run.gradient_checkpointing and hasattr(module, "enable_gradient_checkpointing") and name != "teacher":
-            module.enable_gradient_checkpointing()
-        module.train(name != "teacher")
-    student_opt, student_lr = make_optimizer(params["student"], args.optimizer)
-    head_opt, head_lr = make_optimizer(params["heads"], replace(args.optimizer, learning_rate=args.head_learning_rate))
-    trainable = [n for n in modules if n != "teacher"]
-    prepared = accelerator.prepare(*(modules[n] for n in trainable), student_opt, head_opt, student_lr, head_lr)
-    modules.update(zip(trainable, prepared[:len(trainable)]))
-    student_opt, head_opt, student_lr, head_lr = prepared[len(trainable):]
-    if "teacher" in modules:
-        modules["teacher"].to(accelerator.device)
+    optimizers = {"student": make_optimizer(params["student"], args.optimizer),
+                  "heads": make_optimizer(params["heads"], replace(args.optimizer, learning_rate=args.head_learning_rate))}
+    modules, optimizers = prepare_players(accelerator, modules, optimizers, gradient_checkpointing=run.gradient_checkpointing)
+    (student_opt, student_lr), (head_opt, head_lr) = optimizers["student"], optimizers["heads"]
     nets = player_denoisers(modules, process, prediction_type, names=("student",))  # over the prepared modules
     teacher, student = nets["teacher"], nets["student"]
-    ema_names = None  # full mode: the whole student
-    if args.lora_rank:
-        ema_names = [n for n, _ in unwrap_model(modules["base"]).named_parameters() if "lora_" in n and ".student" in n]
-    ema = EMA(student.model, schedule=args.ema.ema_schedule, decay=args.ema.ema_decay,
-              halflife_kimg=args.ema.ema_halflife_kimg, batch_size=run.train_batch_size * accelerator.num_processes,
-              gamma=args.ema.ema_gamma, start_iter=args.ema.ema_start_iter, parameters=ema_names)
+    ema = student_ema(accelerator, modules, args.ema, run.train_batch_size)
     scheduler = flow_match_sde_scheduler(shift=args.shift)
     t_list = t_list_from_scheduler(scheduler, args.num_student_steps)
 
@@ -178,20 +161,9 @@ def main(argv=None):
             save_checkpoint(accelerator, run.output_dir, step, emas={"student": ema},
                             total_limit=run.checkpoints_total_limit)
 
-    accelerator.wait_for_everyone()
-    check_replicas_in_sync(accelerator, params["student"] + params["heads"])
-    if accelerator.is_main_process:
-        logger.info("peak RSS %.1f MB; weights + grads + optimizer state %.1f MB; trainable parameters: "
-                    "student %d, heads %d", peak_rss_mb(), training_state_mb(modules.values(), [student_opt, head_opt]),
-                    sum(p.numel() for p in params["student"]), sum(p.numel() for p in params["heads"]))
-        pipe = save_digits_student(accelerator, modules, ema, scheduler, output_dir=run.output_dir,
-                                   teacher_path=args.teacher, num_steps=args.num_student_steps, step=step)
-        logger.info("saved the student to %s", run.output_dir)
-        if args.eval_num_samples:
-            print(write_benchmark(pipe, run.output_dir, name="LADD student" + (" (LoRA)" if args.lora_rank else ""),
-                                  num_samples=args.eval_num_samples, step_counts=[args.num_student_steps]))
-    accelerator.wait_for_everyone()  # ranks tear the process group down together (a lone gloo rank can hang)
-    accelerator.end_training()
+    finish_digits_run(accelerator, modules, params, optimizers, ema, scheduler, output_dir=run.output_dir,
+                      teacher_path=args.teacher, num_steps=args.num_student_steps, step=step,
+                      eval_num_samples=args.eval_num_samples, name="LADD student", logger=logger)
 
 
 if __name__ == "__main__":

@@ -176,3 +176,52 @@ def test_ladd_steps_train_only_their_player():
     assert sum(p.grad.abs().sum() for p in student_model.parameters() if p.grad is not None) > 0
     assert all(p.grad is None for p in teacher_model.parameters())
     assert _changed(teacher_before, teacher_model) == 0
+
+
+def _lora_players(checkpointing: bool):
+    from diffusers_fastgen.models.digits import digits_unet
+    from diffusers_fastgen.parametrization import RectifiedFlow
+    from diffusers_fastgen.training.distribution_matching import build_players, player_denoisers
+
+    torch.manual_seed(0)
+    modules, params = build_players(digits_unet((16, 32), layers_per_block=1), lora_rank=4)
+    with torch.no_grad():  # adapters that differ from the base, so the adapter in use matters
+        for name, p in modules["base"].named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    if checkpointing:
+        modules["base"].enable_gradient_checkpointing()
+    modules["base"].train()
+    return modules, params, player_denoisers(modules, RectifiedFlow(), "flow")
+
+
+@pytest.mark.parametrize("step", ["dmd2_gan", "ladd"])
+def test_lora_gradient_checkpointing_gives_the_same_student_gradients(step):
+    """With gradient checkpointing, blocks are recomputed in backward: the student adapter must be the
+    active one then (the teacher / fake-score calls switch adapters on the shared base), and frozen
+    critics must not be recomputed after their requires_grad was restored."""
+    from diffusers_fastgen.models.digits import NULL_CLASS, digits_cond
+    from diffusers_fastgen.models.discriminator import conv_head
+    from diffusers_fastgen.training.distribution_matching import make_heads
+
+    grads = []
+    for checkpointing in (False, True):
+        modules, params, nets = _lora_players(checkpointing)
+        y = torch.tensor([1, 2, 3, 4])
+        cond, uncond = digits_cond(y), digits_cond(torch.full_like(y, NULL_CLASS))
+        x, t = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1)), torch.ones(4)
+        torch.manual_seed(2)
+        if step == "dmd2_gan":
+            head = conv_head(32)
+            loss = dmd2.student_step(nets["student"], nets["teacher"], nets["fake_score"], x, t, cond, uncond,
+                                     guidance_scale=2.0, t_min=0.02, t_max=0.98, head=head, gan_weight=0.5,
+                                     critic_params=params["fake_score"] + list(head.parameters()))
+        else:
+            heads = make_heads(nets["teacher"], ["down_blocks.0", "mid_block"], digits_cond(y[:1]), (1, 8, 8))
+            loss = dmd2.ladd_student_step(nets["student"], nets["teacher"], heads, x, t, cond,
+                                          feature_modules=["down_blocks.0", "mid_block"])
+        loss.backward()
+        grads.append([p.grad.clone() for p in params["student"]])
+        assert all(p.grad is None for p in params["fake_score"])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-7)

@@ -101,6 +101,25 @@ def forward_with_tap_grad(denoiser, x_t, t, cond, module_name, *, target: str = 
 
 
 @contextlib.contextmanager
+def without_gradient_checkpointing(model):
+    """Run `model` without gradient checkpointing inside the block (restored on exit).
+
+    Needed for a forward whose backward must see the module as it was during the forward: a
+    checkpointed block is recomputed during backward, i.e. after `frozen` restored requires_grad
+    (autograd then saves different tensors and torch raises a CheckpointError) or after another peft
+    adapter was activated on a shared base (silently wrong gradients)."""
+    inner = unwrap_model(model)
+    active = bool(getattr(inner, "is_gradient_checkpointing", False))
+    if active:
+        inner.disable_gradient_checkpointing()
+    try:
+        yield
+    finally:
+        if active:
+            inner.enable_gradient_checkpointing()
+
+
+@contextlib.contextmanager
 def frozen(params):
     """Temporarily set requires_grad=False on `params` (restored on exit)."""
     params = [p for p in params if p.requires_grad]

@@ -32,16 +32,24 @@ from ..losses.distribution_matching import (
 )
 from ..models import Denoiser, unwrap_model
 from ..models.discriminator import FeatureHeads, head_for_features
-from ..models.features import forward_with_tap_grad, frozen, run_until_tap, tap_features
+from ..models.features import forward_with_tap_grad, frozen, run_until_tap, tap_features, without_gradient_checkpointing
 from ..parametrization import add_noise
 from ..timesteps import sample_logit_normal, sample_uniform
-from .lora import BASE, adapter_parameters, add_lora_adapters
+from .lora import BASE, activate_adapter, adapter_parameters, add_lora_adapters
 
 
 def unsynced(denoiser: Denoiser) -> Denoiser:
     """The same denoiser over the unwrapped model: a forward that is differentiated only for its input
     must not register a DDP gradient sync (the DDP module was already run for the student's loss)."""
     return Denoiser(unwrap_model(denoiser.model), denoiser.process, denoiser.prediction_type, adapter=denoiser.adapter)
+
+
+def _ready_for_backward(student: Denoiser) -> None:
+    """LoRA mode: make the student adapter active again before the caller's backward, so blocks that
+    gradient checkpointing recomputes run the adapter they ran in the forward (the teacher / fake-score
+    calls in between switched it; those forwards run without checkpointing)."""
+    if student.adapter is not None:
+        activate_adapter(unwrap_model(student.model), student.adapter)
 
 
 def student_inputs(student: Denoiser, noise, cond, t_list, real_x0, *, backward_simulation: bool):
@@ -88,14 +96,16 @@ def student_step(student, teacher, fake_score, x_t, t, cond, uncond, *, guidance
     if not use_head:
         with torch.no_grad():
             x0_fake = fake_score(noisy, s, cond)
+        _ready_for_backward(student)
         return dmd_generator_loss(x0, x0_teacher, x0_fake).mean()
-    with frozen(critic_params):
+    with frozen(critic_params), without_gradient_checkpointing(fake_score.model):
         x0_fake, features = forward_with_tap_grad(unsynced(fake_score), noisy, s, cond, feature_module)
         logits = unwrap_model(head)(features)  # (B, 1)
     weight = f_divergence_weight(logits, divergence)  # (B,), detached; 1 for reverse KL
     loss = weight * dmd_generator_loss(x0, x0_teacher, x0_fake)
     if gan_weight > 0:
         loss = loss + gan_weight * gan_generator_loss(logits)
+    _ready_for_backward(student)
     return loss.mean()
 
 
@@ -146,8 +156,9 @@ def ladd_student_step(student, teacher, heads, x_t, t, cond, *, feature_modules,
     s = sample_logit_normal((x0.shape[0],), mean=t_mean, std=t_std, device=x0.device)
     noisy = add_noise(student.process, x0, torch.randn_like(x0), s)
     heads = unwrap_model(heads)
-    with frozen(heads.parameters()):
+    with frozen(heads.parameters()), without_gradient_checkpointing(teacher.model):
         logits = heads(run_until_tap(unsynced(teacher), noisy, s, cond, list(feature_modules)))
+    _ready_for_backward(student)
     return ladd_generator_loss(logits).mean()
 
 

@@ -15,9 +15,12 @@ Step functions return a scalar loss; the script owns backward/optimizer (`update
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
 
 import torch
+from peft.utils import get_peft_model_state_dict
 
 from ..guidance import guided_prediction
 from ..losses import denoising_loss
@@ -34,8 +37,10 @@ from ..models import Denoiser, unwrap_model
 from ..models.discriminator import FeatureHeads, head_for_features
 from ..models.features import forward_with_tap_grad, frozen, run_until_tap, tap_features, without_gradient_checkpointing
 from ..parametrization import add_noise
+from ..pipelines import DigitsPipeline
 from ..timesteps import sample_logit_normal, sample_uniform
 from .lora import BASE, activate_adapter, adapter_parameters, add_lora_adapters
+from .validation import log_image_grid, save_image_grid
 
 
 def unsynced(denoiser: Denoiser) -> Denoiser:
@@ -88,9 +93,10 @@ def student_step(student, teacher, fake_score, x_t, t, cond, uncond, *, guidance
     Network evaluations: student fwd + bwd, teacher fwd (one 2B batch with CFG), fake fwd; with a head:
     + the fake score's bwd from the tapped block to its input."""
     use_head = head is not None and (gan_weight > 0 or divergence != "reverse_kl")
+    gan = use_head and gan_weight > 0  # only the GAN term differentiates through the noisy sample
     x0 = student(x_t, t, cond)
     s = sample_uniform((x0.shape[0],), t_min=t_min, t_max=t_max, device=x0.device)
-    noisy = add_noise(student.process, x0 if gan_weight > 0 and use_head else x0.detach(), torch.randn_like(x0), s)
+    noisy = add_noise(student.process, x0 if gan else x0.detach(), torch.randn_like(x0), s)
     with torch.no_grad():
         x0_teacher = guided_prediction(teacher, noisy.detach(), s, cond, uncond, guidance_scale)
     if not use_head:
@@ -103,7 +109,7 @@ def student_step(student, teacher, fake_score, x_t, t, cond, uncond, *, guidance
         logits = unwrap_model(head)(features)  # (B, 1)
     weight = f_divergence_weight(logits, divergence)  # (B,), detached; 1 for reverse KL
     loss = weight * dmd_generator_loss(x0, x0_teacher, x0_fake)
-    if gan_weight > 0:
+    if gan:
         loss = loss + gan_weight * gan_generator_loss(logits)
     _ready_for_backward(student)
     return loss.mean()
@@ -123,13 +129,11 @@ def fake_score_step(student, fake_score, x_t, t, cond, *, real_x0=None, head=Non
     eps = torch.randn_like(x0)
     s = sample_uniform((x0.shape[0],), t_min=0.0, t_max=1.0, device=x0.device)
     noisy = add_noise(fake_score.process, x0, eps, s)
-    if head is None:
-        prediction = fake_score(noisy, s, cond, target=fake_score.prediction_type)
-        return denoising_loss(prediction, x0, eps, s, process=fake_score.process,
-                              prediction_type=fake_score.prediction_type).mean()
-    with tap_features(fake_score.model, feature_module) as features:
+    with tap_features(fake_score.model, feature_module) if head is not None else contextlib.nullcontext() as features:
         prediction = fake_score(noisy, s, cond, target=fake_score.prediction_type)
     loss = denoising_loss(prediction, x0, eps, s, process=fake_score.process, prediction_type=fake_score.prediction_type)
+    if head is None:
+        return loss.mean()
     # Real branch (and R1's perturbed copy): forwards cut at the tap, unwrapped so that DDP sees one
     # forward per backward; their weight gradients still accumulate and sync with the denoising ones.
     noisy_real = add_noise(fake_score.process, real_x0, torch.randn_like(real_x0), s)
@@ -228,13 +232,6 @@ def save_digits_student(accelerator, modules, ema, scheduler, *, output_dir: str
     """Write the student (EMA weights) as a DigitsPipeline folder carrying `scheduler` (full mode), or as
     the base pipeline + `save_lora_weights` (LoRA mode), reload it the way a user would (stock
     `load_lora_weights` for LoRA) and save a sample grid. Returns the reloaded pipeline."""
-    import os
-
-    from peft.utils import get_peft_model_state_dict
-
-    from ..pipelines import DigitsPipeline
-    from .validation import log_image_grid, save_image_grid
-
     if "base" in modules:
         base = accelerator.unwrap_model(modules["base"])
         ema.copy_to(base)

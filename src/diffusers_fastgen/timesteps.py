@@ -108,3 +108,14 @@ def logit_normal_cdf(t, mean: float = 0.0, std: float = 1.0):
     """CDF of the logit-normal distribution (for tests and diagnostics)."""
     z = (torch.logit(torch.as_tensor(t, dtype=torch.float64)) - mean) / (std * math.sqrt(2))
     return 0.5 * (1 + torch.erf(z))
+
+
+def sample_trigflow_time(shape, *, sigma_d: float = 0.5, mean: float = -1.0, std: float = 1.4, device=None,
+                         dtype=torch.float32, generator=None):
+    """TrigFlow time of sCM (arXiv:2410.11081 Sec. 4): t = arctan(exp(n) / sigma_d), n ~ N(mean, std^2),
+    i.e. the EDM log-normal proposal on sigma = exp(n) mapped to t in (0, pi/2). On the RF path the same
+    points have t_rf = sigmoid(n): logit-normal(mean, std)."""
+    if sigma_d <= 0:
+        raise ValueError(f"`sigma_d` must be > 0, got {sigma_d}.")
+    sigma = sample_log_normal(shape, mean=mean, std=std, device=device, dtype=torch.float64, generator=generator)
+    return torch.atan(sigma / sigma_d).to(dtype)

@@ -12,6 +12,12 @@ f(x_t, t) towards the stop-gradient target f(x_r, r) at an earlier point r < t o
 Loss (ECT eq. 4-5): w(t, r) d(f(x_t, t), sg f(x_r, r)), w = 1 / (t - r) and d the pseudo-Huber
 distance sqrt(||a - b||^2 + c^2) - c (iCT: c = 0.00054 sqrt(D) for D elements per sample).
 ECT shrinks t - r during training (`timesteps.sample_t_r_ect`). Time convention: t = 0 is data.
+
+TCM (truncated consistency models, Lee et al. arXiv:2410.14895), stage 2: the network only learns
+t >= t' (the boundary time); below t' the consistency function is the frozen stage-1 CM f_1. The
+target at r is therefore f_1(x_r, r) when r < t' (the boundary loss: it pins the network to the
+stage-1 model at the edge of its range and keeps it from collapsing to a trivial solution) and
+sg f_theta(x_r, r) otherwise (the consistency loss). `tcm_loss` weights the boundary part by w_b.
 """
 
 from __future__ import annotations
@@ -52,7 +58,19 @@ def ddim_step(process: Process, x_t: torch.Tensor, x0: torch.Tensor, t: torch.Te
 def consistency_loss(f_t: torch.Tensor, f_r: torch.Tensor, t: torch.Tensor, r: torch.Tensor, *,
                      huber_c: float | None = None) -> torch.Tensor:
     """ECT's per-sample loss  d(f_t, sg f_r) / (t - r)  (B,). f_t = f_theta(x_t, t) carries the graph;
-    f_r = f_theta(x_r, r) (same network, run without grad or detached here) is the target."""
-    if bool((t <= r).any()):
-        raise ValueError("consistency_loss needs r < t for every sample.")
+    f_r = f_theta(x_r, r) (same network, run without grad or detached here) is the target. Needs r < t
+    for every sample (the (t, r) samplers guarantee it; not checked here, which would sync the device)."""
     return pseudo_huber(f_t, f_r.detach(), huber_c) / (t - r).to(torch.promote_types(t.dtype, torch.float32))
+
+
+def tcm_loss(f_t: torch.Tensor, f_r: torch.Tensor, f_r_stage1: torch.Tensor, t: torch.Tensor, r: torch.Tensor, *,
+             t_boundary: float, boundary_weight: float = 1.0, huber_c: float | None = None) -> torch.Tensor:
+    """TCM stage-2 per-sample loss (B,): w d(f_t, sg target) / (t - r) with
+    target = f_r_stage1 (frozen stage-1 CM at (x_r, r)) where r < t_boundary, else f_r (the network
+    itself at (x_r, r)); w = boundary_weight on the boundary samples, 1 elsewhere. t >= t_boundary > r
+    for boundary samples, r < t always."""
+    view = (-1,) + (1,) * (f_t.ndim - 1)
+    below = r < t_boundary  # (B,) boundary samples
+    target = torch.where(below.view(view), f_r_stage1, f_r).detach()
+    weight = torch.where(below, boundary_weight, 1.0).to(torch.promote_types(t.dtype, torch.float32))
+    return weight * consistency_loss(f_t, target, t, r, huber_c=huber_c)

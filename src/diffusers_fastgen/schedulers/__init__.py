@@ -2,6 +2,7 @@ from .recipes import (
     flow_map_scheduler,
     flow_match_sde_scheduler,
     lcm_scheduler,
+    scm_rf_scheduler,
     scm_scheduler,
     scm_set_timesteps_kwargs,
     t_list_from_scheduler,

@@ -11,9 +11,17 @@ in tests/schedulers.
 | flow_match_sde_scheduler  | FlowMatchFewStepScheduler (ours)        | RF       | x0 + fresh noise (FastGen SDE)  |
 | lcm_scheduler             | LCMScheduler                            | VP       | multistep consistency           |
 | scm_scheduler             | SCMScheduler                            | TrigFlow | sCM multistep (needs set_timesteps kwargs) |
+| scm_rf_scheduler          | FlowMatchFewStepScheduler (ours)        | RF       | sCM multistep of a TrigFlow-trained RF model |
+
+An sCM student trained through the TrigFlow view of an RF model (models.trigflow) stays an RF model;
+sCM's multistep sampler (x0, then fresh noise at t_mid) is, on the RF path, the x0-and-renoise sampler
+at t_rf = sigma_d tan(t_mid) / (1 + sigma_d tan(t_mid)) — exactly FlowMatchFewStepScheduler with
+shift = sigma_d tan(t_mid), since its 2-step midpoint is shift / (1 + shift).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from diffusers import FlowMapEulerDiscreteScheduler, LCMScheduler, SCMScheduler
@@ -35,6 +43,16 @@ def flow_map_scheduler(shift: float = 1.0, num_train_timesteps: int = 1000) -> F
 def flow_match_sde_scheduler(shift: float = 1.0, num_train_timesteps: int = 1000) -> FlowMatchFewStepScheduler:
     """Stochastic RF few-step schedule: same sigmas as `flow_map_scheduler`, fresh noise per step."""
     return FlowMatchFewStepScheduler(num_train_timesteps=num_train_timesteps, shift=shift)
+
+
+def scm_rf_scheduler(sigma_d: float, intermediate_t: float = 1.1, num_train_timesteps: int = 1000) -> FlowMatchFewStepScheduler:
+    """sCM's 1-step (t = pi/2) and 2-step (pi/2, intermediate_t) samplers for an RF model (see table)."""
+    if sigma_d <= 0:
+        raise ValueError(f"`sigma_d` must be > 0, got {sigma_d}.")
+    if not 0 < intermediate_t < math.pi / 2:
+        raise ValueError(f"`intermediate_t` must be in (0, pi/2) (TrigFlow radians), got {intermediate_t}.")
+    return FlowMatchFewStepScheduler(num_train_timesteps=num_train_timesteps,
+                                     shift=float(sigma_d * math.tan(intermediate_t)))
 
 
 def lcm_scheduler(teacher_scheduler=None, *, original_inference_steps: int = 50, prediction_type: str | None = None,

@@ -45,8 +45,14 @@ def setup_accelerator(run: RunArgs, project_name: str, config=None, *, find_unus
 
 
 def make_optimizer(params, opt: OptimizerArgs) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW + linear warm-up then constant learning rate."""
-    params = [p for p in params if p.requires_grad]
+    """AdamW + linear warm-up then constant learning rate. `params`: tensors, or torch param-group
+    dicts ({"params": [...], "lr": ...}) for players with their own learning rate."""
+    params = list(params)
+    if params and isinstance(params[0], dict):
+        params = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in params]
+        params = [g for g in params if g["params"]]
+    else:
+        params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError("no trainable parameters were given to the optimizer.")
     optimizer = torch.optim.AdamW(params, lr=opt.learning_rate, betas=(opt.adam_beta1, opt.adam_beta2),

@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
 
 import torch
-from peft.utils import get_peft_model_state_dict
 
 from ..guidance import guided_prediction
 from ..losses import denoising_loss
@@ -37,10 +35,9 @@ from ..models import Denoiser, unwrap_model
 from ..models.discriminator import FeatureHeads, head_for_features
 from ..models.features import forward_with_tap_grad, frozen, run_until_tap, tap_features, without_gradient_checkpointing
 from ..parametrization import add_noise
-from ..pipelines import DigitsPipeline
 from ..timesteps import sample_logit_normal, sample_uniform
 from .lora import BASE, activate_adapter, adapter_parameters, add_lora_adapters
-from .validation import log_image_grid, save_image_grid
+from .players import finish_digits_run, prepare_players, save_digits_student, student_ema  # noqa: F401 (re-exported)
 
 
 def unsynced(denoiser: Denoiser) -> Denoiser:
@@ -225,86 +222,3 @@ def make_heads(denoiser, feature_modules, cond, sample_shape) -> FeatureHeads:
         features = run_until_tap(denoiser, torch.zeros(1, *sample_shape), torch.full((1,), 0.5), cond,
                                  list(feature_modules))
     return FeatureHeads([head_for_features(f) for f in features])
-
-
-def save_digits_student(accelerator, modules, ema, scheduler, *, output_dir: str, teacher_path: str,
-                        num_steps: int, step: int = 0):
-    """Write the student (EMA weights) as a DigitsPipeline folder carrying `scheduler` (full mode), or as
-    the base pipeline + `save_lora_weights` (LoRA mode), reload it the way a user would (stock
-    `load_lora_weights` for LoRA) and save a sample grid. Returns the reloaded pipeline."""
-    if "base" in modules:
-        base = accelerator.unwrap_model(modules["base"])
-        ema.copy_to(base)
-        lora = get_peft_model_state_dict(base, adapter_name="student")
-        DigitsPipeline(unet=DigitsPipeline.from_pretrained(teacher_path).unet, scheduler=scheduler).save_pretrained(output_dir)
-        DigitsPipeline.save_lora_weights(output_dir, unet_lora_layers=lora)
-        pipe = DigitsPipeline.from_pretrained(output_dir)
-        pipe.load_lora_weights(output_dir)  # stock diffusers LoRA loading
-    else:
-        model = accelerator.unwrap_model(modules["student"])
-        ema.copy_to(model)
-        DigitsPipeline(unet=model, scheduler=scheduler).save_pretrained(output_dir)
-        pipe = DigitsPipeline.from_pretrained(output_dir)
-    pipe.set_progress_bar_config(disable=True)
-    torch.manual_seed(0)
-    images = pipe(torch.arange(10).repeat(10), num_inference_steps=num_steps, output_type="latent",
-                  generator=torch.Generator().manual_seed(0)).images
-    save_image_grid(images, os.path.join(output_dir, "samples.png"), nrow=10, upscale=4)
-    log_image_grid(accelerator, images, step, tag="student", nrow=10)
-    return pipe
-
-
-def prepare_players(accelerator, modules: dict, optimizers: dict, *, gradient_checkpointing: bool = False):
-    """Train mode (the teacher: eval, moved to the device), gradient checkpointing on the trained players,
-    and `accelerator.prepare` of every trained module with `optimizers` = {player: (optimizer, lr_scheduler)}.
-    Returns (modules, optimizers) holding the prepared objects."""
-    for name, module in modules.items():
-        if gradient_checkpointing and name != "teacher" and hasattr(module, "enable_gradient_checkpointing"):
-            module.enable_gradient_checkpointing()
-        module.train(name != "teacher")
-    trainable = [n for n in modules if n != "teacher"]
-    players = list(optimizers)
-    prepared = accelerator.prepare(*(modules[n] for n in trainable), *(optimizers[n][0] for n in players),
-                                   *(optimizers[n][1] for n in players))
-    k, p = len(trainable), len(players)
-    modules = {**modules, **dict(zip(trainable, prepared[:k]))}
-    optimizers = {n: (prepared[k + i], prepared[k + p + i]) for i, n in enumerate(players)}
-    if "teacher" in modules:
-        modules["teacher"].to(accelerator.device)
-    return modules, optimizers
-
-
-def student_ema(accelerator, modules: dict, ema_args, batch_size: int):
-    """EMA of the student: the whole student module, or (LoRA mode) only the student adapter's weights."""
-    from ..ema import EMA
-
-    model, names = modules.get("student"), None
-    if "base" in modules:
-        model = modules["base"]
-        names = [n for n, _ in unwrap_model(model).named_parameters() if "lora_" in n and ".student" in n]
-    return EMA(model, schedule=ema_args.ema_schedule, decay=ema_args.ema_decay, halflife_kimg=ema_args.ema_halflife_kimg,
-               batch_size=batch_size * accelerator.num_processes, gamma=ema_args.ema_gamma,
-               start_iter=ema_args.ema_start_iter, parameters=names)
-
-
-def finish_digits_run(accelerator, modules: dict, params: dict, optimizers: dict, ema, scheduler, *, output_dir: str,
-                      teacher_path: str, num_steps: int, step: int, eval_num_samples: int, name: str, logger) -> None:
-    """End of a digits distillation run: check that DDP replicas agree, log memory, save the student
-    folder (rank 0), write its benchmark row, and tear the process group down on all ranks together."""
-    from ..evaluation.digits_benchmark import write_benchmark
-    from .accelerate_setup import check_replicas_in_sync, peak_rss_mb, training_state_mb
-
-    accelerator.wait_for_everyone()
-    check_replicas_in_sync(accelerator, [p for ps in params.values() for p in ps])
-    if accelerator.is_main_process:
-        counts = ", ".join(f"{n} {sum(p.numel() for p in ps)}" for n, ps in params.items())
-        logger.info("peak RSS %.1f MB; weights + grads + optimizer state %.1f MB; trainable parameters: %s",
-                    peak_rss_mb(), training_state_mb(modules.values(), [o for o, _ in optimizers.values()]), counts)
-        pipe = save_digits_student(accelerator, modules, ema, scheduler, output_dir=output_dir,
-                                   teacher_path=teacher_path, num_steps=num_steps, step=step)
-        logger.info("saved the student to %s", output_dir)
-        if eval_num_samples:
-            print(write_benchmark(pipe, output_dir, name=name + (" (LoRA)" if "base" in modules else ""),
-                                  num_samples=eval_num_samples, step_counts=[num_steps]))
-    accelerator.wait_for_everyone()  # ranks tear the process group down together (a lone gloo rank can hang)
-    accelerator.end_training()

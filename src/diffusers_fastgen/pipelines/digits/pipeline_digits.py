@@ -16,7 +16,12 @@ from ...models.digits import NULL_CLASS
 class DigitsPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     """Components: `unet` (UNet2DConditionModel with class embeddings; class NULL_CLASS = unconditional)
     and `scheduler` (FlowMapEulerDiscreteScheduler, FlowMatchFewStepScheduler, FlowMatchEuler..., or
-    any scheduler whose `timesteps` are the model's inputs). LoRA: `load_lora_weights` as in SD."""
+    any scheduler whose `timesteps` are the model's inputs). LoRA: `load_lora_weights` as in SD.
+
+    Flow-map / MeanFlow students (a unet with `time_cond_proj_dim`, models.interval) predict the
+    average velocity u(z_t, r, t) over the step: they receive the embedding of the interval
+    timestep - r_timestep as `timestep_cond`, r being the next point of the schedule, and the
+    FlowMapEulerDiscreteScheduler steps from timestep to that r_timestep."""
 
     model_cpu_offload_seq = "unet"
     _optional_components = []
@@ -28,6 +33,22 @@ class DigitsPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
 
     def _step_kwargs(self, generator):
         return {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
+
+    def _r_timestep(self, i: int) -> torch.Tensor:
+        """The schedule's next point in model timesteps (0 after the last step)."""
+        sigmas = getattr(self.scheduler, "sigmas", None)
+        if sigmas is not None:
+            return sigmas[i + 1] * self.scheduler.config.num_train_timesteps
+        timesteps = self.scheduler.timesteps
+        return timesteps[i + 1] if i + 1 < len(timesteps) else torch.zeros_like(timesteps[0])
+
+    def _interval_cond(self, timestep: torch.Tensor, r_timestep: torch.Tensor) -> torch.Tensor:
+        from ...models.interval import interval_embedding
+
+        config = self.unet.config
+        r = r_timestep.to(device=timestep.device, dtype=timestep.dtype).expand_as(timestep)
+        return interval_embedding(timestep.float(), r.float(), config.time_cond_proj_dim,
+                                  flip_sin_to_cos=config.flip_sin_to_cos, freq_shift=config.freq_shift).to(self.unet.dtype)
 
     @torch.no_grad()
     def __call__(self, class_labels, num_inference_steps: int = 1, guidance_scale: float = 1.0,
@@ -55,11 +76,18 @@ class DigitsPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         self.scheduler.set_timesteps(num_inference_steps, device=self.device, **set_timesteps_kwargs)
         step_kwargs = self._step_kwargs(generator)
         model_labels = torch.cat([labels, torch.full_like(labels, NULL_CLASS)]) if cfg else labels
-        for t in self.progress_bar(self.scheduler.timesteps):
+        flow_map = config.time_cond_proj_dim is not None
+        if flow_map and "r_timestep" not in inspect.signature(self.scheduler.step).parameters:
+            raise ValueError("this unet is a flow-map student (time_cond_proj_dim is set): it needs a scheduler whose "
+                             f"step takes `r_timestep` (FlowMapEulerDiscreteScheduler), got {type(self.scheduler).__name__}.")
+        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             model_input = torch.cat([latents, latents]) if cfg else latents
             model_input = self.scheduler.scale_model_input(model_input, t)
             timestep = t.expand(model_input.shape[0]).to(self.device)
-            out = self.unet(model_input, timestep, encoder_hidden_states=None, class_labels=model_labels).sample
+            kwargs = {}
+            if flow_map:
+                kwargs = {"timestep_cond": self._interval_cond(timestep, self._r_timestep(i))}  # step's default r
+            out = self.unet(model_input, timestep, encoder_hidden_states=None, class_labels=model_labels, **kwargs).sample
             if cfg:
                 cond, uncond = out.chunk(2)
                 out = uncond + guidance_scale * (cond - uncond)

@@ -1,0 +1,152 @@
+"""CM (ECT): discrete-time consistency distillation or training with ECT's curriculum
+(Song et al. arXiv:2303.01469; iCT arXiv:2310.14189; ECT arXiv:2406.14548).
+
+1. The student f(x_t, t) is the teacher's UNet read as an x0 predictor (models.Denoiser, target="x0"),
+   so f(x, 0) = x holds by construction.
+2. Each step draws real digits x0, noise eps and a pair r < t: sigma ~ LogNormal on the EDM noise
+   ratio, r's ratio = sigma (1 - n), with n halved every stage (`timesteps.sample_t_r_ect`), both mapped
+   to the student's process. The loss is pseudo-Huber d(f(x_t, t), sg f(x_r, r)) / (t - r) with x_r on the
+   same noise (`--source data`: consistency training) or one teacher DDIM step from x_t (`--source
+   teacher`: consistency distillation, CFG optional).
+3. The student is saved as a DigitsPipeline with the CM multistep sampler (x0, then fresh noise)
+   FlowMatchFewStepScheduler(shift); 1 and 2 steps from the same folder.
+
+    accelerate launch examples/train_cm/train_cm.py --output_dir outputs/cm
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from diffusers_fastgen.evaluation import DIGITS_TEACHER_PATH
+from diffusers_fastgen.models import Denoiser
+from diffusers_fastgen.models.digits import NULL_CLASS, digits_cond
+from diffusers_fastgen.parametrization import process_from_scheduler
+from diffusers_fastgen.pipelines import DigitsPipeline
+from diffusers_fastgen.schedulers import flow_match_sde_scheduler
+from diffusers_fastgen.timesteps import sample_t_r_ect
+from diffusers_fastgen.training import (
+    EMAArgs,
+    OptimizerArgs,
+    RunArgs,
+    load_checkpoint,
+    make_optimizer,
+    parse_args,
+    resolve_checkpoint,
+    save_checkpoint,
+    save_config,
+    setup_accelerator,
+    update,
+)
+from diffusers_fastgen.training.consistency import cm_step
+from diffusers_fastgen.training.data import InfiniteBatches, load_digits_arrays
+from diffusers_fastgen.training.players import finish_digits_run, prepare_players, student_ema
+
+logger = logging.getLogger("train_cm")
+SOURCES = ("teacher", "data")
+
+
+@dataclass
+class CMArgs:
+    """Consistency distillation (or ECT consistency training) of a 1-2 step student."""
+
+    run: RunArgs = field(default_factory=lambda: RunArgs(output_dir="outputs/cm", max_train_steps=2000,
+                                                         train_batch_size=128, checkpointing_steps=500,
+                                                         validation_steps=0))
+    optimizer: OptimizerArgs = field(default_factory=lambda: OptimizerArgs(learning_rate=1e-4, adam_beta2=0.99,
+                                                                           max_grad_norm=1.0))
+    ema: EMAArgs = field(default_factory=lambda: EMAArgs(ema_schedule="halflife", ema_halflife_kimg=10.0))
+    teacher: str = DIGITS_TEACHER_PATH  # teacher pipeline folder: the student's init (and the ODE, source=teacher)
+    source: str = "teacher"  # teacher = consistency distillation, data = consistency training (ECT)
+    guidance_scale: float = 1.0  # teacher CFG in the DDIM step (source=teacher)
+    num_stages: int = 4  # ECT curriculum: the gap ratio n halves at every stage (n = 1/2, 1/4, ...)
+    t_mean: float = -1.1  # ECT proposal: log sigma ~ N(t_mean, t_std^2) (EDM noise ratio)
+    t_std: float = 2.0
+    huber_c: float | None = None  # pseudo-Huber c (None: iCT's 0.00054 sqrt(D))
+    shift: float = 1.0  # sampler: FlowMatchFewStepScheduler(shift); the 2-step midpoint is shift / (1 + shift)
+    eval_num_samples: int = 1000  # samples for the final benchmark rows (0 skips)
+
+    def __post_init__(self):
+        if self.source not in SOURCES:
+            raise ValueError(f"`source` must be one of {SOURCES}, got {self.source!r}.")
+        if self.num_stages < 1 or self.t_std <= 0 or self.shift <= 0:
+            raise ValueError(f"need num_stages >= 1, t_std > 0, shift > 0; got {self.num_stages}, {self.t_std}, {self.shift}.")
+        if self.guidance_scale < 0:
+            raise ValueError(f"`guidance_scale` must be >= 0, got {self.guidance_scale}.")
+        if self.huber_c is not None and self.huber_c < 0:
+            raise ValueError(f"`huber_c` must be >= 0 or None, got {self.huber_c}.")
+
+
+def sample_pair(b: int, step: int, args: CMArgs, process, device):
+    """ECT's (t, r) on the EDM noise ratio, mapped to `process` time (r < t for every sample)."""
+    sigma, sigma_r = sample_t_r_ect((b,), iteration=step, total_iterations=args.run.max_train_steps,
+                                    num_stages=args.num_stages, mean=args.t_mean, std=args.t_std, device=device,
+                                    dtype=torch.float64)
+    return process.t_from_noise_ratio(sigma).float(), process.t_from_noise_ratio(sigma_r).float()
+
+
+def main(argv=None):
+    args = parse_args(CMArgs, argv)
+    run = args.run
+    accelerator = setup_accelerator(run, "train_cm", args)
+    if accelerator.is_main_process:
+        save_config(args, os.path.join(run.output_dir, "train_config.yaml"))
+
+    # 1. Teacher (frozen) and student (a copy), one optimizer.
+    teacher_pipe = DigitsPipeline.from_pretrained(args.teacher)
+    process, prediction_type = process_from_scheduler(teacher_pipe.scheduler)
+    modules = {"teacher": teacher_pipe.unet.requires_grad_(False),
+               "student": DigitsPipeline.from_pretrained(args.teacher).unet.requires_grad_(True)}
+    params = {"student": list(modules["student"].parameters())}
+    optimizers = {"student": make_optimizer(params["student"], args.optimizer)}
+    modules, optimizers = prepare_players(accelerator, modules, optimizers, gradient_checkpointing=run.gradient_checkpointing)
+    optimizer, lr_scheduler = optimizers["student"]
+    teacher = Denoiser(modules["teacher"], process, prediction_type) if args.source == "teacher" else None
+    student = Denoiser(modules["student"], process, prediction_type)
+    ema = student_ema(accelerator, modules, args.ema, run.train_batch_size)
+    scheduler = flow_match_sde_scheduler(shift=args.shift)
+
+    images, labels = (torch.from_numpy(a) for a in load_digits_arrays("train"))
+    batches = InfiniteBatches(images, labels, batch_size=run.train_batch_size, seed=run.seed,
+                              rank=accelerator.process_index, world_size=accelerator.num_processes)
+    step = 0
+    checkpoint = resolve_checkpoint(run.output_dir, run.resume_from_checkpoint)
+    if checkpoint is not None:
+        step = load_checkpoint(accelerator, checkpoint, emas={"student": ema})["step"]
+        logger.info("resumed from %s at step %d", checkpoint, step)
+    batches.state_at(step)
+
+    # 2. The loop: one consistency step per iteration.
+    progress = tqdm(range(run.max_train_steps), initial=step, disable=not accelerator.is_local_main_process)
+    while step < run.max_train_steps:
+        x0, y = (v.to(accelerator.device) for v in next(batches))
+        eps = torch.randn_like(x0)
+        t, r = sample_pair(x0.shape[0], step, args, process, x0.device)
+        cond, uncond = digits_cond(y), digits_cond(torch.full_like(y, NULL_CLASS))
+        loss, _ = cm_step(student, x0, eps, t, r, cond, teacher=teacher, uncond=uncond,
+                          guidance_scale=args.guidance_scale, huber_c=args.huber_c)
+        update(accelerator, loss, params["student"], optimizer, lr_scheduler, args.optimizer.max_grad_norm)
+        ema.update(student.model)
+        step += 1
+        progress.update(1)
+        if step % run.logging_steps == 0:
+            progress.set_postfix(loss=loss.item())
+            accelerator.log({"loss": loss.item()}, step=step)
+        if run.checkpointing_steps and step % run.checkpointing_steps == 0:
+            save_checkpoint(accelerator, run.output_dir, step, emas={"student": ema},
+                            total_limit=run.checkpoints_total_limit)
+
+    # 3. Save the student with its sampler, reload it, benchmark 1 and 2 steps.
+    name = "CD student" if args.source == "teacher" else "ECT student"
+    finish_digits_run(accelerator, modules, params, optimizers, ema, scheduler, output_dir=run.output_dir,
+                      teacher_path=args.teacher, num_steps=1, step=step, eval_num_samples=args.eval_num_samples,
+                      name=name, logger=logger, step_counts=[1, 2])
+
+
+if __name__ == "__main__":
+    main()

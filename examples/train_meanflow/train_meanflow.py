@@ -1,0 +1,163 @@
+"""MeanFlow: a one- or few-step average-velocity student u(z_t, r, t) (Geng et al. arXiv:2505.13447).
+
+1. The student is the teacher's UNet with a second time input r (models.interval: stock
+   UNet2DConditionModel with `time_cond_proj_dim`, zero-initialised, so u(z, r, t) starts as the
+   teacher's velocity for every r).
+2. Each step draws real digits x0, noise eps and (t, r), and regresses u_theta(z_t, r, t) on
+   v - (t - r) du/dt (one JVP; losses.meanflow). v = eps - x0 (`--source data`: MeanFlow from data) or the
+   teacher's CFG velocity at z_t (`--source teacher`: distillation, CFG folded into the target).
+3. The student is saved as a DigitsPipeline with FlowMapEulerDiscreteScheduler, whose step
+   z_r = z_t - (t - r) u is MeanFlow's sampler; 1 and 2 steps from the same folder.
+
+    accelerate launch examples/train_meanflow/train_meanflow.py --output_dir outputs/meanflow
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from diffusers_fastgen.evaluation import DIGITS_TEACHER_PATH
+from diffusers_fastgen.jvp import JVP_METHODS
+from diffusers_fastgen.models import Denoiser
+from diffusers_fastgen.models.digits import NULL_CLASS, digits_cond
+from diffusers_fastgen.models.interval import add_interval_input
+from diffusers_fastgen.parametrization import process_from_scheduler
+from diffusers_fastgen.pipelines import DigitsPipeline
+from diffusers_fastgen.schedulers import flow_map_scheduler
+from diffusers_fastgen.timesteps import sample_t_r_meanflow
+from diffusers_fastgen.training import (
+    EMAArgs,
+    OptimizerArgs,
+    RunArgs,
+    load_checkpoint,
+    make_optimizer,
+    parse_args,
+    resolve_checkpoint,
+    save_checkpoint,
+    save_config,
+    setup_accelerator,
+    update,
+)
+from diffusers_fastgen.training.consistency import meanflow_step
+from diffusers_fastgen.training.data import InfiniteBatches, load_digits_arrays
+from diffusers_fastgen.training.players import finish_digits_run, prepare_players, student_ema
+
+logger = logging.getLogger("train_meanflow")
+SOURCES = ("teacher", "data")
+
+
+@dataclass
+class MeanFlowArgs:
+    """MeanFlow distillation of a teacher (or MeanFlow training from data) into a 1-2 step student."""
+
+    run: RunArgs = field(default_factory=lambda: RunArgs(output_dir="outputs/meanflow", max_train_steps=1500,
+                                                         train_batch_size=128, checkpointing_steps=500,
+                                                         validation_steps=0))
+    optimizer: OptimizerArgs = field(default_factory=lambda: OptimizerArgs(learning_rate=1e-4, adam_beta2=0.99,
+                                                                           max_grad_norm=1.0))
+    ema: EMAArgs = field(default_factory=lambda: EMAArgs(ema_schedule="halflife", ema_halflife_kimg=10.0))
+    teacher: str = DIGITS_TEACHER_PATH  # teacher pipeline folder: the student's init (and the velocity, source=teacher)
+    source: str = "teacher"  # where v comes from: teacher (distillation) / data (eps - x0)
+    guidance_scale: float = 1.0  # teacher CFG folded into the target (source=teacher)
+    interval_dim: int = 64  # width of the interval embedding fed to the new cond_proj
+    ratio_r_neq_t: float = 0.5  # fraction of samples with r != t (the rest is plain flow matching)
+    t_mean: float = -0.4  # logit-normal (t, r) proposal: mean
+    t_std: float = 1.0  # logit-normal (t, r) proposal: std
+    endpoint_fraction: float = 0.25  # fraction of r != t samples put on the sampler's own jumps (1->0, 1->0.5, 0.5->0)
+    adaptive_p: float = 1.0  # adaptive loss weight 1 / (loss + c)^p (0 = plain squared error)
+    jvp_method: str = "exact"  # exact (forward-mode AD) / finite_difference
+    eval_num_samples: int = 1000  # samples for the final benchmark rows (0 skips)
+
+    def __post_init__(self):
+        if self.source not in SOURCES:
+            raise ValueError(f"`source` must be one of {SOURCES}, got {self.source!r}.")
+        if self.jvp_method not in JVP_METHODS:
+            raise ValueError(f"`jvp_method` must be one of {JVP_METHODS}, got {self.jvp_method!r}.")
+        if self.guidance_scale < 0:
+            raise ValueError(f"`guidance_scale` must be >= 0, got {self.guidance_scale}.")
+        if not 0.0 <= self.ratio_r_neq_t <= 1.0 or not 0.0 <= self.endpoint_fraction <= 1.0:
+            raise ValueError("`ratio_r_neq_t` and `endpoint_fraction` must be in [0, 1], got "
+                             f"{self.ratio_r_neq_t}, {self.endpoint_fraction}.")
+        if self.t_std <= 0 or self.adaptive_p < 0:
+            raise ValueError(f"need t_std > 0 and adaptive_p >= 0, got {self.t_std}, {self.adaptive_p}.")
+        if self.interval_dim < 2 or self.interval_dim % 2:
+            raise ValueError(f"`interval_dim` must be an even number >= 2, got {self.interval_dim}.")
+
+
+def sample_t_r(b: int, args: MeanFlowArgs, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """MeanFlow's logit-normal (t, r) pairs; a fraction of the r != t ones replaced by the jumps the
+    1- and 2-step samplers make ((1, 0), (1, 0.5), (0.5, 0)), so the exported schedule is trained on."""
+    t, r = sample_t_r_meanflow((b,), ratio_r_neq_t=args.ratio_r_neq_t, mean=args.t_mean, std=args.t_std, device=device)
+    jumps = torch.tensor([[1.0, 0.0], [1.0, 0.5], [0.5, 0.0]], device=device)
+    pick = jumps[torch.randint(0, 3, (b,), device=device)]  # (B, 2)
+    use = (torch.rand(b, device=device) < args.endpoint_fraction * args.ratio_r_neq_t)
+    return torch.where(use, pick[:, 0], t), torch.where(use, pick[:, 1], r)
+
+
+def main(argv=None):
+    args = parse_args(MeanFlowArgs, argv)
+    run = args.run
+    accelerator = setup_accelerator(run, "train_meanflow", args)
+    if accelerator.is_main_process:
+        save_config(args, os.path.join(run.output_dir, "train_config.yaml"))
+
+    # 1. Teacher (frozen) and student (teacher + interval input r), one optimizer.
+    teacher_pipe = DigitsPipeline.from_pretrained(args.teacher)
+    process, prediction_type = process_from_scheduler(teacher_pipe.scheduler)
+    student_unet = add_interval_input(teacher_pipe.unet, dim=args.interval_dim).requires_grad_(True)
+    modules = {"teacher": teacher_pipe.unet.requires_grad_(False), "student": student_unet}
+    params = {"student": list(student_unet.parameters())}
+    optimizers = {"student": make_optimizer(params["student"], args.optimizer)}
+    modules, optimizers = prepare_players(accelerator, modules, optimizers, gradient_checkpointing=run.gradient_checkpointing)
+    optimizer, lr_scheduler = optimizers["student"]
+    teacher = Denoiser(modules["teacher"], process, prediction_type) if args.source == "teacher" else None
+    student = Denoiser(modules["student"], process, prediction_type)
+    ema = student_ema(accelerator, modules, args.ema, run.train_batch_size)
+    scheduler = flow_map_scheduler()
+
+    images, labels = (torch.from_numpy(a) for a in load_digits_arrays("train"))
+    batches = InfiniteBatches(images, labels, batch_size=run.train_batch_size, seed=run.seed,
+                              rank=accelerator.process_index, world_size=accelerator.num_processes)
+    step = 0
+    checkpoint = resolve_checkpoint(run.output_dir, run.resume_from_checkpoint)
+    if checkpoint is not None:
+        step = load_checkpoint(accelerator, checkpoint, emas={"student": ema})["step"]
+        logger.info("resumed from %s at step %d", checkpoint, step)
+    batches.state_at(step)
+
+    # 2. The loop: one MeanFlow step per iteration.
+    progress = tqdm(range(run.max_train_steps), initial=step, disable=not accelerator.is_local_main_process)
+    while step < run.max_train_steps:
+        x0, y = (v.to(accelerator.device) for v in next(batches))
+        eps = torch.randn_like(x0)
+        t, r = sample_t_r(x0.shape[0], args, x0.device)
+        cond, uncond = digits_cond(y), digits_cond(torch.full_like(y, NULL_CLASS))
+        loss, logs = meanflow_step(student, x0, eps, t, r, cond, teacher=teacher, uncond=uncond,
+                                   guidance_scale=args.guidance_scale, jvp_method=args.jvp_method,
+                                   adaptive_p=args.adaptive_p)
+        update(accelerator, loss, params["student"], optimizer, lr_scheduler, args.optimizer.max_grad_norm)
+        ema.update(student.model)
+        step += 1
+        progress.update(1)
+        if step % run.logging_steps == 0:
+            scalars = {"loss": loss.item(), **{k: v.item() for k, v in logs.items()}}
+            progress.set_postfix(**scalars)
+            accelerator.log(scalars, step=step)
+        if run.checkpointing_steps and step % run.checkpointing_steps == 0:
+            save_checkpoint(accelerator, run.output_dir, step, emas={"student": ema},
+                            total_limit=run.checkpoints_total_limit)
+
+    # 3. Save the student with its sampler, reload it, benchmark 1 and 2 steps.
+    name = "MeanFlow student" + (" (from data)" if args.source == "data" else "")
+    finish_digits_run(accelerator, modules, params, optimizers, ema, scheduler, output_dir=run.output_dir,
+                      teacher_path=args.teacher, num_steps=1, step=step, eval_num_samples=args.eval_num_samples,
+                      name=name, logger=logger, step_counts=[1, 2])
+
+
+if __name__ == "__main__":
+    main()

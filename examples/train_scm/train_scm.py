@@ -1,0 +1,164 @@
+"""sCM: continuous-time consistency distillation (sCD) or training (sCT) (Lu & Song arXiv:2410.11081).
+
+1. The student starts as the teacher's UNet and is trained through its TrigFlow view
+   (models.trigflow: x_t = cos(t) x0 + sin(t) sigma_d eps, F from the model's own prediction after a
+   change of variables), so it stays an ordinary model of the teacher's process (RF here).
+2. Each step draws real digits x0, noise eps and TrigFlow time t (log-normal proposal on
+   sigma_d tan t), and takes sCM's loss: one JVP of F along the PF-ODE tangent, tangent warm-up and
+   normalisation, adaptive weighting by a learned log-variance head (models.logvar). The ODE velocity
+   comes from the teacher with CFG (`--source teacher`: sCD) or from the data pair (`--source data`: sCT).
+3. The student is saved as a DigitsPipeline with sCM's 1-step (t = pi/2) and 2-step (pi/2,
+   `intermediate_t`) sampler, expressed on the RF path (schedulers.scm_rf_scheduler).
+
+    accelerate launch examples/train_scm/train_scm.py --output_dir outputs/scd
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from diffusers_fastgen.evaluation import DIGITS_TEACHER_PATH
+from diffusers_fastgen.jvp import JVP_METHODS
+from diffusers_fastgen.models import Denoiser
+from diffusers_fastgen.models.digits import NULL_CLASS, digits_cond
+from diffusers_fastgen.models.logvar import LogVarHead
+from diffusers_fastgen.parametrization import process_from_scheduler
+from diffusers_fastgen.pipelines import DigitsPipeline
+from diffusers_fastgen.schedulers import scm_rf_scheduler
+from diffusers_fastgen.timesteps import sample_trigflow_time
+from diffusers_fastgen.training import (
+    EMAArgs,
+    OptimizerArgs,
+    RunArgs,
+    load_checkpoint,
+    make_optimizer,
+    parse_args,
+    resolve_checkpoint,
+    save_checkpoint,
+    save_config,
+    setup_accelerator,
+    update,
+)
+from diffusers_fastgen.training.consistency import scm_step
+from diffusers_fastgen.training.data import InfiniteBatches, load_digits_arrays
+from diffusers_fastgen.training.players import finish_digits_run, prepare_players, student_ema
+
+logger = logging.getLogger("train_scm")
+SOURCES = ("teacher", "data")
+
+
+@dataclass
+class SCMArgs:
+    """sCD (from a teacher) or sCT (from data) of a 1-2 step continuous-time consistency student."""
+
+    run: RunArgs = field(default_factory=lambda: RunArgs(output_dir="outputs/scd", max_train_steps=1200,
+                                                         train_batch_size=128, checkpointing_steps=400,
+                                                         validation_steps=0))
+    optimizer: OptimizerArgs = field(default_factory=lambda: OptimizerArgs(learning_rate=1e-4, adam_beta2=0.99,
+                                                                           max_grad_norm=1.0))
+    ema: EMAArgs = field(default_factory=lambda: EMAArgs(ema_schedule="halflife", ema_halflife_kimg=10.0))
+    teacher: str = DIGITS_TEACHER_PATH  # teacher pipeline folder: the student's init (and the ODE, source=teacher)
+    source: str = "teacher"  # teacher = sCD, data = sCT
+    guidance_scale: float = 1.0  # teacher CFG on F (sCD)
+    sigma_d: float = 0.75  # TrigFlow data std (the digits in [-1, 1] have std 0.75)
+    t_mean: float = -1.0  # proposal: log(sigma_d tan t) ~ N(t_mean, t_std^2)
+    t_std: float = 1.4
+    warmup_steps: int = 300  # tangent warm-up: the x_t + dF/dt term ramps 0 -> 1 over these steps
+    tangent_c: float = 0.1  # tangent normalisation g / (||g|| + c) (0 = off)
+    logvar_learning_rate: float = 1e-2  # AdamW lr of the log-variance head (adaptive weighting)
+    adaptive_weighting: bool = True  # learned log-variance weighting (off: plain mean squared error)
+    intermediate_t: float = 1.1  # 2-step sampler's second time (TrigFlow radians)
+    jvp_method: str = "exact"  # exact (forward-mode AD) / finite_difference
+    eval_num_samples: int = 1000  # samples for the final benchmark rows (0 skips)
+
+    def __post_init__(self):
+        if self.source not in SOURCES:
+            raise ValueError(f"`source` must be one of {SOURCES}, got {self.source!r}.")
+        if self.jvp_method not in JVP_METHODS:
+            raise ValueError(f"`jvp_method` must be one of {JVP_METHODS}, got {self.jvp_method!r}.")
+        if self.sigma_d <= 0 or self.t_std <= 0:
+            raise ValueError(f"`sigma_d` and `t_std` must be > 0, got {self.sigma_d}, {self.t_std}.")
+        if self.warmup_steps < 0 or self.tangent_c < 0:
+            raise ValueError(f"`warmup_steps` and `tangent_c` must be >= 0, got {self.warmup_steps}, {self.tangent_c}.")
+        if self.guidance_scale < 0 or self.logvar_learning_rate <= 0:
+            raise ValueError("need guidance_scale >= 0 and logvar_learning_rate > 0, got "
+                             f"{self.guidance_scale}, {self.logvar_learning_rate}.")
+        if not 0 < self.intermediate_t < 1.5707963:
+            raise ValueError(f"`intermediate_t` must be in (0, pi/2), got {self.intermediate_t}.")
+
+
+def main(argv=None):
+    args = parse_args(SCMArgs, argv)
+    run = args.run
+    accelerator = setup_accelerator(run, "train_scm", args)
+    if accelerator.is_main_process:
+        save_config(args, os.path.join(run.output_dir, "train_config.yaml"))
+
+    # 1. Teacher (frozen), student (a copy) and the log-variance head, one optimizer for student + head.
+    teacher_pipe = DigitsPipeline.from_pretrained(args.teacher)
+    process, prediction_type = process_from_scheduler(teacher_pipe.scheduler)
+    modules = {"teacher": teacher_pipe.unet.requires_grad_(False),
+               "student": DigitsPipeline.from_pretrained(args.teacher).unet.requires_grad_(True)}
+    params = {"student": list(modules["student"].parameters())}
+    if args.adaptive_weighting:
+        modules["logvar"] = LogVarHead()
+        params["logvar"] = list(modules["logvar"].parameters())
+    groups = [{"params": params["student"]}] + (
+        [{"params": params["logvar"], "lr": args.logvar_learning_rate}] if args.adaptive_weighting else [])
+    optimizers = {"student": make_optimizer(groups, args.optimizer)}
+    modules, optimizers = prepare_players(accelerator, modules, optimizers, gradient_checkpointing=run.gradient_checkpointing)
+    optimizer, lr_scheduler = optimizers["student"]
+    teacher = Denoiser(modules["teacher"], process, prediction_type) if args.source == "teacher" else None
+    student = Denoiser(modules["student"], process, prediction_type)
+    ema = student_ema(accelerator, modules, args.ema, run.train_batch_size)
+    scheduler = scm_rf_scheduler(args.sigma_d, args.intermediate_t)
+    all_params = [p for ps in params.values() for p in ps]
+
+    images, labels = (torch.from_numpy(a) for a in load_digits_arrays("train"))
+    batches = InfiniteBatches(images, labels, batch_size=run.train_batch_size, seed=run.seed,
+                              rank=accelerator.process_index, world_size=accelerator.num_processes)
+    step = 0
+    checkpoint = resolve_checkpoint(run.output_dir, run.resume_from_checkpoint)
+    if checkpoint is not None:
+        step = load_checkpoint(accelerator, checkpoint, emas={"student": ema})["step"]
+        logger.info("resumed from %s at step %d", checkpoint, step)
+    batches.state_at(step)
+
+    # 2. The loop: one sCM step per iteration.
+    progress = tqdm(range(run.max_train_steps), initial=step, disable=not accelerator.is_local_main_process)
+    while step < run.max_train_steps:
+        x0, y = (v.to(accelerator.device) for v in next(batches))
+        eps = torch.randn_like(x0)
+        t = sample_trigflow_time((x0.shape[0],), sigma_d=args.sigma_d, mean=args.t_mean, std=args.t_std,
+                                 device=x0.device)
+        cond, uncond = digits_cond(y), digits_cond(torch.full_like(y, NULL_CLASS))
+        warmup = min(1.0, step / args.warmup_steps) if args.warmup_steps else 1.0
+        loss, logs = scm_step(student, x0, eps, t, cond, sigma_d=args.sigma_d, teacher=teacher, uncond=uncond,
+                              guidance_scale=args.guidance_scale, warmup=warmup, tangent_c=args.tangent_c,
+                              logvar_head=modules.get("logvar"), jvp_method=args.jvp_method)
+        update(accelerator, loss, all_params, optimizer, lr_scheduler, args.optimizer.max_grad_norm)
+        ema.update(student.model)
+        step += 1
+        progress.update(1)
+        if step % run.logging_steps == 0:
+            scalars = {"loss": loss.item(), **{k: v.item() for k, v in logs.items()}}
+            progress.set_postfix(**scalars)
+            accelerator.log(scalars, step=step)
+        if run.checkpointing_steps and step % run.checkpointing_steps == 0:
+            save_checkpoint(accelerator, run.output_dir, step, emas={"student": ema},
+                            total_limit=run.checkpoints_total_limit)
+
+    # 3. Save the student with its sampler, reload it, benchmark 1 and 2 steps.
+    name = "sCD student" if args.source == "teacher" else "sCT student"
+    finish_digits_run(accelerator, modules, params, optimizers, ema, scheduler, output_dir=run.output_dir,
+                      teacher_path=args.teacher, num_steps=1, step=step, eval_num_samples=args.eval_num_samples,
+                      name=name, logger=logger, step_counts=[1, 2])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+"""TCM stage 2: truncated consistency training / distillation (Lee et al. arXiv:2410.14895).
+
+Stage 1 is a full-range consistency model (e.g. `examples/train_cm`). Stage 2 starts from it and
+trains only t >= t' (`--t_boundary`): below t' the consistency function is the frozen stage-1 model,
+which is the target of every pair whose r falls under t' (the boundary loss, weight `boundary_weight`);
+above, the network's own stop-gradient output is (the consistency loss). A fraction
+`boundary_fraction` of the pairs is drawn with t = t' exactly, the rest with t > t'.
+
+1. stage1 = frozen copy of the stage-1 student; student = trainable copy; teacher (distillation only).
+2. Each step: real digits x0, noise eps, (t, r) from ECT's curriculum restricted to t >= t';
+   losses.consistency.tcm_loss.
+3. The student is saved with the CM multistep sampler (FlowMatchFewStepScheduler(shift)): its 1 step
+   starts at t = 1 and its 2-step midpoint shift / (1 + shift) must stay >= t', where the student is
+   trained.
+
+    accelerate launch examples/train_tcm/train_tcm.py --stage1 outputs/cm --output_dir outputs/tcm
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from diffusers_fastgen.evaluation import DIGITS_TEACHER_PATH
+from diffusers_fastgen.models import Denoiser
+from diffusers_fastgen.models.digits import NULL_CLASS, digits_cond
+from diffusers_fastgen.parametrization import process_from_scheduler
+from diffusers_fastgen.pipelines import DigitsPipeline
+from diffusers_fastgen.schedulers import flow_match_sde_scheduler
+from diffusers_fastgen.timesteps import ect_ratio, sample_log_normal
+from diffusers_fastgen.training import (
+    EMAArgs,
+    OptimizerArgs,
+    RunArgs,
+    load_checkpoint,
+    make_optimizer,
+    parse_args,
+    resolve_checkpoint,
+    save_checkpoint,
+    save_config,
+    setup_accelerator,
+    update,
+)
+from diffusers_fastgen.training.consistency import tcm_step
+from diffusers_fastgen.training.data import InfiniteBatches, load_digits_arrays
+from diffusers_fastgen.training.players import finish_digits_run, prepare_players, student_ema
+
+logger = logging.getLogger("train_tcm")
+SOURCES = ("teacher", "data")
+
+
+@dataclass
+class TCMArgs:
+    """TCM stage 2 on top of a stage-1 consistency model."""
+
+    run: RunArgs = field(default_factory=lambda: RunArgs(output_dir="outputs/tcm", max_train_steps=1000,
+                                                         train_batch_size=128, checkpointing_steps=500,
+                                                         validation_steps=0))
+    optimizer: OptimizerArgs = field(default_factory=lambda: OptimizerArgs(learning_rate=5e-5, adam_beta2=0.99,
+                                                                           max_grad_norm=1.0))
+    ema: EMAArgs = field(default_factory=lambda: EMAArgs(ema_schedule="halflife", ema_halflife_kimg=10.0))
+    stage1: str | None = None  # stage-1 consistency-model pipeline folder (e.g. the output of train_cm); required
+    teacher: str = DIGITS_TEACHER_PATH  # teacher pipeline folder (source=teacher)
+    source: str = "teacher"  # teacher = distillation (DDIM step of the teacher), data = consistency training
+    guidance_scale: float = 1.0  # teacher CFG (source=teacher)
+    t_boundary: float = 0.4  # t' in the student's time (RF: 0 data, 1 noise)
+    boundary_fraction: float = 0.25  # pairs drawn at t = t' exactly
+    boundary_weight: float = 1.0  # weight of the boundary loss (pairs with r < t')
+    num_stages: int = 4  # ECT curriculum stages (the gap ratio halves every stage)
+    start_stage: int = 2  # stage 2 continues stage 1's curriculum from this stage (gap ratio 1 / 2^(k+1))
+    t_mean: float = -1.1  # proposal on the EDM noise ratio, log sigma ~ N(t_mean, t_std^2), restricted to t >= t'
+    t_std: float = 2.0
+    huber_c: float | None = None  # pseudo-Huber c (None: iCT's 0.00054 sqrt(D))
+    shift: float = 1.0  # sampler shift; the 2-step midpoint shift / (1 + shift) must be >= t_boundary
+    eval_num_samples: int = 1000  # samples for the final benchmark rows (0 skips)
+
+    def __post_init__(self):
+        if self.stage1 is None:
+            raise ValueError("`stage1` is required: the folder of a stage-1 consistency model (e.g. from train_cm).")
+        if self.source not in SOURCES:
+            raise ValueError(f"`source` must be one of {SOURCES}, got {self.source!r}.")
+        if not 0.0 < self.t_boundary < 1.0:
+            raise ValueError(f"`t_boundary` must be in (0, 1), got {self.t_boundary}.")
+        if not 0.0 <= self.boundary_fraction <= 1.0 or self.boundary_weight < 0:
+            raise ValueError(f"need boundary_fraction in [0, 1] and boundary_weight >= 0, got "
+                             f"{self.boundary_fraction}, {self.boundary_weight}.")
+        if self.shift <= 0 or self.shift / (1 + self.shift) < self.t_boundary:
+            raise ValueError(f"`shift` must give a 2-step midpoint shift/(1+shift) >= t_boundary={self.t_boundary}, "
+                             f"got shift={self.shift}.")
+        if self.num_stages < 1 or not 0 <= self.start_stage < self.num_stages or self.t_std <= 0:
+            raise ValueError(f"need num_stages >= 1, 0 <= start_stage < num_stages, t_std > 0; got "
+                             f"{self.num_stages}, {self.start_stage}, {self.t_std}.")
+
+
+def sample_pair(b: int, step: int, args: TCMArgs, process, device):
+    """(t, r): t = t' for a `boundary_fraction` of the batch, else the log-normal proposal folded onto
+    t > t' (log sigma reflected about log sigma(t')); r's noise ratio is t's times (1 - n), n = ECT's gap
+    ratio of the current stage (stage 2 continues stage 1's curriculum from `start_stage`)."""
+    ratio_b = args.t_boundary / (1 - args.t_boundary)  # t' as an EDM noise ratio (RF: t / (1 - t))
+    sigma = sample_log_normal((b,), mean=args.t_mean, std=args.t_std, device=device, dtype=torch.float64)
+    sigma = torch.where(sigma > ratio_b, sigma, ratio_b * ratio_b / sigma)  # reflect log sigma about log ratio_b
+    sigma = torch.where(torch.rand(b, device=device) < args.boundary_fraction, torch.full_like(sigma, ratio_b), sigma)
+    stage = args.start_stage + step * (args.num_stages - args.start_stage) // args.run.max_train_steps
+    n = ect_ratio(stage, total_iterations=args.num_stages, num_stages=args.num_stages)  # 1 / 2^(stage + 1)
+    return process.t_from_noise_ratio(sigma).float(), process.t_from_noise_ratio(sigma * (1 - n)).float()
+
+
+def main(argv=None):
+    args = parse_args(TCMArgs, argv)
+    run = args.run
+    accelerator = setup_accelerator(run, "train_tcm", args)
+    if accelerator.is_main_process:
+        save_config(args, os.path.join(run.output_dir, "train_config.yaml"))
+
+    # 1. Frozen stage-1 CM (and teacher), student = trainable copy of stage 1, one optimizer.
+    stage1_pipe = DigitsPipeline.from_pretrained(args.stage1)
+    process, prediction_type = process_from_scheduler(stage1_pipe.scheduler)
+    teacher_pipe = DigitsPipeline.from_pretrained(args.teacher) if args.source == "teacher" else None
+    modules = {"student": DigitsPipeline.from_pretrained(args.stage1).unet.requires_grad_(True)}
+    params = {"student": list(modules["student"].parameters())}
+    optimizers = {"student": make_optimizer(params["student"], args.optimizer)}
+    modules, optimizers = prepare_players(accelerator, modules, optimizers, gradient_checkpointing=run.gradient_checkpointing)
+    optimizer, lr_scheduler = optimizers["student"]
+    frozen = {"stage1": stage1_pipe.unet, **({"teacher": teacher_pipe.unet} if teacher_pipe else {})}
+    for module in frozen.values():
+        module.requires_grad_(False).eval().to(accelerator.device)
+    stage1 = Denoiser(frozen["stage1"], process, prediction_type)
+    teacher = Denoiser(frozen["teacher"], *process_from_scheduler(teacher_pipe.scheduler)) if teacher_pipe else None
+    student = Denoiser(modules["student"], process, prediction_type)
+    ema = student_ema(accelerator, modules, args.ema, run.train_batch_size)
+    scheduler = flow_match_sde_scheduler(shift=args.shift)
+
+    images, labels = (torch.from_numpy(a) for a in load_digits_arrays("train"))
+    batches = InfiniteBatches(images, labels, batch_size=run.train_batch_size, seed=run.seed,
+                              rank=accelerator.process_index, world_size=accelerator.num_processes)
+    step = 0
+    checkpoint = resolve_checkpoint(run.output_dir, run.resume_from_checkpoint)
+    if checkpoint is not None:
+        step = load_checkpoint(accelerator, checkpoint, emas={"student": ema})["step"]
+        logger.info("resumed from %s at step %d", checkpoint, step)
+    batches.state_at(step)
+
+    # 2. The loop: one truncated consistency step per iteration.
+    progress = tqdm(range(run.max_train_steps), initial=step, disable=not accelerator.is_local_main_process)
+    while step < run.max_train_steps:
+        x0, y = (v.to(accelerator.device) for v in next(batches))
+        eps = torch.randn_like(x0)
+        t, r = sample_pair(x0.shape[0], step, args, process, x0.device)
+        cond, uncond = digits_cond(y), digits_cond(torch.full_like(y, NULL_CLASS))
+        loss, logs = tcm_step(student, stage1, x0, eps, t, r, cond, t_boundary=args.t_boundary,
+                              boundary_weight=args.boundary_weight, teacher=teacher, uncond=uncond,
+                              guidance_scale=args.guidance_scale, huber_c=args.huber_c)
+        update(accelerator, loss, params["student"], optimizer, lr_scheduler, args.optimizer.max_grad_norm)
+        ema.update(student.model)
+        step += 1
+        progress.update(1)
+        if step % run.logging_steps == 0:
+            scalars = {"loss": loss.item(), **{k: v.item() for k, v in logs.items()}}
+            progress.set_postfix(**scalars)
+            accelerator.log(scalars, step=step)
+        if run.checkpointing_steps and step % run.checkpointing_steps == 0:
+            save_checkpoint(accelerator, run.output_dir, step, emas={"student": ema},
+                            total_limit=run.checkpoints_total_limit)
+
+    # 3. Save the student with its sampler, reload it, benchmark 1 and 2 steps.
+    finish_digits_run(accelerator, modules, params, optimizers, ema, scheduler, output_dir=run.output_dir,
+                      teacher_path=args.stage1, num_steps=1, step=step, eval_num_samples=args.eval_num_samples,
+                      name="TCM student", logger=logger, step_counts=[1, 2])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""2-step smoke runs of train_cm, train_tcm, train_scm and train_meanflow, distilling and from data:
+the student changes, the teacher file does not, the output folder reloads with from_pretrained, its
+scheduler is the sampler the student was trained for, and it samples at 1 and 2 steps."""
+
+import math
+import os
+
+import pytest
+import torch
+from diffusers import FlowMapEulerDiscreteScheduler
+
+from diffusers_fastgen.models import Denoiser
+from diffusers_fastgen.models.digits import digits_cond
+from diffusers_fastgen.parametrization import process_from_scheduler
+from diffusers_fastgen.pipelines import DigitsPipeline
+from diffusers_fastgen.sampling import sample_meanflow
+from diffusers_fastgen.schedulers import FlowMatchFewStepScheduler, flow_map_scheduler, t_list_from_scheduler
+
+from script_utils import assert_changed, file_digest, run_script, unet_weights
+
+COMMON = ["--train_batch_size", "8", "--learning_rate", "1e-3", "--report_to", "none", "--ema_schedule", "constant",
+          "--ema_decay", "0.0", "--max_train_steps", "2", "--eval_num_samples", "20", "--checkpointing_steps", "0"]
+
+
+
+
+@pytest.mark.parametrize("script,extra", [("cm", ["--source", "teacher", "--guidance_scale", "1.5"]),
+                                          ("cm", ["--source", "data", "--shift", "2.0"]),
+                                          ("scm", ["--source", "teacher", "--guidance_scale", "1.5"]),
+                                          ("scm", ["--source", "data", "--jvp_method", "finite_difference"]),
+                                          ("meanflow", ["--source", "teacher", "--guidance_scale", "1.5"]),
+                                          ("meanflow", ["--source", "data", "--jvp_method", "finite_difference"])])
+def test_two_steps_student_changes_teacher_does_not(tiny_teacher, tmp_path, script, extra):
+    teacher_file = os.path.join(tiny_teacher, "unet", "diffusion_pytorch_model.safetensors")
+    digest = file_digest(teacher_file)
+    out = str(tmp_path / script)
+    run_script(script, ["--teacher", tiny_teacher, "--output_dir", out, *COMMON, *extra])
+    assert file_digest(teacher_file) == digest
+    before = unet_weights(tiny_teacher)
+    if script == "meanflow":  # the student has one new tensor (the zero-initialised interval projection)
+        after = unet_weights(out)
+        assert torch.count_nonzero(after.pop("time_embedding.cond_proj.weight")) > 0
+        assert_changed(before, after)
+        before = {**before, "time_embedding.cond_proj.weight": torch.zeros(1)}
+    else:
+        assert_changed(before, unet_weights(out))
+    pipe = DigitsPipeline.from_pretrained(out)
+    for steps in (1, 2):
+        torch.manual_seed(0)
+        images = pipe([1, 2], num_inference_steps=steps, output_type="latent").images
+        assert images.shape == (2, 1, 8, 8) and torch.isfinite(images).all()
+    assert os.path.isfile(os.path.join(out, "benchmark.md")) and os.path.isfile(os.path.join(out, "train_config.yaml"))
+    if script == "meanflow":
+        assert isinstance(pipe.scheduler, FlowMapEulerDiscreteScheduler)
+        assert pipe.unet.config.time_cond_proj_dim == 64
+    elif script == "scm":  # sCM's 2-step midpoint t = 1.1 rad, on the RF path: sigma_d tan t / (1 + sigma_d tan t)
+        assert isinstance(pipe.scheduler, FlowMatchFewStepScheduler)
+        pipe.scheduler.set_timesteps(2)
+        k = 0.75 * math.tan(1.1)
+        torch.testing.assert_close(pipe.scheduler.sigmas, torch.tensor([1.0, k / (1 + k), 0.0]))
+    else:
+        assert isinstance(pipe.scheduler, FlowMatchFewStepScheduler)
+
+
+def test_tcm_two_steps_from_a_stage1_model(tiny_teacher, tmp_path):
+    stage1 = str(tmp_path / "cm")
+    run_script("cm", ["--teacher", tiny_teacher, "--output_dir", stage1, *COMMON])
+    digest = file_digest(os.path.join(stage1, "unet", "diffusion_pytorch_model.safetensors"))
+    out = str(tmp_path / "tcm")
+    run_script("tcm", ["--stage1", stage1, "--teacher", tiny_teacher, "--output_dir", out, *COMMON,
+                       "--t_boundary", "0.3", "--boundary_fraction", "0.5"])
+    assert file_digest(os.path.join(stage1, "unet", "diffusion_pytorch_model.safetensors")) == digest
+    assert_changed(unet_weights(stage1), unet_weights(out))
+    pipe = DigitsPipeline.from_pretrained(out)
+    torch.manual_seed(0)
+    assert torch.isfinite(pipe([3], num_inference_steps=2, output_type="latent").images).all()
+
+
+def test_tcm_needs_a_stage1_model_and_a_midpoint_above_t_boundary(tmp_path):
+    with pytest.raises(ValueError, match="stage1"):
+        run_script("tcm", ["--output_dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="shift"):
+        run_script("tcm", ["--stage1", "x", "--output_dir", str(tmp_path), "--t_boundary", "0.6", "--shift", "1.0"])
+
+
+def test_meanflow_folder_samples_with_the_training_time_sampler(tiny_teacher, tmp_path):
+    """The reloaded pipeline's 1- and 2-step outputs equal sampling.sample_meanflow on u_theta(z, r, t)."""
+    out = str(tmp_path / "mf")
+    run_script("meanflow", ["--teacher", tiny_teacher, "--output_dir", out, *COMMON, "--eval_num_samples", "0"])
+    pipe = DigitsPipeline.from_pretrained(out)
+    student = Denoiser(pipe.unet, *process_from_scheduler(DigitsPipeline.from_pretrained(tiny_teacher).scheduler))
+    labels = torch.tensor([0, 5, 9])
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    for steps in (1, 2):
+        ours = sample_meanflow(lambda z, r, t: student(z, t, digits_cond(labels), target="flow", r=r), x,
+                               t_list_from_scheduler(flow_map_scheduler(), steps))
+        theirs = pipe(labels, num_inference_steps=steps, latents=x, output_type="latent").images
+        torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("script", ["cm", "scm", "meanflow"])
+def test_bad_arguments_name_the_field(script, tmp_path):
+    with pytest.raises(ValueError, match="source"):
+        run_script(script, ["--output_dir", str(tmp_path), "--source", "teachr"])

@@ -313,9 +313,15 @@ def change_process(x_t: torch.Tensor, t, source: Process, target: Process):
     t_rf = sigma_d tan t / (1 + sigma_d tan t), scale = 1 / (cos t + sigma_d sin t).
     """
     t = torch.as_tensor(t, device=x_t.device).to(_compute_dtype(x_t))
-    ratio = source.sigma(t) / source.alpha(t)
-    t_target = target.t_from_noise_ratio(ratio)
-    scale = target.alpha(t_target) / source.alpha(t)
+    a, s = source.alpha(t), source.sigma(t)
+    t_target = target.t_from_noise_ratio(s / a)
+    # alpha_target / alpha_source = sigma_target / sigma_source; take the ratio of the larger pair, which
+    # stays finite at both ends (alpha -> 0 at pure noise, e.g. TrigFlow t = pi/2; sigma -> 0 at data).
+    # (Safe denominators: the unused branch must not produce inf/nan, which would poison gradients.)
+    use_alpha = a.abs() >= s.abs()
+    one = torch.ones_like(a)
+    scale = torch.where(use_alpha, target.alpha(t_target) / torch.where(use_alpha, a, one),
+                        target.sigma(t_target) / torch.where(use_alpha, one, s))
     x = (_up(x_t) * _as_time(scale, x_t)).to(x_t.dtype)
     return x, t_target, scale
 

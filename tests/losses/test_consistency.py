@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 
-from diffusers_fastgen.losses.consistency import consistency_loss, consistency_pair, ddim_step, pseudo_huber
+from diffusers_fastgen.losses.consistency import consistency_loss, consistency_pair, ddim_step, pseudo_huber, tcm_loss
+from diffusers_fastgen.timesteps import sample_t_r_ect
 from diffusers_fastgen.parametrization import EDM
 
 S = 0.5
@@ -71,3 +72,15 @@ def test_training_target_mean_is_the_ddim_step_target():
     target = f_star(b, r).mean(0)
     expected = f_star(ddim_step(edm, x_t[:1], d_star(x_t[:1], t[:1]), t[:1], r[:1]), r[:1])[0]
     torch.testing.assert_close(target, expected, rtol=0, atol=0.01)
+
+
+def test_tcm_loss_takes_the_stage1_target_below_the_boundary():
+    """Pairs with r < t' regress on the frozen stage-1 output (weight w_b), the others on the network's own."""
+    f_t = torch.zeros(3, 4, dtype=torch.float64)
+    f_r = torch.full((3, 4), 1.0, dtype=torch.float64)
+    f_r_stage1 = torch.full((3, 4), 2.0, dtype=torch.float64)
+    t = torch.tensor([0.5, 0.6, 0.9], dtype=torch.float64)
+    r = torch.tensor([0.3, 0.45, 0.7], dtype=torch.float64)  # t' = 0.4: only the first pair crosses it
+    loss = tcm_loss(f_t, f_r, f_r_stage1, t, r, t_boundary=0.4, boundary_weight=3.0, huber_c=0.0)
+    expected = torch.tensor([3.0 * 4.0 / 0.2, 2.0 / 0.15, 2.0 / 0.2], dtype=torch.float64)  # ||.|| = 2 sqrt(c^2)
+    torch.testing.assert_close(loss, expected)

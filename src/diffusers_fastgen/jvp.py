@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 JVP_METHODS = ("exact", "finite_difference")
@@ -54,8 +55,8 @@ def _contiguous(xs):
 def jvp(fn, primals: tuple, tangents: tuple, *, method: str = "exact", eps: float = 3e-5):
     """Return (fn(*primals), J_fn(primals) . tangents).
 
-    method="exact": torch.func.jvp under `forward_ad_compatible()`; gradients flow to the parameters
-      through the primal output (the tangent output is what losses stop-grad anyway).
+    method="exact": forward-mode AD (dual tensors) under `forward_ad_compatible()`; gradients flow to the
+      parameters through the primal output (the tangent output is what losses stop-grad anyway).
     method="finite_difference": central difference (fn(p + eps v) - fn(p - eps v)) / (2 eps), in the
       input dtype, plus one extra forward for the primal: 3 forwards, no forward-mode AD needed.
     """
@@ -65,8 +66,16 @@ def jvp(fn, primals: tuple, tangents: tuple, *, method: str = "exact", eps: floa
         raise ValueError(f"`primals` and `tangents` must have the same length, got {len(primals)} and {len(tangents)}.")
     primals, tangents = _contiguous(primals), _contiguous(tangents)
     if method == "exact":
-        with forward_ad_compatible():
-            return torch.func.jvp(fn, primals, tangents)
+        # Dual tensors (torch.autograd.forward_ad) rather than torch.func.jvp: the same forward-mode rules
+        # and cost, but the call runs on ordinary tensors, so a DDP-wrapped model works (its forward
+        # rejects functorch's wrapped tensors) and the primal output keeps its autograd graph.
+        with forward_ad_compatible(), fwAD.dual_level():
+            duals = [fwAD.make_dual(p, v.to(p.dtype)) if torch.is_tensor(p) and p.is_floating_point() else p
+                     for p, v in zip(primals, tangents)]
+            out, tangent = fwAD.unpack_dual(fn(*duals))
+        if tangent is None:  # the output does not depend on the primals
+            tangent = torch.zeros_like(out)
+        return out, tangent
     out = fn(*primals)
     with torch.no_grad():
         plus = fn(*(p + eps * v for p, v in zip(primals, tangents)))

@@ -1,5 +1,5 @@
 """Two CPU processes (gloo DDP) run the digits distillation scripts to completion with replicas in sync:
-DMD2 (full, LoRA, and with the GAN branch + approximate R1 in both modes) and LADD."""
+DMD2 (full, LoRA, and with the GAN branch + approximate R1 in both modes), LADD, sCM and MeanFlow."""
 
 import os
 import subprocess
@@ -40,3 +40,17 @@ def test_two_process_ddp(tiny_teacher, tmp_path, script, extra, port):
     assert "DDP replicas in sync across 2 processes" in log
     saved = "pytorch_lora_weights.safetensors" if "2" in extra[:2] else "model_index.json"
     assert os.path.isfile(os.path.join(out, saved))
+
+
+@pytest.mark.parametrize("script,port", [("scm", 29522), ("meanflow", 29523)])
+def test_two_process_ddp_exact_jvp(tiny_teacher, tmp_path, script, port):
+    """The exact JVP runs through the DDP-wrapped student (dual tensors, not functorch's wrappers, which
+    DDP's forward rejects); replicas on different data stay equal only if the gradients were all-reduced."""
+    out = str(tmp_path / "ddp")
+    proc = _launch(script, ["--teacher", tiny_teacher, "--output_dir", out, "--max_train_steps", "3",
+                            "--train_batch_size", "4", "--eval_num_samples", "0", "--report_to", "none",
+                            "--jvp_method", "exact"], tmp_path, port)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    assert "DDP replicas in sync across 2 processes" in log
+    assert os.path.isfile(os.path.join(out, "model_index.json"))

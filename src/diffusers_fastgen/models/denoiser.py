@@ -186,9 +186,7 @@ class Denoiser:
         from .interval import interval_embedding
 
         r = torch.as_tensor(r, device=t.device, dtype=t.dtype).expand_as(t)
-        return interval_embedding(self.native_timestep(t), self.native_timestep(r), dim,
-                                  flip_sin_to_cos=inner.config.flip_sin_to_cos,
-                                  freq_shift=inner.config.freq_shift).to(inner.dtype)
+        return interval_embedding(self.native_timestep(t), self.native_timestep(r), dim).to(inner.dtype)
 
     def __call__(self, x_t: torch.Tensor, t, cond: dict | None = None, *, target: str = "x0", r=None) -> torch.Tensor:
         """Prediction of `target` type at (x_t, t), in x_t's dtype (so fp32 latents under bf16 autocast

@@ -47,8 +47,7 @@ class DigitsPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
 
         config = self.unet.config
         r = r_timestep.to(device=timestep.device, dtype=timestep.dtype).expand_as(timestep)
-        return interval_embedding(timestep.float(), r.float(), config.time_cond_proj_dim,
-                                  flip_sin_to_cos=config.flip_sin_to_cos, freq_shift=config.freq_shift).to(self.unet.dtype)
+        return interval_embedding(timestep.float(), r.float(), config.time_cond_proj_dim).to(self.unet.dtype)
 
     @torch.no_grad()
     def __call__(self, class_labels, num_inference_steps: int = 1, guidance_scale: float = 1.0,

@@ -74,3 +74,17 @@ def test_generator_reproducible_and_bad_args():
         ts.sample_from_list((3,), [0.5])
     with pytest.raises(ValueError, match="base"):
         ts.sample_shifted((3,), base="cosine")
+
+
+def test_trigflow_time_is_logit_normal_on_the_rf_path():
+    """t = arctan(e^n / sigma_d): on the RF path (t_rf = k / (1 + k), k = sigma_d tan t) that is sigmoid(n)."""
+    from diffusers_fastgen.timesteps import sample_trigflow_time
+
+    t = sample_trigflow_time((20000,), sigma_d=0.75, mean=-0.8, std=1.6, generator=torch.Generator().manual_seed(3),
+                             dtype=torch.float64)
+    assert bool((t > 0).all() and (t < torch.pi / 2).all())
+    k = 0.75 * torch.tan(t)
+    logits = torch.logit(k / (1 + k)).numpy()
+    assert stats.kstest(logits, stats.norm(loc=-0.8, scale=1.6).cdf).pvalue > 0.01
+    with pytest.raises(ValueError, match="sigma_d"):
+        sample_trigflow_time((2,), sigma_d=0.0)

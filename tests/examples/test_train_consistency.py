@@ -102,3 +102,9 @@ def test_meanflow_folder_samples_with_the_training_time_sampler(tiny_teacher, tm
 def test_bad_arguments_name_the_field(script, tmp_path):
     with pytest.raises(ValueError, match="source"):
         run_script(script, ["--output_dir", str(tmp_path), "--source", "teachr"])
+
+
+@pytest.mark.parametrize("script", ["scm", "meanflow"])
+def test_jvp_methods_refuse_mixed_precision(script, tmp_path):
+    with pytest.raises(ValueError, match="mixed_precision"):
+        run_script(script, ["--output_dir", str(tmp_path), "--mixed_precision", "bf16"])

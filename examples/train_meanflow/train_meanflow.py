@@ -70,7 +70,9 @@ class MeanFlowArgs:
     t_std: float = 1.0  # logit-normal (t, r) proposal: std
     endpoint_fraction: float = 0.25  # fraction of r != t samples put on the sampler's own jumps (1->0, 1->0.5, 0.5->0)
     adaptive_p: float = 1.0  # adaptive loss weight 1 / (loss + c)^p (0 = plain squared error)
+    warmup_steps: int = 0  # tangent warm-up: the (t - r) du/dt term ramps 0 -> 1 over these steps
     jvp_method: str = "finite_difference"  # finite_difference (3 fwds, fp32 only; cheapest here) / exact (forward-mode AD)
+    fd_eps: float = 3e-5  # finite-difference step along (z, t) (larger = a secant over the teacher's fine-scale roughness in t)
     eval_num_samples: int = 1000  # samples for the final benchmark rows (0 skips)
 
     def __post_init__(self):
@@ -90,6 +92,10 @@ class MeanFlowArgs:
                              f"{self.ratio_r_neq_t}, {self.endpoint_fraction}.")
         if self.t_std <= 0 or self.adaptive_p < 0:
             raise ValueError(f"need t_std > 0 and adaptive_p >= 0, got {self.t_std}, {self.adaptive_p}.")
+        if self.warmup_steps < 0:
+            raise ValueError(f"`warmup_steps` must be >= 0, got {self.warmup_steps}.")
+        if self.fd_eps <= 0:
+            raise ValueError(f"`fd_eps` must be > 0, got {self.fd_eps}.")
         if self.interval_dim < 2 or self.interval_dim % 2:
             raise ValueError(f"`interval_dim` must be an even number >= 2, got {self.interval_dim}.")
 
@@ -144,7 +150,8 @@ def main(argv=None):
         cond, uncond = digits_cond(y), digits_cond(torch.full_like(y, NULL_CLASS))
         loss, logs = meanflow_step(student, x0, eps, t, r, cond, teacher=teacher, uncond=uncond,
                                    guidance_scale=args.guidance_scale, jvp_method=args.jvp_method,
-                                   adaptive_p=args.adaptive_p)
+                                   fd_eps=args.fd_eps, adaptive_p=args.adaptive_p,
+                                   warmup=min(1.0, step / args.warmup_steps) if args.warmup_steps else 1.0)
         update(accelerator, loss, params["student"], optimizer, lr_scheduler, args.optimizer.max_grad_norm)
         ema.update(student.model)
         step += 1

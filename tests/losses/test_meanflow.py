@@ -70,3 +70,26 @@ def test_adaptive_weight():
         mse = off.view(-1) ** 2  # the offset is constant in (z, t), so the target stays u*
         torch.testing.assert_close(aux["mse"], mse, rtol=1e-6, atol=1e-12)
         torch.testing.assert_close(loss, mse / (mse + 1e-3) ** p, rtol=1e-6, atol=1e-12)
+
+
+def test_boundary_stencil_and_warmup():
+    """With t_max the finite-difference stencil is centred at c = min(t, t_max - eps) on the same trajectory
+    (z_c = z + (c - t) v): the target at t = t_max is v - (t - r) du/dt at (z_c, c) (closed form, central
+    differences error O(eps^2)), the network is never evaluated past t_max; warmup = 0 gives v itself."""
+    z = torch.randn(4, 3, dtype=torch.float64)
+    v = torch.randn(4, 3, dtype=torch.float64)
+    t, r = torch.ones(4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64)
+    calls = []
+
+    def u_fn(z_, r_, t_):
+        calls.append(t_.max().item())
+        return 0.5 * z_ ** 2 + (t_ ** 2).view(-1, 1) * z_  # du/dt along (v, 1) = z v + t^2 v + 2 t z
+
+    _, tgt = meanflow_target(u_fn, z, r, t, v, jvp_method="finite_difference", eps=1e-3, t_max=1.0)
+    c = 1.0 - 1e-3
+    z_c = z + (c - 1.0) * v
+    dudt = z_c * v + c ** 2 * v + 2 * c * z_c
+    torch.testing.assert_close(tgt, v - dudt, atol=1e-5, rtol=1e-5)
+    assert max(calls) <= 1.0 + 1e-12  # never evaluated past t_max
+    _, tgt0 = meanflow_target(u_fn, z, r, t, v, jvp_method="finite_difference", eps=1e-3, t_max=1.0, warmup=0.0)
+    torch.testing.assert_close(tgt0, v)

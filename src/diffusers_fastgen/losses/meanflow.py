@@ -21,28 +21,43 @@ from ..jvp import jvp
 
 
 def meanflow_target(u_fn, z_t: torch.Tensor, r: torch.Tensor, t: torch.Tensor, v: torch.Tensor, *,
-                    jvp_method: str = "exact", eps: float = 3e-5):
-    """(u_theta(z_t, r, t), u_tgt) with u_tgt = sg[v - (t - r) (v . d_z u + d_t u)] (eq. 10).
+                    jvp_method: str = "exact", eps: float = 3e-5, warmup: float = 1.0, t_max: float | None = None):
+    """(u_theta(z_t, r, t), u_tgt) with u_tgt = sg[v - warmup (t - r) (v . d_z u + d_t u)] (eq. 10).
 
     u_fn(z, r, t) -> u: the network's average velocity (B, ...) for z (B, ...), r and t (B,).
     v: the velocity at (z_t, t) — eps - x for training from data, the (CFG) teacher's velocity for
-    distillation. The JVP is exact (forward-mode AD) or a central finite difference (`jvp_method`).
-    u keeps its graph (it is the prediction); u_tgt is detached.
+    distillation. The JVP is exact (forward-mode AD) or a central finite difference (`jvp_method`) with
+    step `eps`; with `t_max` the difference stencil is centred at min(t, t_max - eps) along the same
+    trajectory (z moves with v), so the network is never evaluated past the end of time (the 1-step jump
+    starts at t = t_max). warmup in [0, 1] scales the derivative term (tangent warm-up, as in sCM: 0 is
+    flow matching on v, 1 the MeanFlow target). u keeps its graph (it is the prediction); u_tgt is detached.
     """
+    if not 0.0 <= warmup <= 1.0:
+        raise ValueError(f"`warmup` must be in [0, 1], got {warmup}.")
     view = (-1,) + (1,) * (z_t.ndim - 1)
-    u, dudt = jvp(lambda z, tt: u_fn(z, r, tt), (z_t, t), (v, torch.ones_like(t)), method=jvp_method, eps=eps)
-    u_tgt = v - (t - r).view(view) * dudt  # fp32 target; the tangent output carries no graph
+    if jvp_method == "finite_difference" and t_max is not None:
+        u = u_fn(z_t, r, t)
+        centre = torch.clamp(t, max=t_max - eps)
+        with torch.no_grad():
+            plus, minus = centre + eps, centre - eps
+            u_plus = u_fn(z_t + (plus - t).view(view) * v, r, plus)
+            u_minus = u_fn(z_t + (minus - t).view(view) * v, r, minus)
+        dudt = (u_plus.float() - u_minus.float()) / (2 * eps)
+    else:
+        u, dudt = jvp(lambda z, tt: u_fn(z, r, tt), (z_t, t), (v, torch.ones_like(t)), method=jvp_method, eps=eps)
+    u_tgt = v - warmup * (t - r).view(view) * dudt  # fp32 target; the tangent output carries no graph
     return u, u_tgt.detach()
 
 
 def meanflow_loss(u_fn, z_t: torch.Tensor, r: torch.Tensor, t: torch.Tensor, v: torch.Tensor, *,
-                  jvp_method: str = "exact", eps: float = 3e-5, adaptive_p: float = 1.0, adaptive_c: float = 1e-3):
+                  jvp_method: str = "exact", eps: float = 3e-5, adaptive_p: float = 1.0, adaptive_c: float = 1e-3,
+                  warmup: float = 1.0, t_max: float | None = None):
     """Per-sample MeanFlow loss  sg(w) * ||u_theta - u_tgt||^2  with the adaptive weight
     w = 1 / (||u_theta - u_tgt||^2 + c)^p (paper Sec. 4.3; p = 0 is the plain squared error, p = 1
     the paper's default, p = 0.5 a pseudo-Huber-like loss). The squared norm is the mean over
     elements per sample. Returns ((B,) loss, {"u_tgt", "mse"} detached diagnostics).
     """
-    u, u_tgt = meanflow_target(u_fn, z_t, r, t, v, jvp_method=jvp_method, eps=eps)
+    u, u_tgt = meanflow_target(u_fn, z_t, r, t, v, jvp_method=jvp_method, eps=eps, warmup=warmup, t_max=t_max)
     dtype = torch.promote_types(u.dtype, torch.float32)  # at least fp32 (bf16 autocast outputs)
     mse = (u.to(dtype) - u_tgt.to(dtype)).square().flatten(1).mean(1)  # (B,)
     weight = (mse.detach() + adaptive_c).pow(-adaptive_p)

@@ -86,10 +86,12 @@ def scm_step(student, x0, eps, t, cond, *, sigma_d: float, teacher=None, uncond=
 
 
 def meanflow_step(student, x0, eps, t, r, cond, *, teacher=None, uncond=None, guidance_scale: float = 1.0,
-                  jvp_method: str = "exact", adaptive_p: float = 1.0):
+                  jvp_method: str = "exact", fd_eps: float = 3e-5, adaptive_p: float = 1.0, warmup: float = 1.0):
     """MeanFlow (arXiv:2505.13447 Alg. 1): u_theta(z_t, r, t) regressed on v - (t - r) du/dt, v = eps - x0
     (from data) or the teacher's CFG velocity (distillation). The student is an RF flow model with the
-    interval input (models.interval). Network evaluations: student JVP + bwd; distillation: + teacher fwd."""
+    interval input (models.interval). warmup scales the derivative term (tangent warm-up); the finite-
+    difference stencil stays inside t <= t_max. Network evaluations: student JVP + bwd; distillation:
+    + teacher fwd."""
     if not isinstance(student.process, RectifiedFlow):
         raise ValueError(f"MeanFlow is defined on the rectified-flow path; the student's process is "
                          f"{type(student.process).__name__}.")
@@ -103,5 +105,6 @@ def meanflow_step(student, x0, eps, t, r, cond, *, teacher=None, uncond=None, gu
     def u_fn(z, r_, t_):
         return student(z, t_, cond, target="flow", r=r_)
 
-    loss, diag = meanflow_loss(u_fn, z_t, r, t, v, jvp_method=jvp_method, adaptive_p=adaptive_p)
+    loss, diag = meanflow_loss(u_fn, z_t, r, t, v, jvp_method=jvp_method, eps=fd_eps, adaptive_p=adaptive_p,
+                               warmup=warmup, t_max=student.process.t_max)
     return loss.mean(), {"mse": diag["mse"].mean()}

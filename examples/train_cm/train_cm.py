@@ -55,8 +55,8 @@ SOURCES = ("teacher", "data")
 class CMArgs:
     """Consistency distillation (or ECT consistency training) of a 1-2 step student."""
 
-    run: RunArgs = field(default_factory=lambda: RunArgs(output_dir="outputs/cm", max_train_steps=2000,
-                                                         train_batch_size=128, checkpointing_steps=500,
+    run: RunArgs = field(default_factory=lambda: RunArgs(output_dir="outputs/cm", max_train_steps=1500,
+                                                         train_batch_size=64, checkpointing_steps=500,
                                                          validation_steps=0))
     optimizer: OptimizerArgs = field(default_factory=lambda: OptimizerArgs(learning_rate=1e-4, adam_beta2=0.99,
                                                                            max_grad_norm=1.0))

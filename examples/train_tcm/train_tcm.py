@@ -36,18 +36,20 @@ from diffusers_fastgen.training import (
     EMAArgs,
     OptimizerArgs,
     RunArgs,
-    load_checkpoint,
     make_optimizer,
     parse_args,
-    resolve_checkpoint,
-    save_checkpoint,
     save_config,
     setup_accelerator,
     update,
 )
 from diffusers_fastgen.training.consistency import tcm_step
-from diffusers_fastgen.training.data import InfiniteBatches, load_digits_arrays
-from diffusers_fastgen.training.players import finish_digits_run, prepare_players, student_ema
+from diffusers_fastgen.training.players import (
+    digits_batches,
+    finish_digits_run,
+    log_and_checkpoint,
+    prepare_players,
+    student_ema,
+)
 
 logger = logging.getLogger("train_tcm")
 SOURCES = ("teacher", "data")
@@ -134,15 +136,7 @@ def main(argv=None):
     ema = student_ema(accelerator, modules, args.ema, run.train_batch_size)
     scheduler = flow_match_sde_scheduler(shift=args.shift)
 
-    images, labels = (torch.from_numpy(a) for a in load_digits_arrays("train"))
-    batches = InfiniteBatches(images, labels, batch_size=run.train_batch_size, seed=run.seed,
-                              rank=accelerator.process_index, world_size=accelerator.num_processes)
-    step = 0
-    checkpoint = resolve_checkpoint(run.output_dir, run.resume_from_checkpoint)
-    if checkpoint is not None:
-        step = load_checkpoint(accelerator, checkpoint, emas={"student": ema})["step"]
-        logger.info("resumed from %s at step %d", checkpoint, step)
-    batches.state_at(step)
+    batches, step = digits_batches(accelerator, run, ema, logger)
 
     # 2. The loop: one truncated consistency step per iteration.
     progress = tqdm(range(run.max_train_steps), initial=step, disable=not accelerator.is_local_main_process)
@@ -157,14 +151,7 @@ def main(argv=None):
         update(accelerator, loss, params["student"], optimizer, lr_scheduler, args.optimizer.max_grad_norm)
         ema.update(student.model)
         step += 1
-        progress.update(1)
-        if step % run.logging_steps == 0:
-            scalars = {"loss": loss.item(), **{k: v.item() for k, v in logs.items()}}
-            progress.set_postfix(**scalars)
-            accelerator.log(scalars, step=step)
-        if run.checkpointing_steps and step % run.checkpointing_steps == 0:
-            save_checkpoint(accelerator, run.output_dir, step, emas={"student": ema},
-                            total_limit=run.checkpoints_total_limit)
+        log_and_checkpoint(accelerator, run, step, {"loss": loss.detach(), **logs}, ema, progress)
 
     # 3. Save the student with its sampler, reload it, benchmark 1 and 2 steps.
     finish_digits_run(accelerator, modules, params, optimizers, ema, scheduler, output_dir=run.output_dir,

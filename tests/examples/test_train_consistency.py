@@ -108,3 +108,16 @@ def test_bad_arguments_name_the_field(script, tmp_path):
 def test_jvp_methods_refuse_mixed_precision(script, tmp_path):
     with pytest.raises(ValueError, match="mixed_precision"):
         run_script(script, ["--output_dir", str(tmp_path), "--mixed_precision", "bf16"])
+
+
+@pytest.mark.parametrize("script", ["meanflow", "scm"])
+def test_resume_is_bit_identical(tiny_teacher, tmp_path, script):
+    """Stopped after 2 steps and resumed with `latest` to 4 == 4 uninterrupted steps (weights, EMA)."""
+    base = ["--teacher", tiny_teacher, "--train_batch_size", "4", "--learning_rate", "1e-3", "--report_to", "none",
+            "--eval_num_samples", "0", "--checkpointing_steps", "2"]
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    run_script(script, [*base, "--output_dir", straight, "--max_train_steps", "4"])
+    run_script(script, [*base, "--output_dir", resumed, "--max_train_steps", "2"])
+    run_script(script, [*base, "--output_dir", resumed, "--max_train_steps", "4", "--resume_from_checkpoint", "latest"])
+    a, b = unet_weights(straight), unet_weights(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

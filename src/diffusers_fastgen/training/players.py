@@ -100,3 +100,35 @@ def finish_digits_run(accelerator, modules: dict, params: dict, optimizers: dict
                                   num_samples=eval_num_samples, step_counts=step_counts or [num_steps]))
     accelerator.wait_for_everyone()  # ranks tear the process group down together (a lone gloo rank can hang)
     accelerator.end_training()
+
+
+def digits_batches(accelerator, run, ema, logger):
+    """(batches over the digits train split, first step): resumes from `run.resume_from_checkpoint`
+    (accelerate state + the student EMA) and moves the data order to that step. One batch per step."""
+    from .checkpoint import load_checkpoint, resolve_checkpoint
+    from .data import InfiniteBatches, load_digits_arrays
+
+    images, labels = (torch.from_numpy(a) for a in load_digits_arrays("train"))
+    batches = InfiniteBatches(images, labels, batch_size=run.train_batch_size, seed=run.seed,
+                              rank=accelerator.process_index, world_size=accelerator.num_processes)
+    step = 0
+    checkpoint = resolve_checkpoint(run.output_dir, run.resume_from_checkpoint)
+    if checkpoint is not None:
+        step = load_checkpoint(accelerator, checkpoint, emas={"student": ema})["step"]
+        logger.info("resumed from %s at step %d", checkpoint, step)
+    batches.state_at(step)
+    return batches, step
+
+
+def log_and_checkpoint(accelerator, run, step: int, scalars: dict, ema, progress) -> None:
+    """After an optimizer step: log `scalars` (tensors, read only every `logging_steps`) and save an
+    atomic checkpoint every `checkpointing_steps`."""
+    from .checkpoint import save_checkpoint
+
+    progress.update(1)
+    if step % run.logging_steps == 0:
+        values = {k: float(v) for k, v in scalars.items()}
+        progress.set_postfix(**values)
+        accelerator.log(values, step=step)
+    if run.checkpointing_steps and step % run.checkpointing_steps == 0:
+        save_checkpoint(accelerator, run.output_dir, step, emas={"student": ema}, total_limit=run.checkpoints_total_limit)

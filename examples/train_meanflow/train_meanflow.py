@@ -57,7 +57,7 @@ SOURCES = ("teacher", "data")
 class MeanFlowArgs:
     """MeanFlow distillation of a teacher (or MeanFlow training from data) into a 1-2 step student."""
 
-    run: RunArgs = field(default_factory=lambda: RunArgs(output_dir="outputs/meanflow", max_train_steps=1800,
+    run: RunArgs = field(default_factory=lambda: RunArgs(output_dir="outputs/meanflow", max_train_steps=1200,
                                                          train_batch_size=64, checkpointing_steps=500,
                                                          validation_steps=0))
     optimizer: OptimizerArgs = field(default_factory=lambda: OptimizerArgs(learning_rate=1e-4, adam_beta2=0.99,

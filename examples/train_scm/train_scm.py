@@ -58,8 +58,8 @@ SOURCES = ("teacher", "data")
 class SCMArgs:
     """sCD (from a teacher) or sCT (from data) of a 1-2 step continuous-time consistency student."""
 
-    run: RunArgs = field(default_factory=lambda: RunArgs(output_dir="outputs/scd", max_train_steps=1200,
-                                                         train_batch_size=64, checkpointing_steps=400,
+    run: RunArgs = field(default_factory=lambda: RunArgs(output_dir="outputs/scd", max_train_steps=800,
+                                                         train_batch_size=128, checkpointing_steps=400,
                                                          validation_steps=0))
     optimizer: OptimizerArgs = field(default_factory=lambda: OptimizerArgs(learning_rate=1e-4, adam_beta2=0.99,
                                                                            max_grad_norm=1.0))

@@ -40,7 +40,7 @@ from diffusers_fastgen.training import (
     setup_accelerator,
     update,
 )
-from diffusers_fastgen.training.consistency import cm_step
+from diffusers_fastgen.training.consistency import SOURCES, cm_step
 from diffusers_fastgen.training.players import (
     digits_batches,
     finish_digits_run,
@@ -50,7 +50,6 @@ from diffusers_fastgen.training.players import (
 )
 
 logger = logging.getLogger("train_cm")
-SOURCES = ("teacher", "data")
 
 
 @dataclass

@@ -41,7 +41,7 @@ from diffusers_fastgen.training import (
     setup_accelerator,
     update,
 )
-from diffusers_fastgen.training.consistency import scm_step
+from diffusers_fastgen.training.consistency import SOURCES, scm_step
 from diffusers_fastgen.training.players import (
     digits_batches,
     finish_digits_run,
@@ -51,7 +51,6 @@ from diffusers_fastgen.training.players import (
 )
 
 logger = logging.getLogger("train_scm")
-SOURCES = ("teacher", "data")
 
 
 @dataclass

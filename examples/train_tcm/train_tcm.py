@@ -42,7 +42,7 @@ from diffusers_fastgen.training import (
     setup_accelerator,
     update,
 )
-from diffusers_fastgen.training.consistency import tcm_step
+from diffusers_fastgen.training.consistency import SOURCES, tcm_step
 from diffusers_fastgen.training.players import (
     digits_batches,
     finish_digits_run,
@@ -52,7 +52,6 @@ from diffusers_fastgen.training.players import (
 )
 
 logger = logging.getLogger("train_tcm")
-SOURCES = ("teacher", "data")
 
 
 @dataclass

@@ -21,6 +21,8 @@ from ..losses.scm import scm_loss
 from ..models.trigflow import trigflow_network
 from ..parametrization import RectifiedFlow, add_noise
 
+SOURCES = ("teacher", "data")  # where a script's ODE information comes from: distillation / training from data
+
 
 def _ode_point(student, teacher, x0, eps, x_t, t, r, cond, uncond, guidance_scale):
     """x_r: the same-noise point (training) or one teacher DDIM step t -> r (distillation), no grad."""

@@ -47,10 +47,16 @@ def _up(x: torch.Tensor) -> torch.Tensor:
 
 
 def _as_time(t, x: torch.Tensor) -> torch.Tensor:
-    """Broadcast a scalar / (B,) time to x's rank, in x's compute dtype."""
+    """Broadcast a scalar / (B,) time, or a per-frame (B, F) time of a video x (B, C, F, H, W)
+    (diffusion forcing), to x's rank, in x's compute dtype."""
     t = torch.as_tensor(t, device=x.device).to(_compute_dtype(x))
     if t.ndim == 0:
         return t
+    if t.ndim == 2 and x.ndim == 5 and t.shape[1] == x.shape[2]:
+        return t[:, None, :, None, None]  # (B, 1, F, 1, 1)
+    if t.ndim != 1:
+        raise ValueError(f"`t` must be a scalar, (B,) or per-frame (B, F) for video; got shape {tuple(t.shape)} "
+                         f"for x of shape {tuple(x.shape)}.")
     return t.reshape(t.shape[0], *([1] * (x.ndim - 1)))
 
 

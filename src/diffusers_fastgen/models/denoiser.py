@@ -16,6 +16,7 @@ Latents are always channel-first: (B, C, H, W) for images and (B, C, F, H, W) fo
 | FluxTransformer2DModel         | encoder_hidden_states, pooled_projections, guidance (if guidance_embeds) |
 | WanTransformer3DModel          | encoder_hidden_states, encoder_hidden_states_image (I2V, optional)   |
 | CogVideoXTransformer3DModel    | encoder_hidden_states                                                |
+| models.causal_wan.CausalWan    | encoder_hidden_states, kv_cache, frame_offset, update_cache (optional); t may be per-frame (B, F) |
 
 The wrapped model may be peft-adapted, gradient-checkpointed, under autocast, or wrapped by
 accelerate/DDP: the call goes through `model(...)` so all of those apply.
@@ -44,9 +45,13 @@ from ..parametrization import (
 
 
 def unwrap_model(model):
-    """The diffusers model inside DDP / FSDP / torch.compile wrappers."""
+    """The diffusers model inside DDP / FSDP / torch.compile wrappers (and inside a causal_wan.CausalWan)."""
+    from .causal_wan import CausalWan
+
     while True:
-        if hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        if isinstance(model, CausalWan):
+            model = model.model
+        elif hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
             model = model.module
         elif hasattr(model, "_orig_mod"):
             model = model._orig_mod
@@ -111,6 +116,11 @@ def _call_wan(model, x, timestep, cond):
                  encoder_hidden_states_image=cond.get("encoder_hidden_states_image")).sample
 
 
+def _call_causal_wan(model, x, timestep, cond):
+    return model(x, timestep, cond["encoder_hidden_states"], kv_cache=cond.get("kv_cache"),
+                 frame_offset=cond.get("frame_offset"), update_cache=cond.get("update_cache", False))
+
+
 def _call_cogvideox(model, x, timestep, cond):
     out = model(hidden_states=x.transpose(1, 2), timestep=timestep,  # CogVideoX is (B, F, C, H, W)
                 encoder_hidden_states=cond["encoder_hidden_states"]).sample
@@ -129,11 +139,15 @@ _ARCHITECTURES = (
 
 
 def _architecture(model):
+    from .causal_wan import CausalWan
+
+    if isinstance(model, CausalWan):
+        return _call_causal_wan, RectifiedFlow(), "flow"
     inner = unwrap_model(model)
     for cls, call, process, prediction in _ARCHITECTURES:
         if isinstance(inner, cls):
             return call, process, prediction
-    names = ", ".join(a[0].__name__ for a in _ARCHITECTURES)
+    names = ", ".join(a[0].__name__ for a in _ARCHITECTURES) + ", CausalWan"
     raise TypeError(f"`model` must be one of {names}; got {type(inner).__name__}.")
 
 
@@ -190,7 +204,8 @@ class Denoiser:
 
     def __call__(self, x_t: torch.Tensor, t, cond: dict | None = None, *, target: str = "x0", r=None) -> torch.Tensor:
         """Prediction of `target` type at (x_t, t), in x_t's dtype (so fp32 latents under bf16 autocast
-        give fp32 predictions; the conversion itself runs in fp32). t: scalar or (B,) continuous time.
+        give fp32 predictions; the conversion itself runs in fp32). t: scalar or (B,) continuous time,
+        or per-frame (B, F) for a CausalWan (diffusion forcing).
 
         r: the second time of a flow-map / MeanFlow student (u(x_t, r, t)); needs a UNet2DConditionModel
         made with `models.interval.add_interval_input` (it receives the embedding of the interval)."""

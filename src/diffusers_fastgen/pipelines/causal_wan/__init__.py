@@ -1,0 +1,1 @@
+from .pipeline_causal_wan import CausalWanPipeline

@@ -1,0 +1,199 @@
+"""CausalWanPipeline: streaming block-by-block video generation with a causal Wan student and a KV cache.
+
+For each block of `num_frames_per_block` latent frames:
+  1. start from Gaussian noise and run the few-step schedule `denoising_timesteps` with the scheduler
+     (FlowMatchFewStepScheduler: x0 = x_t - sigma v, re-noised with fresh noise to the next sigma),
+     each forward attending to the cached earlier frames (the cache is read, not written);
+  2. write the finished block into the KV cache with one forward at timestep `context_noise`
+     (0: the clean block; > 0: the block re-noised to that level, as CausVid / Self-Forcing do);
+  3. hand the finished block to the caller (`callback_on_block_end`, or `stream()` yields it).
+
+I2V: `image` fixes latent frame 0 (its timestep is 0 in every forward: diffusion forcing's per-frame
+timesteps), and the rest of the first block is generated around it.
+
+Every sampling setting lives in the pipeline config (model_index.json), so `from_pretrained` samples
+exactly as the student was trained. The components are stock: WanTransformer3DModel (made block-causal
+at run time by `models.causal_wan.CausalWan`, weights untouched), FlowMatchFewStepScheduler, and the
+optional UMT5 tokenizer/text encoder and AutoencoderKLWan (without a VAE the latents are the frames).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from ...models.causal_wan import CausalWan
+
+
+class CausalWanPipeline(DiffusionPipeline):
+    """Components: `transformer` (WanTransformer3DModel), `scheduler` (FlowMatchFewStepScheduler), and
+    optional `tokenizer` + `text_encoder` (UMT5) and `vae` (AutoencoderKLWan).
+
+    Config (saved in model_index.json):
+        num_frames_per_block: latent frames per causal block.
+        denoising_timesteps: the per-block few-step schedule in model timesteps, e.g. [1000, 750, 500, 250].
+        context_noise: timestep at which finished blocks are written into the cache (0 = clean).
+        local_attn_size: attention window in latent frames (-1 = every earlier frame).
+        sink_size: frames at the start that stay visible with a local window.
+    """
+
+    model_cpu_offload_seq = "text_encoder->transformer->vae"
+    _optional_components = ["tokenizer", "text_encoder", "vae"]
+
+    def __init__(self, transformer, scheduler, tokenizer=None, text_encoder=None, vae=None,
+                 num_frames_per_block: int = 3, denoising_timesteps: list[int] | None = None,
+                 context_noise: int = 0, local_attn_size: int = -1, sink_size: int = 0):
+        super().__init__()
+        denoising_timesteps = [1000, 750, 500, 250] if denoising_timesteps is None else list(denoising_timesteps)
+        if not denoising_timesteps or any(not 0 < t <= 1000 for t in denoising_timesteps) or any(
+                a <= b for a, b in zip(denoising_timesteps, denoising_timesteps[1:])):
+            raise ValueError(f"`denoising_timesteps` must be a non-empty decreasing list in (0, 1000], got "
+                             f"{denoising_timesteps}.")
+        if not 0 <= context_noise < 1000:
+            raise ValueError(f"`context_noise` must be in [0, 1000), got {context_noise}.")
+        self.register_modules(transformer=transformer, scheduler=scheduler, tokenizer=tokenizer,
+                              text_encoder=text_encoder, vae=vae)
+        self.register_to_config(num_frames_per_block=num_frames_per_block, denoising_timesteps=denoising_timesteps,
+                                context_noise=context_noise, local_attn_size=local_attn_size, sink_size=sink_size)
+        self.causal = CausalWan(transformer, num_frames_per_block, local_attn_size=local_attn_size, sink_size=sink_size)
+
+    # --- conditioning -------------------------------------------------------------------------------
+    def encode_prompt(self, prompt: str | list[str], max_sequence_length: int = 512, device=None) -> torch.Tensor:
+        """(B, max_sequence_length, text_dim) UMT5 states, zeroed after each prompt's end (as WanPipeline)."""
+        if self.tokenizer is None or self.text_encoder is None:
+            raise ValueError("this pipeline has no tokenizer/text_encoder: pass `prompt_embeds`.")
+        prompt = [prompt] if isinstance(prompt, str) else list(prompt)
+        tokens = self.tokenizer(prompt, padding="max_length", max_length=max_sequence_length, truncation=True,
+                                add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+        device = device or self._execution_device
+        states = self.text_encoder(tokens.input_ids.to(device), tokens.attention_mask.to(device)).last_hidden_state
+        return states * tokens.attention_mask.to(device)[..., None].to(states.dtype)
+
+    def _latent_norm(self, like: torch.Tensor):
+        mean = torch.tensor(self.vae.config.latents_mean).view(1, -1, 1, 1, 1).to(like)
+        std = torch.tensor(self.vae.config.latents_std).view(1, -1, 1, 1, 1).to(like)
+        return mean, std
+
+    def _check_inputs(self, prompt, prompt_embeds, num_frames, height, width, guidance_scale, negative_prompt_embeds):
+        if (prompt is None) == (prompt_embeds is None):
+            raise ValueError("pass exactly one of `prompt` and `prompt_embeds`.")
+        n = self.config.num_frames_per_block
+        if num_frames < 1 or num_frames % n:
+            raise ValueError(f"`num_frames` (latent frames) must be a positive multiple of num_frames_per_block={n}, "
+                             f"got {num_frames}.")
+        _, p_h, p_w = self.transformer.config.patch_size
+        if height % p_h or width % p_w:
+            raise ValueError(f"latent `height`/`width` must be multiples of the patch size {(p_h, p_w)}, got "
+                             f"{height}x{width}.")
+        if guidance_scale > 1 and negative_prompt_embeds is None and self.text_encoder is None:
+            raise ValueError("`guidance_scale` > 1 needs `negative_prompt_embeds` (or a text encoder).")
+
+    # --- generation ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def stream(self, prompt=None, *, prompt_embeds: torch.Tensor | None = None, negative_prompt: str | list[str] = "",
+               negative_prompt_embeds: torch.Tensor | None = None, image: torch.Tensor | None = None,
+               num_frames: int | None = None, height: int = 8, width: int = 8, guidance_scale: float = 1.0,
+               generator: torch.Generator | None = None, latents: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+        """Yield each finished block of latents (B, C, N, h, w) as soon as it is written into the cache.
+
+        num_frames / height / width are in latent units. latents: the initial noise (B, C, F, h, w).
+        image: I2V first frame, as latents (B, C, 1, h, w), or pixels (B, 3, H, W) in [-1, 1] with a VAE."""
+        cfg = self.config
+        num_frames = num_frames if num_frames is not None else (latents.shape[2] if latents is not None else
+                                                                cfg.num_frames_per_block)
+        self._check_inputs(prompt, prompt_embeds, num_frames, height, width, guidance_scale, negative_prompt_embeds)
+        device = self._execution_device
+        text = prompt_embeds.to(device) if prompt_embeds is not None else self.encode_prompt(prompt, device=device)
+        b = text.shape[0]
+        use_cfg = guidance_scale > 1.0
+        if use_cfg:
+            uncond = (negative_prompt_embeds if negative_prompt_embeds is not None else
+                      self.encode_prompt([negative_prompt] * b if isinstance(negative_prompt, str) else negative_prompt,
+                                         max_sequence_length=text.shape[1], device=device))
+            text = torch.cat([uncond.to(text), text])  # (2B, L, D): one cache for both branches
+        dtype = self.transformer.dtype
+        text = text.to(dtype)
+        c = self.transformer.config.in_channels
+        if latents is None:
+            latents = randn_tensor((b, c, num_frames, height, width), generator=generator, device=device,
+                                   dtype=torch.float32)
+        latents = latents.to(device=device, dtype=torch.float32)
+        first = None
+        if image is not None:
+            if image.ndim == 4:  # pixels -> latent frame 0
+                if self.vae is None:
+                    raise ValueError("`image` as pixels (B, 3, H, W) needs a VAE; pass latents (B, C, 1, h, w).")
+                encoded = self.vae.encode(image[:, :, None].to(device, self.vae.dtype)).latent_dist.mode()
+                mean, std = self._latent_norm(encoded)
+                image = (encoded - mean) / std
+            first = image.to(device=device, dtype=torch.float32)
+        n = cfg.num_frames_per_block
+        cache = self.causal.new_cache(text.shape[0], num_frames, height, width, device=device, dtype=dtype)
+        for start in range(0, num_frames, n):
+            self.scheduler.set_timesteps(timesteps=cfg.denoising_timesteps, device=device)
+            x = latents[:, :, start:start + n]  # (B, C, N, h, w)
+            fixed = first is not None and start == 0
+            for timestep in self.scheduler.timesteps:
+                if fixed:
+                    x = torch.cat([first, x[:, :, 1:]], 2)
+                frame_t = timestep.expand(b, n).clone()
+                if fixed:
+                    frame_t[:, 0] = 0
+                v = self._velocity(x, frame_t, text, cache, guidance_scale, use_cfg)
+                x = self.scheduler.step(v, timestep, x, generator=generator).prev_sample
+            if fixed:
+                x = torch.cat([first, x[:, :, 1:]], 2)
+            # Write the finished block into the cache at `context_noise`.
+            ctx = x
+            if cfg.context_noise > 0:
+                s = cfg.context_noise / self.scheduler.config.num_train_timesteps
+                ctx = (1 - s) * x + s * randn_tensor(x.shape, generator=generator, device=device, dtype=x.dtype)
+            ctx = torch.cat([ctx, ctx]) if use_cfg else ctx
+            ctx_t = torch.full((text.shape[0], n), float(cfg.context_noise), device=device)
+            self.causal(ctx.to(dtype), ctx_t, text, kv_cache=cache, update_cache=True)
+            yield x
+
+    def _velocity(self, x, frame_t, text, cache, guidance_scale, use_cfg):
+        dtype = self.transformer.dtype
+        if use_cfg:
+            v_u, v_c = self.causal(torch.cat([x, x]).to(dtype), torch.cat([frame_t, frame_t]), text,
+                                   kv_cache=cache).float().chunk(2)
+            return v_u + guidance_scale * (v_c - v_u)
+        return self.causal(x.to(dtype), frame_t, text, kv_cache=cache).float()
+
+    @torch.no_grad()
+    def __call__(self, prompt=None, *, prompt_embeds: torch.Tensor | None = None, negative_prompt: str | list[str] = "",
+                 negative_prompt_embeds: torch.Tensor | None = None, image: torch.Tensor | None = None,
+                 num_frames: int | None = None, height: int = 8, width: int = 8, guidance_scale: float = 1.0,
+                 generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
+                 output_type: str = "np", return_dict: bool = True,
+                 callback_on_block_end: Callable[[int, torch.Tensor], None] | None = None):
+        """Generate the whole video; `callback_on_block_end(block_index, block_latents)` runs as each block
+        is finished. output_type: 'latent' ((B, C, F, h, w)), 'pt' / 'np' (frames in [0, 1]: decoded by
+        the VAE, or the latents themselves mapped from [-1, 1] without one)."""
+        if output_type not in ("latent", "pt", "np"):
+            raise ValueError(f"`output_type` must be one of 'latent', 'pt', 'np', got {output_type!r}.")
+        blocks = []
+        for i, block in enumerate(self.stream(prompt, prompt_embeds=prompt_embeds, negative_prompt=negative_prompt,
+                                              negative_prompt_embeds=negative_prompt_embeds, image=image,
+                                              num_frames=num_frames, height=height, width=width,
+                                              guidance_scale=guidance_scale, generator=generator, latents=latents)):
+            if callback_on_block_end is not None:
+                callback_on_block_end(i, block)
+            blocks.append(block)
+        video = torch.cat(blocks, 2)  # (B, C, F, h, w)
+        if output_type != "latent":
+            if self.vae is not None:
+                mean, std = self._latent_norm(video)
+                video = self.vae.decode((video * std + mean).to(self.vae.dtype)).sample.float()
+            video = (video / 2 + 0.5).clamp(0, 1).permute(0, 2, 1, 3, 4)  # (B, F, C, H, W)
+            if output_type == "np":
+                video = video.permute(0, 1, 3, 4, 2).cpu().numpy()  # (B, F, H, W, C)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (video,)
+        return WanPipelineOutput(frames=video)

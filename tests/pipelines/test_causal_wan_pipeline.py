@@ -1,0 +1,135 @@
+import pytest
+import torch
+from diffusers import WanTransformer3DModel
+
+from diffusers_fastgen.models.causal_wan import CausalWan
+from diffusers_fastgen.pipelines import CausalWanPipeline
+from diffusers_fastgen.schedulers import FlowMatchFewStepScheduler
+from diffusers_fastgen.testing.tiny import (
+    tiny_t5_text_encoder,
+    tiny_tokenizer,
+    tiny_wan_transformer,
+    tiny_wan_vae,
+)
+
+B, C, F_, H, W = 2, 16, 6, 4, 4
+STEPS = [1000, 600, 300]
+
+
+def _pipe(**config):
+    config = {"num_frames_per_block": 2, "denoising_timesteps": STEPS, **config}
+    return CausalWanPipeline(transformer=tiny_wan_transformer(num_layers=2), scheduler=FlowMatchFewStepScheduler(),
+                             **config)
+
+
+def _text(seed=0):
+    return torch.randn(B, 5, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def _reference_rollout(transformer, noise, text, steps, n, context_noise, seed):
+    """Independent reference: no cache; each forward recomputes the whole prefix (finished blocks at the
+    context timestep, re-noised as the pipeline does) under one block-causal mask."""
+    causal = CausalWan(transformer, n)
+    g = torch.Generator().manual_seed(seed)
+    sched = FlowMatchFewStepScheduler()
+    done, contexts = [], []
+    for start in range(0, noise.shape[2], n):
+        sched.set_timesteps(timesteps=steps)
+        x = noise[:, :, start:start + n]
+        for timestep in sched.timesteps:
+            seq = torch.cat(contexts + [x], 2)
+            frame_t = torch.cat([torch.full((B, start), float(context_noise)), timestep.expand(B, n)], 1)
+            v = causal(seq, frame_t, text)[:, :, start:]
+            x = sched.step(v, timestep, x, generator=g).prev_sample
+        done.append(x)
+        s = context_noise / 1000
+        contexts.append((1 - s) * x + s * torch.randn(x.shape, generator=g) if context_noise else x)
+    causal.remove()
+    return torch.cat(done, 2)
+
+
+@pytest.mark.parametrize("context_noise", [0, 100])
+def test_cached_generation_equals_recomputing_the_prefix(context_noise):
+    pipe = _pipe(context_noise=context_noise)
+    noise = torch.randn(B, C, F_, H, W, generator=torch.Generator().manual_seed(1))
+    text = _text()
+    out = pipe(prompt_embeds=text, latents=noise, height=H, width=W, output_type="latent",
+               generator=torch.Generator().manual_seed(2)).frames
+    ref_model = tiny_wan_transformer(num_layers=2)
+    ref = _reference_rollout(ref_model, noise, text, STEPS, 2, context_noise, seed=2)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_stream_yields_blocks_of_the_video_in_order():
+    pipe = _pipe()
+    noise = torch.randn(B, C, F_, H, W, generator=torch.Generator().manual_seed(1))
+    seen = []
+    video = pipe(prompt_embeds=_text(), latents=noise, height=H, width=W, output_type="latent",
+                 generator=torch.Generator().manual_seed(0),
+                 callback_on_block_end=lambda i, block: seen.append((i, block.clone()))).frames
+    assert [i for i, _ in seen] == [0, 1, 2]
+    torch.testing.assert_close(torch.cat([b for _, b in seen], 2), video)
+    streamed = list(pipe.stream(prompt_embeds=_text(), latents=noise, height=H, width=W,
+                                generator=torch.Generator().manual_seed(0)))
+    assert len(streamed) == 3 and streamed[0].shape == (B, C, 2, H, W)
+    torch.testing.assert_close(torch.cat(streamed, 2), video)
+
+
+def test_save_and_reload_round_trip(tmp_path):
+    pipe = _pipe(context_noise=50, local_attn_size=4, sink_size=1)
+    pipe.save_pretrained(tmp_path)
+    reloaded = CausalWanPipeline.from_pretrained(tmp_path)  # diffusers resolves only its own classes by name
+    assert type(reloaded) is CausalWanPipeline
+    assert type(reloaded.transformer) is WanTransformer3DModel  # a stock component
+    assert (reloaded.config.num_frames_per_block, reloaded.config.denoising_timesteps, reloaded.config.context_noise,
+            reloaded.config.local_attn_size, reloaded.config.sink_size) == (2, STEPS, 50, 4, 1)
+    noise = torch.randn(B, C, F_, H, W, generator=torch.Generator().manual_seed(1))
+    a, b = (p(prompt_embeds=_text(), latents=noise, height=H, width=W, output_type="latent",
+              generator=torch.Generator().manual_seed(3)).frames for p in (pipe, reloaded))
+    torch.testing.assert_close(a, b)
+
+
+def test_image_fixes_the_first_frame():
+    pipe = _pipe()
+    image = torch.randn(B, C, 1, H, W, generator=torch.Generator().manual_seed(4))
+    video = pipe(prompt_embeds=_text(), image=image, num_frames=F_, height=H, width=W, output_type="latent",
+                 generator=torch.Generator().manual_seed(0)).frames
+    torch.testing.assert_close(video[:, :, :1], image)
+    assert (video[:, :, 1:2] - image).abs().mean() > 0.1
+
+
+def test_text_encoder_vae_cfg_path():
+    """Stock UMT5 + AutoencoderKLWan components: prompt -> frames in [0, 1]. CFG: with one step,
+    x0 = x - sigma (v_u + g (v_c - v_u)) is affine in g, and g = 1 is the plain conditional pass."""
+    tok = tiny_tokenizer()
+    pipe = CausalWanPipeline(transformer=tiny_wan_transformer(num_layers=1), scheduler=FlowMatchFewStepScheduler(),
+                             tokenizer=tok, text_encoder=tiny_t5_text_encoder(tok, umt5=True), vae=tiny_wan_vae(),
+                             num_frames_per_block=1, denoising_timesteps=[1000])
+    prompts = ["a digit", "a seven"]
+    frames = pipe(prompts, num_frames=2, height=H, width=W, output_type="np",
+                  generator=torch.Generator().manual_seed(0)).frames
+    assert frames.shape == (2, 5, 4 * 8, 4 * 8, 3)  # 2 latent frames -> 1 + 4 video frames
+    assert frames.min() >= 0 and frames.max() <= 1
+    noise = torch.randn(2, C, 1, H, W, generator=torch.Generator().manual_seed(5))
+    out = {g: pipe(prompts, guidance_scale=g, negative_prompt="", latents=noise, height=H, width=W,
+                   output_type="latent").frames for g in (1.0, 2.0, 3.0)}
+    torch.testing.assert_close(out[3.0] - out[2.0], out[2.0] - out[1.0], atol=1e-5, rtol=1e-4)
+    assert (out[2.0] - out[1.0]).abs().max() > 1e-5
+
+
+@pytest.mark.parametrize("config,match", [({"denoising_timesteps": [250, 500]}, "denoising_timesteps"),
+                                          ({"context_noise": 1000}, "context_noise"),
+                                          ({"local_attn_size": 1}, "local_attn_size")])
+def test_bad_config_names_the_setting(config, match):
+    with pytest.raises(ValueError, match=match):
+        _pipe(**config)
+
+
+def test_bad_call_names_the_argument():
+    pipe = _pipe()
+    with pytest.raises(ValueError, match="num_frames"):
+        pipe(prompt_embeds=_text(), num_frames=3, height=H, width=W)
+    with pytest.raises(ValueError, match="prompt"):
+        pipe(height=H, width=W)
+    with pytest.raises(ValueError, match="output_type"):
+        pipe(prompt_embeds=_text(), height=H, width=W, output_type="pil")

@@ -310,7 +310,10 @@ class CausalWan:
         if timestep.ndim == 2:  # per-frame (B, F) -> Wan's per-token (B, F * P)
             if timestep.shape != (b, f):
                 raise ValueError(f"per-frame `timestep` must have shape {(b, f)}, got {tuple(timestep.shape)}.")
-            timestep = timestep.repeat_interleave(p, dim=1)
+            if bool((timestep == timestep[:, :1]).all()):
+                timestep = timestep[:, 0]  # one level per video: Wan's cheaper shared modulation, same result
+            else:
+                timestep = timestep.repeat_interleave(p, dim=1)
         st.tokens_per_frame, st.frame_offset, st.num_frames, st.cache, st.update_cache = p, frame_offset, f, kv_cache, update_cache
         if kv_cache is not None:
             new_ids = torch.arange(frame_offset, frame_offset + f, device=kv_cache.frame_ids.device)

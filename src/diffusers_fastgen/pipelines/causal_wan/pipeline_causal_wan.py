@@ -143,7 +143,7 @@ class CausalWanPipeline(DiffusionPipeline):
                 frame_t = timestep.expand(b, n).clone()
                 if fixed:
                     frame_t[:, 0] = 0
-                v = self._velocity(x, frame_t, text, cache, guidance_scale, use_cfg)
+                v = self._velocity(x, frame_t, text, cache, guidance_scale, use_cfg, dtype)
                 x = self.scheduler.step(v, timestep, x, generator=generator).prev_sample
             if fixed:
                 x = torch.cat([first, x[:, :, 1:]], 2)
@@ -157,8 +157,7 @@ class CausalWanPipeline(DiffusionPipeline):
             self.causal(ctx.to(dtype), ctx_t, text, kv_cache=cache, update_cache=True)
             yield x
 
-    def _velocity(self, x, frame_t, text, cache, guidance_scale, use_cfg):
-        dtype = self.transformer.dtype
+    def _velocity(self, x, frame_t, text, cache, guidance_scale, use_cfg, dtype):
         if use_cfg:
             v_u, v_c = self.causal(torch.cat([x, x]).to(dtype), torch.cat([frame_t, frame_t]), text,
                                    kv_cache=cache).float().chunk(2)

@@ -1,0 +1,54 @@
+import torch
+
+from diffusers_fastgen.evaluation.moving_digits import (
+    MovingDigits,
+    MovingDigitsReference,
+    bounce,
+    ink_centroid,
+    moving_digits_cond,
+)
+
+
+def test_bounce_reflects_at_the_edges():
+    p = bounce(torch.tensor([[7, 0]]), torch.tensor([[1, -1]]), 10)
+    assert p[0, :, 0].tolist() == [7, 8, 7, 6, 5, 4, 3, 2, 1, 0]
+    assert p[0, :, 1].tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 7]
+
+
+def test_videos_follow_their_trajectory_and_locate_finds_it():
+    data = MovingDigits("held_out").sample(16, torch.Generator().manual_seed(0))
+    video = data["video"]
+    assert video.shape == (16, 1, 8, 16, 16) and video.min() >= -1 and video.max() <= 1
+    true = bounce(data["p0"], data["v"])
+    for k in range(8):  # the rendered digit sits at the true position: the window there equals the digit
+        x, y = true[3, k].tolist()
+        torch.testing.assert_close(video[3, 0, k, y:y + 8, x:x + 8], video[3, 0, 0, true[3, 0, 1]:true[3, 0, 1] + 8,
+                                                                            true[3, 0, 0]:true[3, 0, 0] + 8])
+    c = ink_centroid(video.permute(0, 2, 1, 3, 4).reshape(-1, 1, 16, 16)).reshape(16, 8, 2)
+    torch.testing.assert_close(c - c[:, :1], (true - true[:, :1]).float(), atol=1e-4, rtol=0)  # rigid motion
+
+
+def test_cond_tokens_distinguish_class_and_motion():
+    a = moving_digits_cond(torch.tensor([3]), torch.tensor([[2, 5]]), torch.tensor([[1, -1]]))
+    b = moving_digits_cond(torch.tensor([4]), torch.tensor([[2, 5]]), torch.tensor([[1, -1]]))
+    c = moving_digits_cond(torch.tensor([3]), torch.tensor([[2, 5]]), torch.tensor([[-1, -1]]))
+    assert a.shape == (1, 5, 32)
+    assert not torch.equal(a[:, 0], b[:, 0]) and torch.equal(a[:, 1:], b[:, 1:])
+    assert torch.equal(a[:, :3], c[:, :3]) and not torch.equal(a[:, 3], c[:, 3])
+
+
+def test_scores_separate_real_from_broken_videos():
+    ref = MovingDigitsReference()
+    data = MovingDigits("held_out").sample(100, torch.Generator().manual_seed(1))
+    real = ref.score(data["video"], data["labels"], data["p0"], data["v"])
+    assert real["accuracy"] > 0.9 and real["identity"] > 0.95 and real["flicker"] == 0.0
+    assert real["motion_error"] < 1e-4 and real["fd"] < 3.0  # 100 distinct digits: FD is biased up (500: 0.65)
+    frozen = data["video"][:, :, :1].expand_as(data["video"])  # right digit, no motion
+    stuck = ref.score(frozen, data["labels"], data["p0"], data["v"])
+    assert stuck["motion_error"] > 1.0 and stuck["flicker"] > 0.05
+    swapped = data["video"].clone()
+    swapped[:, :, 4:] = data["video"].roll(1, 0)[:, :, 4:]  # identity changes half-way
+    assert ref.score(swapped, data["labels"], data["p0"], data["v"])["identity"] < 0.8
+    noise = torch.rand_like(data["video"]) * 2 - 1
+    scores = ref.score(noise, data["labels"], data["p0"], data["v"])
+    assert scores["accuracy"] < 0.3 and scores["fd"] > 20

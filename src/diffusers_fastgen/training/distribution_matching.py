@@ -92,15 +92,15 @@ def student_step(student, teacher, fake_score, x_t, t, cond, uncond, *, guidance
     use_head = head is not None and (gan_weight > 0 or divergence != "reverse_kl")
     gan = use_head and gan_weight > 0  # only the GAN term differentiates through the noisy sample
     x0 = student(x_t, t, cond)
+    if not use_head:
+        loss = dmd_sample_loss(x0, teacher, fake_score, cond, uncond, guidance_scale=guidance_scale,
+                               t_min=t_min, t_max=t_max)
+        _ready_for_backward(student)
+        return loss
     s = sample_uniform((x0.shape[0],), t_min=t_min, t_max=t_max, device=x0.device)
     noisy = add_noise(student.process, x0 if gan else x0.detach(), torch.randn_like(x0), s)
     with torch.no_grad():
         x0_teacher = guided_prediction(teacher, noisy.detach(), s, cond, uncond, guidance_scale)
-    if not use_head:
-        with torch.no_grad():
-            x0_fake = fake_score(noisy, s, cond)
-        _ready_for_backward(student)
-        return dmd_generator_loss(x0, x0_teacher, x0_fake).mean()
     with frozen(critic_params), without_gradient_checkpointing(fake_score.model):
         x0_fake, features = forward_with_tap_grad(unsynced(fake_score), noisy, s, cond, feature_module)
         logits = unwrap_model(head)(features)  # (B, 1)
@@ -110,6 +110,28 @@ def student_step(student, teacher, fake_score, x_t, t, cond, uncond, *, guidance
         loss = loss + gan_weight * gan_generator_loss(logits)
     _ready_for_backward(student)
     return loss.mean()
+
+
+def dmd_sample_loss(x0, teacher, fake_score, cond, uncond, *, guidance_scale: float, t_min: float, t_max: float):
+    """DMD loss (mean) of generated samples x0 that carry the generator's graph: re-noised at one
+    s ~ U[t_min, t_max] per sample, teacher (CFG) vs fake score x0 predictions, no gradient through
+    either. Used by student_step and by rollouts that build x0 themselves (Self-Forcing)."""
+    s = sample_uniform((x0.shape[0],), t_min=t_min, t_max=t_max, device=x0.device)
+    noisy = add_noise(fake_score.process, x0.detach(), torch.randn_like(x0), s)
+    with torch.no_grad():
+        x0_teacher = guided_prediction(teacher, noisy, s, cond, uncond, guidance_scale)
+        x0_fake = fake_score(noisy, s, cond)
+    return dmd_generator_loss(x0, x0_teacher, x0_fake).mean()
+
+
+def fake_score_sample_loss(fake_score, x0, cond):
+    """Denoising loss (mean) of the fake score on generated samples x0 (detached), s ~ U[0, 1]."""
+    x0 = x0.detach()
+    eps = torch.randn_like(x0)
+    s = sample_uniform((x0.shape[0],), t_min=0.0, t_max=1.0, device=x0.device)
+    prediction = fake_score(add_noise(fake_score.process, x0, eps, s), s, cond, target=fake_score.prediction_type)
+    return denoising_loss(prediction, x0, eps, s, process=fake_score.process,
+                          prediction_type=fake_score.prediction_type).mean()
 
 
 def fake_score_step(student, fake_score, x_t, t, cond, *, real_x0=None, head=None, disc_weight: float = 0.0,

@@ -1,0 +1,190 @@
+"""CausalKD: a causal few-step student regressed onto a bidirectional teacher's ODE solutions, block
+by block (the ODE initialisation of CausVid arXiv:2412.07772 sec. 4.2 / Self-Forcing).
+
+    accelerate launch examples/train_causal_kd/train_causal_kd.py --teacher outputs/moving_digits_teacher \
+        --output_dir outputs/causal_kd
+
+1. Pairs: for `num_pairs` moving-digit conditions the teacher's Euler ODE (`teacher_steps` steps, the
+   student's schedule points among them) runs from noise to x0; the states at the student's schedule
+   t_0 = 1 > ... > t_{K-1} and the endpoint are kept (generated once, saved as safetensors in the
+   output folder, reused on resume).
+2. Each step picks one schedule point per block (diffusion forcing on the ODE trajectory), builds the
+   input video from those states, and the block-causal student regresses the endpoint x0 of every
+   block (losses.regression.kd_loss) in one masked pass.
+3. The EMA student is saved as a CausalWanPipeline with its few-step schedule, reloaded, benchmarked.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from dataclasses import dataclass, field
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from diffusers_fastgen.evaluation.moving_digits import CANVAS, NUM_FRAMES, moving_digits_cond, sample_motion
+from diffusers_fastgen.losses.regression import kd_loss
+from diffusers_fastgen.models import Denoiser
+from diffusers_fastgen.models.causal_wan import CausalWan
+from diffusers_fastgen.parametrization import RectifiedFlow
+from diffusers_fastgen.training import (
+    EMAArgs,
+    OptimizerArgs,
+    RunArgs,
+    load_checkpoint,
+    make_optimizer,
+    parse_args,
+    resolve_checkpoint,
+    save_checkpoint,
+    save_config,
+    setup_accelerator,
+    update,
+)
+from diffusers_fastgen.training.causal import block_step_indices
+from diffusers_fastgen.training.players import prepare_players, student_ema
+from diffusers_fastgen.training.video import (
+    benchmark_video_folder,
+    load_video_transformer,
+    save_video_student,
+    student_t_list,
+    teacher_ode,
+    timesteps_from_t_list,
+)
+
+logger = logging.getLogger("train_causal_kd")
+
+
+@dataclass
+class CausalKDArgs:
+    """Block-causal regression of a few-step student onto teacher ODE pairs."""
+
+    run: RunArgs = field(default_factory=lambda: RunArgs(output_dir="outputs/causal_kd", max_train_steps=1500,
+                                                         train_batch_size=32, checkpointing_steps=500,
+                                                         validation_steps=0))
+    optimizer: OptimizerArgs = field(default_factory=lambda: OptimizerArgs(learning_rate=2e-4, max_grad_norm=1.0))
+    ema: EMAArgs = field(default_factory=lambda: EMAArgs(ema_schedule="halflife", ema_halflife_kimg=10.0))
+    teacher: str = "outputs/moving_digits_teacher"  # CausalWanPipeline folder of the bidirectional teacher
+    num_frames_per_block: int = 2  # causal block size (frames)
+    num_student_steps: int = 4  # few-step schedule per block: t_i = 1 - i / K
+    num_pairs: int = 1024  # teacher ODE solutions generated once
+    teacher_steps: int = 24  # Euler steps of the teacher ODE (a multiple of num_student_steps)
+    pair_batch_size: int = 128  # teacher batch while generating pairs
+    eval_num_videos: int = 500  # videos for the final benchmark (0 skips)
+
+    def __post_init__(self):
+        if self.num_frames_per_block < 1 or NUM_FRAMES % self.num_frames_per_block:
+            raise ValueError(f"`num_frames_per_block` must divide the {NUM_FRAMES} frames, got {self.num_frames_per_block}.")
+        if self.num_student_steps < 1 or self.teacher_steps % self.num_student_steps:
+            raise ValueError(f"`teacher_steps` ({self.teacher_steps}) must be a multiple of num_student_steps "
+                             f"({self.num_student_steps}) >= 1.")
+        if self.num_pairs < 1 or self.pair_batch_size < 1:
+            raise ValueError(f"need num_pairs >= 1 and pair_batch_size >= 1, got {self.num_pairs}, {self.pair_batch_size}.")
+
+
+def generate_pairs(teacher: Denoiser, t_list: torch.Tensor, args: CausalKDArgs, device) -> dict:
+    """{'states' (N, K, 1, F, 16, 16) at t_list, 'x0' (N, 1, F, 16, 16), 'cond' (N, 5, 32)}."""
+    g = torch.Generator().manual_seed(1234)
+    labels = torch.randint(0, 10, (args.num_pairs,), generator=g)
+    p0, v = sample_motion(args.num_pairs, g)
+    cond = moving_digits_cond(labels, p0, v)
+    t_grid = torch.linspace(1.0, 0.0, args.teacher_steps + 1, device=device)
+    keep = [int(round(float(1 - t) * args.teacher_steps)) for t in t_list]  # grid index of each t_i
+    states, x0 = [], []
+    for start in range(0, args.num_pairs, args.pair_batch_size):
+        c = {"encoder_hidden_states": cond[start:start + args.pair_batch_size].to(device)}
+        noise = torch.randn(c["encoder_hidden_states"].shape[0], 1, NUM_FRAMES, CANVAS, CANVAS, generator=g).to(device)
+        path = teacher_ode(teacher, noise, c, t_grid)
+        states.append(torch.stack([path[i] for i in keep], 1).cpu())
+        x0.append(path[-1].cpu())
+    return {"states": torch.cat(states), "x0": torch.cat(x0), "cond": cond}
+
+
+def load_or_generate_pairs(accelerator, teacher, t_list, args: CausalKDArgs) -> dict:
+    path = os.path.join(args.run.output_dir, "ode_pairs.safetensors")
+    if accelerator.is_main_process and not os.path.isfile(path):
+        pairs = generate_pairs(teacher, t_list, args, accelerator.device)
+        save_file(pairs, path + ".tmp")
+        os.replace(path + ".tmp", path)  # atomic: a cut-off run never leaves half a file
+        logger.info("generated %d teacher ODE pairs -> %s", args.num_pairs, path)
+    accelerator.wait_for_everyone()
+    return load_file(path)
+
+
+def causal_kd_step(student: Denoiser, states: torch.Tensor, x0: torch.Tensor, cond: dict, t_list: torch.Tensor,
+                   num_frames_per_block: int) -> torch.Tensor:
+    """states (B, K, C, F, H, W): per block, the ODE state at a random schedule point; regress x0."""
+    b, _, _, f = states.shape[:4]
+    idx = block_step_indices(b, f, num_frames_per_block, len(t_list), states.device)  # (B, F)
+    x_t = states.gather(1, idx[:, None, None, :, None, None].expand(-1, 1, *states.shape[2:])).squeeze(1)
+    prediction = student(x_t, t_list[idx], cond)  # x0 prediction, per-frame t
+    return kd_loss(prediction, x0).mean()
+
+
+def main(argv=None):
+    args = parse_args(CausalKDArgs, argv)
+    run = args.run
+    accelerator = setup_accelerator(run, "train_causal_kd", args)
+    if accelerator.is_main_process:
+        save_config(args, os.path.join(run.output_dir, "train_config.yaml"))
+
+    # 1. Teacher (frozen) and the causal student (a copy of it); the ODE pairs.
+    teacher_model = load_video_transformer(args.teacher).requires_grad_(False)
+    modules = {"teacher": teacher_model, "student": copy.deepcopy(teacher_model).requires_grad_(True)}
+    params = {"student": list(modules["student"].parameters())}
+    optimizers = {"student": make_optimizer(params["student"], args.optimizer)}
+    modules, optimizers = prepare_players(accelerator, modules, optimizers, gradient_checkpointing=run.gradient_checkpointing)
+    optimizer, lr_scheduler = optimizers["student"]
+    rf = RectifiedFlow()
+    teacher = Denoiser(modules["teacher"], rf, "flow")
+    student = Denoiser(CausalWan(modules["student"], args.num_frames_per_block), rf, "flow")
+    ema = student_ema(accelerator, modules, args.ema, run.train_batch_size)
+    t_list = student_t_list(args.num_student_steps).to(accelerator.device)
+    pairs = load_or_generate_pairs(accelerator, teacher, t_list, args)
+
+    step = 0
+    checkpoint = resolve_checkpoint(run.output_dir, run.resume_from_checkpoint)
+    if checkpoint is not None:
+        step = load_checkpoint(accelerator, checkpoint, emas={"student": ema})["step"]
+        logger.info("resumed from %s at step %d", checkpoint, step)
+
+    # 2. The loop: batch i on rank r is drawn by a generator seeded with (seed, r, i), so resume is exact.
+    progress = tqdm(range(run.max_train_steps), initial=step, disable=not accelerator.is_local_main_process)
+    while step < run.max_train_steps:
+        g = torch.Generator().manual_seed(run.seed * 1_000_003 + accelerator.process_index * 7_919 + step)
+        idx = torch.randint(0, args.num_pairs, (run.train_batch_size,), generator=g)
+        states, x0 = pairs["states"][idx].to(accelerator.device), pairs["x0"][idx].to(accelerator.device)
+        cond = {"encoder_hidden_states": pairs["cond"][idx].to(accelerator.device)}
+        with accelerator.autocast():
+            loss = causal_kd_step(student, states, x0, cond, t_list, args.num_frames_per_block)
+        update(accelerator, loss, params["student"], optimizer, lr_scheduler, args.optimizer.max_grad_norm)
+        ema.update(modules["student"])
+        step += 1
+        progress.update(1)
+        if step % run.logging_steps == 0:
+            progress.set_postfix(loss=loss.detach().item())
+            accelerator.log({"loss": loss.detach().item()}, step=step)
+        if run.checkpointing_steps and step % run.checkpointing_steps == 0:
+            save_checkpoint(accelerator, run.output_dir, step, emas={"student": ema},
+                            total_limit=run.checkpoints_total_limit)
+
+    # 3. Save the EMA student with its few-step recipe; reload and benchmark.
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        student.model.remove()
+        final = accelerator.unwrap_model(modules["student"])
+        ema.copy_to(final)
+        save_video_student(final, run.output_dir, num_frames_per_block=args.num_frames_per_block,
+                           denoising_timesteps=timesteps_from_t_list(t_list.tolist()))
+        logger.info("saved the student to %s", run.output_dir)
+        if args.eval_num_videos:
+            benchmark_video_folder(run.output_dir, name="CausalKD student", num_videos=args.eval_num_videos,
+                                   logger=logger)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()

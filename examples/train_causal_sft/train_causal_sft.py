@@ -1,0 +1,166 @@
+"""CausalSFT: diffusion-forcing training of a block-causal Wan (Chen et al. arXiv:2407.01392; CausVid
+arXiv:2412.07772 sec. 3). With one block spanning the video it is plain (bidirectional) SFT — which is
+how the moving-digits teacher is trained:
+
+    accelerate launch examples/train_causal_sft/train_causal_sft.py --num_frames_per_block 8 \
+        --output_dir outputs/moving_digits_teacher
+
+1. Each step draws moving-digit videos x0 (B, 1, 8, 16, 16), noise eps, and one logit-normal time per
+   block of `num_frames_per_block` frames (independent noise levels: diffusion forcing).
+2. The model (a stock WanTransformer3DModel run by models.causal_wan.CausalWan under the block-causal
+   mask) regresses the flow eps - x0 at x_t = (1 - t) x0 + t eps, t per frame (losses.denoising_loss).
+3. The EMA model is saved as a CausalWanPipeline with an Euler sampler of `sample_steps` steps per
+   block, reloaded and benchmarked on moving digits (benchmark.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+from tqdm.auto import tqdm
+
+from diffusers_fastgen.ema import EMA
+from diffusers_fastgen.evaluation.moving_digits import NUM_FRAMES, moving_digits_transformer
+from diffusers_fastgen.losses import denoising_loss
+from diffusers_fastgen.models import Denoiser
+from diffusers_fastgen.models.causal_wan import CausalWan
+from diffusers_fastgen.parametrization import RectifiedFlow, add_noise
+from diffusers_fastgen.pipelines import CausalWanPipeline
+from diffusers_fastgen.training import (
+    EMAArgs,
+    OptimizerArgs,
+    RunArgs,
+    load_checkpoint,
+    make_optimizer,
+    parse_args,
+    resolve_checkpoint,
+    save_checkpoint,
+    save_config,
+    setup_accelerator,
+    update,
+)
+from diffusers_fastgen.training.video import VideoBatches, benchmark_video_folder, sample_block_times, save_video_student
+
+logger = logging.getLogger("train_causal_sft")
+
+
+@dataclass
+class CausalSFTArgs:
+    """Diffusion-forcing (block-causal) or bidirectional SFT of a tiny Wan on moving digits."""
+
+    run: RunArgs = field(default_factory=lambda: RunArgs(output_dir="outputs/causal_sft", max_train_steps=3000,
+                                                         train_batch_size=32, checkpointing_steps=1000,
+                                                         validation_steps=0))
+    optimizer: OptimizerArgs = field(default_factory=lambda: OptimizerArgs(learning_rate=5e-4, lr_warmup_steps=200,
+                                                                           max_grad_norm=1.0))
+    ema: EMAArgs = field(default_factory=lambda: EMAArgs(ema_schedule="halflife", ema_halflife_kimg=20.0))
+    init_from: str | None = None  # CausalWanPipeline folder whose transformer initialises the model; None = new
+    num_frames_per_block: int = 2  # causal block size in frames (8 = the whole video: bidirectional)
+    num_layers: int = 4  # new model: transformer blocks
+    num_attention_heads: int = 4  # new model: heads
+    attention_head_dim: int = 24  # new model: head width
+    ffn_dim: int = 256  # new model: feed-forward width
+    logit_mean: float = 0.0  # per-block t ~ sigmoid(N(logit_mean, logit_std^2))
+    logit_std: float = 1.0
+    sample_steps: int = 50  # Euler steps per block of the saved sampler
+    eval_num_videos: int = 500  # videos for the final benchmark (0 skips)
+
+    def __post_init__(self):
+        if self.num_frames_per_block < 1 or NUM_FRAMES % self.num_frames_per_block:
+            raise ValueError(f"`num_frames_per_block` must divide the {NUM_FRAMES} frames, got {self.num_frames_per_block}.")
+        if self.logit_std <= 0:
+            raise ValueError(f"`logit_std` must be > 0, got {self.logit_std}.")
+        if self.sample_steps < 1 or self.eval_num_videos < 0:
+            raise ValueError(f"need sample_steps >= 1 and eval_num_videos >= 0, got {self.sample_steps}, "
+                             f"{self.eval_num_videos}.")
+        if self.run.mixed_precision != "no" and self.run.mixed_precision not in ("bf16", "fp16"):
+            raise ValueError(f"`mixed_precision` must be no / bf16 / fp16, got {self.run.mixed_precision!r}.")
+
+
+def causal_sft_step(causal: Denoiser, x0: torch.Tensor, cond: dict, *, num_frames_per_block: int, logit_mean: float,
+                    logit_std: float) -> torch.Tensor:
+    """Diffusion-forcing denoising loss (mean over the batch): one noise level per block."""
+    eps = torch.randn_like(x0)
+    t = sample_block_times(x0.shape[0], x0.shape[2], num_frames_per_block, mean=logit_mean, std=logit_std,
+                           device=x0.device)  # (B, F)
+    x_t = add_noise(causal.process, x0, eps, t)
+    prediction = causal(x_t, t, cond, target="flow")
+    return denoising_loss(prediction, x0, eps, t, process=causal.process, prediction_type="flow").mean()
+
+
+def main(argv=None):
+    args = parse_args(CausalSFTArgs, argv)
+    run = args.run
+    accelerator = setup_accelerator(run, "train_causal_sft", args)
+    if accelerator.is_main_process:
+        save_config(args, os.path.join(run.output_dir, "train_config.yaml"))
+
+    # 1. Model, optimizer, data.
+    if args.init_from:
+        model = CausalWanPipeline.from_pretrained(args.init_from).transformer
+        CausalWan(model).remove()  # the loaded pipeline made it causal for its own block size
+    else:
+        torch.manual_seed(run.seed)
+        model = moving_digits_transformer(args.num_layers, args.num_attention_heads, args.attention_head_dim,
+                                          args.ffn_dim)
+    if run.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    model.train()
+    optimizer, lr_scheduler = make_optimizer(model.parameters(), args.optimizer)
+    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    ema = EMA(model, schedule=args.ema.ema_schedule, decay=args.ema.ema_decay, halflife_kimg=args.ema.ema_halflife_kimg,
+              batch_size=run.train_batch_size * accelerator.num_processes, gamma=args.ema.ema_gamma,
+              start_iter=args.ema.ema_start_iter)
+    causal = Denoiser(CausalWan(model, args.num_frames_per_block), RectifiedFlow(), "flow")
+    batches = VideoBatches(run.train_batch_size, seed=run.seed, rank=accelerator.process_index)
+
+    step = 0
+    checkpoint = resolve_checkpoint(run.output_dir, run.resume_from_checkpoint)
+    if checkpoint is not None:
+        step = load_checkpoint(accelerator, checkpoint, emas={"model": ema})["step"]
+        logger.info("resumed from %s at step %d", checkpoint, step)
+    batches.state_at(step)
+
+    # 2. The loop.
+    progress = tqdm(range(run.max_train_steps), initial=step, disable=not accelerator.is_local_main_process)
+    while step < run.max_train_steps:
+        batch = next(batches)
+        x0 = batch["video"].to(accelerator.device)
+        cond = {"encoder_hidden_states": batch["cond"].to(accelerator.device)}
+        with accelerator.autocast():
+            loss = causal_sft_step(causal, x0, cond, num_frames_per_block=args.num_frames_per_block,
+                                   logit_mean=args.logit_mean, logit_std=args.logit_std)
+        update(accelerator, loss, model.parameters(), optimizer, lr_scheduler, args.optimizer.max_grad_norm)
+        ema.update(model)
+        step += 1
+        progress.update(1)
+        if step % run.logging_steps == 0:
+            logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0]}
+            progress.set_postfix(**logs)
+            accelerator.log(logs, step=step)
+        if run.checkpointing_steps and step % run.checkpointing_steps == 0:
+            save_checkpoint(accelerator, run.output_dir, step, emas={"model": ema}, total_limit=run.checkpoints_total_limit)
+
+    # 3. Save the EMA model with its Euler sampler; reload and benchmark.
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        causal.model.remove()
+        final = accelerator.unwrap_model(model)
+        ema.copy_to(final)
+        steps = torch.linspace(1000, 0, args.sample_steps + 1)[:-1].tolist()
+        save_video_student(final, run.output_dir, num_frames_per_block=args.num_frames_per_block,
+                           denoising_timesteps=steps, scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0))
+        logger.info("saved the EMA pipeline to %s", run.output_dir)
+        if args.eval_num_videos:
+            name = "bidirectional SFT (teacher)" if args.num_frames_per_block == NUM_FRAMES else "CausalSFT student"
+            benchmark_video_folder(run.output_dir, name=name, num_videos=args.eval_num_videos, logger=logger)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()

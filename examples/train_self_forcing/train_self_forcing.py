@@ -1,0 +1,181 @@
+"""Self-Forcing: DMD distillation of a bidirectional video teacher into a causal few-step student that
+is trained on its own KV-cached rollouts (Huang et al. arXiv:2506.08009).
+
+    accelerate launch examples/train_self_forcing/train_self_forcing.py --teacher outputs/moving_digits_teacher \
+        --output_dir outputs/self_forcing
+
+1. Players: the teacher (bidirectional Wan, frozen), the fake score (a trainable bidirectional copy),
+   and the student: a copy made block-causal by models.causal_wan.CausalWan (`--student_init`: start
+   from a CausalKD / CausalSFT folder instead of the teacher's weights).
+2. Each iteration the student rolls the whole video out block by block with its own KV cache and the
+   pipeline's few-step sampler (training.causal.self_forcing_rollout): no exposure bias, since the
+   context it attends to is its own output, as at inference. One random exit step per iteration
+   carries the gradient (each block's forward at that step).
+3. Fake score: denoising loss on detached rollouts (every iteration); student: DMD loss of the rollout
+   (teacher vs fake score at a fresh noise level, training.distribution_matching.dmd_sample_loss)
+   every `student_update_freq` iterations.
+4. The EMA student is saved as a CausalWanPipeline whose config is the rollout's recipe, reloaded and
+   benchmarked on moving digits.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from dataclasses import dataclass, field, replace
+
+import torch
+from tqdm.auto import tqdm
+
+from diffusers_fastgen.models import Denoiser
+from diffusers_fastgen.models.causal_wan import CausalWan
+from diffusers_fastgen.parametrization import RectifiedFlow
+from diffusers_fastgen.training import (
+    EMAArgs,
+    OptimizerArgs,
+    RunArgs,
+    load_checkpoint,
+    make_optimizer,
+    parse_args,
+    resolve_checkpoint,
+    save_checkpoint,
+    save_config,
+    setup_accelerator,
+    update,
+)
+from diffusers_fastgen.training.causal import self_forcing_rollout
+from diffusers_fastgen.training.distribution_matching import dmd_sample_loss, fake_score_sample_loss
+from diffusers_fastgen.training.players import prepare_players, student_ema
+from diffusers_fastgen.training.video import (
+    VideoBatches,
+    benchmark_video_folder,
+    load_video_transformer,
+    save_video_student,
+    student_t_list,
+    timesteps_from_t_list,
+)
+
+logger = logging.getLogger("train_self_forcing")
+
+
+@dataclass
+class SelfForcingArgs:
+    """Self-Forcing DMD distillation of a bidirectional Wan teacher into a causal few-step student."""
+
+    run: RunArgs = field(default_factory=lambda: RunArgs(output_dir="outputs/self_forcing", max_train_steps=400,
+                                                         train_batch_size=16, checkpointing_steps=200,
+                                                         validation_steps=0))
+    optimizer: OptimizerArgs = field(default_factory=lambda: OptimizerArgs(learning_rate=5e-5, adam_beta1=0.0,
+                                                                           adam_beta2=0.99, max_grad_norm=10.0))
+    ema: EMAArgs = field(default_factory=lambda: EMAArgs(ema_schedule="halflife", ema_halflife_kimg=2.0))
+    teacher: str = "outputs/moving_digits_teacher"  # CausalWanPipeline folder of the bidirectional teacher
+    student_init: str | None = None  # CausalWanPipeline folder initialising the student (None = the teacher)
+    num_frames_per_block: int = 2  # causal block size (frames)
+    num_student_steps: int = 4  # few-step schedule per block: t_i = 1 - i / K
+    context_noise: int = 0  # timestep at which finished blocks are written into the cache
+    fake_score_learning_rate: float = 5e-5  # the fake score's AdamW learning rate
+    student_update_freq: int = 5  # one student update per this many iterations (fake score: every one)
+    dmd_t_min: float = 0.02  # DMD re-noising level s ~ U[dmd_t_min, dmd_t_max]
+    dmd_t_max: float = 0.98
+    eval_num_videos: int = 500  # videos for the final benchmark (0 skips)
+
+    def __post_init__(self):
+        if self.num_frames_per_block < 1 or self.num_student_steps < 1 or self.student_update_freq < 1:
+            raise ValueError("`num_frames_per_block`, `num_student_steps` and `student_update_freq` must be >= 1, got "
+                             f"{self.num_frames_per_block}, {self.num_student_steps}, {self.student_update_freq}.")
+        if not 0 <= self.context_noise < 1000:
+            raise ValueError(f"`context_noise` must be in [0, 1000), got {self.context_noise}.")
+        if not 0 <= self.dmd_t_min < self.dmd_t_max <= 1:
+            raise ValueError(f"need 0 <= dmd_t_min < dmd_t_max <= 1, got {self.dmd_t_min}, {self.dmd_t_max}.")
+        if self.run.gradient_checkpointing:
+            raise ValueError("`gradient_checkpointing` is not supported here: the rollout's gradient forwards read "
+                             "a KV cache that has moved on by the time checkpointing would recompute them.")
+
+
+def main(argv=None):
+    args = parse_args(SelfForcingArgs, argv)
+    run = args.run
+    accelerator = setup_accelerator(run, "train_self_forcing", args)
+    if accelerator.is_main_process:
+        save_config(args, os.path.join(run.output_dir, "train_config.yaml"))
+
+    # 1. Players: teacher (frozen), fake score (bidirectional copy), causal student.
+    teacher_model = load_video_transformer(args.teacher).requires_grad_(False)
+    student_model = (load_video_transformer(args.student_init) if args.student_init else copy.deepcopy(teacher_model))
+    modules = {"teacher": teacher_model, "student": student_model.requires_grad_(True),
+               "fake_score": copy.deepcopy(teacher_model).requires_grad_(True)}
+    params = {n: list(modules[n].parameters()) for n in ("student", "fake_score")}
+    optimizers = {"student": make_optimizer(params["student"], args.optimizer),
+                  "fake_score": make_optimizer(params["fake_score"],
+                                               replace(args.optimizer, learning_rate=args.fake_score_learning_rate))}
+    modules, optimizers = prepare_players(accelerator, modules, optimizers)
+    (student_opt, student_lr), (fake_opt, fake_lr) = optimizers["student"], optimizers["fake_score"]
+    rf = RectifiedFlow()
+    teacher = Denoiser(modules["teacher"], rf, "flow")
+    fake_score = Denoiser(modules["fake_score"], rf, "flow")
+    student = Denoiser(CausalWan(modules["student"], args.num_frames_per_block), rf, "flow")
+    ema = student_ema(accelerator, modules, args.ema, run.train_batch_size)
+    t_list = student_t_list(args.num_student_steps).to(accelerator.device)
+    batches = VideoBatches(run.train_batch_size, seed=run.seed, rank=accelerator.process_index)
+
+    step = 0  # counts student updates
+    checkpoint = resolve_checkpoint(run.output_dir, run.resume_from_checkpoint)
+    if checkpoint is not None:
+        step = load_checkpoint(accelerator, checkpoint, emas={"student": ema})["step"]
+        logger.info("resumed from %s at step %d", checkpoint, step)
+    iteration = step * args.student_update_freq
+    batches.state_at(iteration)
+
+    # 2. Alternating updates on the student's own rollouts.
+    progress = tqdm(range(run.max_train_steps), initial=step, disable=not accelerator.is_local_main_process)
+    logs = {}
+    while step < run.max_train_steps:
+        batch = next(batches)
+        cond = {"encoder_hidden_states": batch["cond"].to(accelerator.device)}
+        noise = torch.randn(batch["video"].shape, device=accelerator.device)
+        exit_index = int(torch.randint(0, args.num_student_steps, ()))
+        iteration += 1
+        if iteration % args.student_update_freq:
+            with torch.no_grad():
+                x0 = self_forcing_rollout(student, noise, cond, t_list, exit_index=exit_index,
+                                          context_noise=args.context_noise / 1000)
+            loss = fake_score_sample_loss(fake_score, x0, cond)
+            update(accelerator, loss, params["fake_score"], fake_opt, fake_lr, args.optimizer.max_grad_norm)
+            logs["fake_score_loss"] = loss.detach()
+            continue
+        x0 = self_forcing_rollout(student, noise, cond, t_list, exit_index=exit_index,
+                                  context_noise=args.context_noise / 1000)
+        loss = dmd_sample_loss(x0, teacher, fake_score, cond, None, guidance_scale=1.0, t_min=args.dmd_t_min,
+                               t_max=args.dmd_t_max)
+        update(accelerator, loss, params["student"], student_opt, student_lr, args.optimizer.max_grad_norm)
+        ema.update(modules["student"])
+        step += 1
+        progress.update(1)
+        logs["dmd_loss"] = loss.detach()
+        if step % run.logging_steps == 0:
+            scalars = {k: v.item() for k, v in logs.items()}
+            progress.set_postfix(**scalars)
+            accelerator.log(scalars, step=step)
+        if run.checkpointing_steps and step % run.checkpointing_steps == 0:
+            save_checkpoint(accelerator, run.output_dir, step, emas={"student": ema},
+                            total_limit=run.checkpoints_total_limit)
+
+    # 3. Save the EMA student with the rollout's recipe; reload and benchmark.
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        student.model.remove()
+        final = accelerator.unwrap_model(modules["student"])
+        ema.copy_to(final)
+        save_video_student(final, run.output_dir, num_frames_per_block=args.num_frames_per_block,
+                           denoising_timesteps=timesteps_from_t_list(t_list.tolist()), context_noise=args.context_noise)
+        logger.info("saved the student to %s", run.output_dir)
+        if args.eval_num_videos:
+            benchmark_video_folder(run.output_dir, name="Self-Forcing student", num_videos=args.eval_num_videos,
+                                   logger=logger)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""Stateless helpers the causal-video scripts share: moving-digits batches, per-block times, teacher
+ODE pairs, saving and benchmarking a CausalWanPipeline student."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..evaluation.moving_digits import MovingDigits, MovingDigitsReference, benchmark_video_pipeline, markdown_rows
+from ..pipelines import CausalWanPipeline
+from ..schedulers import FlowMatchFewStepScheduler
+from ..timesteps import sample_logit_normal
+
+
+class VideoBatches:
+    """Moving-digits batches; batch `i` on rank `r` is a pure function of (seed, r, i), so a resumed run
+    sees the batches it would have seen."""
+
+    def __init__(self, batch_size: int, *, seed: int = 0, rank: int = 0, split: str = "train"):
+        self.data, self.batch_size, self.seed, self.rank, self.index = MovingDigits(split), batch_size, seed, rank, 0
+
+    def state_at(self, index: int) -> None:
+        self.index = index
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.rank * 7_919 + self.index)
+        self.index += 1
+        return self.data.sample(self.batch_size, g)
+
+
+def sample_block_times(b: int, num_frames: int, num_frames_per_block: int, *, mean: float = 0.0, std: float = 1.0,
+                       device=None) -> torch.Tensor:
+    """Diffusion forcing's per-frame times (B, F): one logit-normal t per block, shared by its frames."""
+    if num_frames % num_frames_per_block:
+        raise ValueError(f"`num_frames` ({num_frames}) must be a multiple of num_frames_per_block "
+                         f"({num_frames_per_block}).")
+    t = sample_logit_normal((b, num_frames // num_frames_per_block), mean=mean, std=std, device=device)
+    return t.repeat_interleave(num_frames_per_block, dim=1)
+
+
+def timesteps_from_t_list(t_list) -> list[float]:
+    """[1.0, 0.75, 0.5, 0.25] -> [1000.0, 750.0, 500.0, 250.0] model timesteps (the pipeline's config)."""
+    return [float(t) * 1000.0 for t in t_list]
+
+
+@torch.no_grad()
+def teacher_ode(velocity, noise: torch.Tensor, cond: dict, t_grid: torch.Tensor) -> list[torch.Tensor]:
+    """Euler ODE of the flow x' = v(x, t) from t_grid[0] (noise) down to t_grid[-1]; the states at every
+    grid point. velocity: a Denoiser-like callable (x, t, cond, target='flow')."""
+    x, states = noise, [noise]
+    for t, t_next in zip(t_grid[:-1], t_grid[1:]):
+        x = x + (t_next - t) * velocity(x, t, cond, target="flow")
+        states.append(x)
+    return states
+
+
+def save_video_student(model, output_dir: str, *, num_frames_per_block: int, denoising_timesteps, context_noise: int = 0,
+                       local_attn_size: int = -1, sink_size: int = 0, scheduler=None) -> CausalWanPipeline:
+    """Save `model` (a WanTransformer3DModel) as a CausalWanPipeline folder with its sampling recipe."""
+    pipe = CausalWanPipeline(transformer=model, scheduler=scheduler or FlowMatchFewStepScheduler(),
+                             num_frames_per_block=num_frames_per_block, denoising_timesteps=list(denoising_timesteps),
+                             context_noise=context_noise, local_attn_size=local_attn_size, sink_size=sink_size)
+    pipe.save_pretrained(output_dir)
+    pipe.causal.remove()  # the training model goes back to Wan's own processors
+    return pipe
+
+
+def benchmark_video_folder(output_dir: str, *, name: str, num_videos: int, logger=None) -> str:
+    """Reload the saved folder, benchmark it on moving digits, write `benchmark.md` beside it."""
+    pipe = CausalWanPipeline.from_pretrained(output_dir)
+    pipe.set_progress_bar_config(disable=True)
+    torch.manual_seed(0)
+    row = {"model": name, "steps": len(pipe.config.denoising_timesteps),
+           **benchmark_video_pipeline(pipe, MovingDigitsReference(), num_videos=num_videos)}
+    table = markdown_rows([row])
+    with open(os.path.join(output_dir, "benchmark.md"), "w") as f:
+        f.write(table + "\n")
+    if logger is not None:
+        logger.info("moving-digits benchmark (%d videos):\n%s", num_videos, table)
+    print(table)
+    return table
+
+
+def load_video_transformer(path: str):
+    """The stock WanTransformer3DModel of a CausalWanPipeline folder (no causal processors installed)."""
+    from diffusers import WanTransformer3DModel
+
+    return WanTransformer3DModel.from_pretrained(path, subfolder="transformer")
+
+
+def student_t_list(num_student_steps: int) -> torch.Tensor:
+    """The per-block few-step schedule t_i = 1 - i / K, i < K (K = 4: [1, 0.75, 0.5, 0.25], Self-Forcing's)."""
+    if num_student_steps < 1:
+        raise ValueError(f"`num_student_steps` must be >= 1, got {num_student_steps}.")
+    return 1.0 - torch.arange(num_student_steps, dtype=torch.float32) / num_student_steps

@@ -1,0 +1,67 @@
+"""2-step smoke runs of the four causal-video scripts on a tiny moving-digits teacher."""
+
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffusers_fastgen.evaluation.moving_digits import moving_digits_cond, sample_motion
+from diffusers_fastgen.pipelines import CausalWanPipeline
+
+from script_utils import assert_changed, file_digest, run_script
+
+TINY = ["--num_layers", "1", "--num_attention_heads", "2", "--attention_head_dim", "12", "--ffn_dim", "32"]
+COMMON = ["--max_train_steps", "2", "--train_batch_size", "4", "--report_to", "none", "--ema_schedule", "constant",
+          "--ema_decay", "0.0", "--learning_rate", "1e-3", "--eval_num_videos", "20"]
+
+
+def _weights(folder):
+    return load_file(os.path.join(folder, "transformer", "diffusion_pytorch_model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def video_teacher(tmp_path_factory):
+    """A tiny bidirectional moving-digits teacher: 2 SFT steps with one block spanning the video."""
+    out = str(tmp_path_factory.mktemp("video_teacher"))
+    run_script("causal_sft", ["--output_dir", out, "--num_frames_per_block", "8", "--sample_steps", "2",
+                              "--checkpointing_steps", "0", *TINY, *COMMON[:-2], "--eval_num_videos", "0"])
+    return out
+
+
+def _check_folder(out, num_frames_per_block, steps):
+    pipe = CausalWanPipeline.from_pretrained(out)
+    assert pipe.config.num_frames_per_block == num_frames_per_block
+    assert len(pipe.config.denoising_timesteps) == steps
+    g = torch.Generator().manual_seed(0)
+    p0, v = sample_motion(2, g)
+    blocks = list(pipe.stream(prompt_embeds=moving_digits_cond(torch.tensor([3, 7]), p0, v), num_frames=8,
+                              height=16, width=16, generator=g))
+    assert len(blocks) == 8 // num_frames_per_block and blocks[0].shape == (2, 1, num_frames_per_block, 16, 16)
+    assert os.path.isfile(os.path.join(out, "benchmark.md"))
+
+
+def test_causal_sft_trains_a_teacher_folder(video_teacher):
+    pipe = CausalWanPipeline.from_pretrained(video_teacher)
+    assert pipe.config.num_frames_per_block == 8 and len(pipe.config.denoising_timesteps) == 2
+
+
+def test_causal_sft_diffusion_forcing(video_teacher, tmp_path):
+    out = str(tmp_path / "csft")
+    run_script("causal_sft", ["--output_dir", out, "--init_from", video_teacher, "--num_frames_per_block", "2",
+                              "--sample_steps", "2", *COMMON])
+    assert_changed(_weights(video_teacher), _weights(out))
+    _check_folder(out, 2, 2)
+
+
+@pytest.mark.parametrize("script,extra", [("causal_kd", ["--num_pairs", "8", "--teacher_steps", "4"]),
+                                          ("causvid", ["--student_update_freq", "2"]),
+                                          ("self_forcing", ["--student_update_freq", "2"])])
+def test_distillation_scripts_two_steps(video_teacher, tmp_path, script, extra):
+    teacher_file = os.path.join(video_teacher, "transformer", "diffusion_pytorch_model.safetensors")
+    digest = file_digest(teacher_file)
+    out = str(tmp_path / script)
+    run_script(script, ["--teacher", video_teacher, "--output_dir", out, "--num_student_steps", "2", *COMMON, *extra])
+    assert file_digest(teacher_file) == digest
+    assert_changed(_weights(video_teacher), _weights(out))
+    _check_folder(out, 2, 2)

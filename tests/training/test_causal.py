@@ -1,0 +1,53 @@
+import torch
+
+from diffusers_fastgen.models import Denoiser
+from diffusers_fastgen.models.causal_wan import CausalWan
+from diffusers_fastgen.pipelines import CausalWanPipeline
+from diffusers_fastgen.schedulers import FlowMatchFewStepScheduler
+from diffusers_fastgen.testing.tiny import tiny_wan_transformer
+from diffusers_fastgen.training.causal import block_step_indices, diffusion_forcing_inputs, self_forcing_rollout
+from diffusers_fastgen.training.video import student_t_list
+
+
+def test_self_forcing_rollout_is_the_pipeline_sampler():
+    """Exit at the last step: the training rollout reproduces CausalWanPipeline's samples exactly."""
+    model = tiny_wan_transformer(num_layers=2)
+    t_list = student_t_list(3)
+    pipe = CausalWanPipeline(transformer=model, scheduler=FlowMatchFewStepScheduler(), num_frames_per_block=2,
+                             denoising_timesteps=(t_list * 1000).tolist())
+    noise, text = torch.randn(2, 16, 6, 4, 4), torch.randn(2, 5, 32)
+    torch.manual_seed(7)
+    ref = pipe(prompt_embeds=text, latents=noise, height=4, width=4, output_type="latent").frames
+    pipe.causal.remove()
+    student = Denoiser(CausalWan(model, 2))
+    torch.manual_seed(7)
+    with torch.no_grad():
+        out = self_forcing_rollout(student, noise, {"encoder_hidden_states": text}, t_list, exit_index=2)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_self_forcing_gradient_reaches_only_the_exit_step():
+    model = tiny_wan_transformer(num_layers=1)
+    student = Denoiser(CausalWan(model, 2))
+    x0 = self_forcing_rollout(student, torch.randn(1, 16, 4, 4, 4), {"encoder_hidden_states": torch.randn(1, 5, 32)},
+                              student_t_list(2), exit_index=1)
+    assert x0.requires_grad
+    x0.square().mean().backward()
+    assert model.proj_out.weight.grad.abs().sum() > 0
+
+
+def test_block_indices_and_diffusion_forcing_inputs():
+    torch.manual_seed(0)
+    idx = block_step_indices(64, 8, 2, 4)
+    assert idx.shape == (64, 8) and torch.equal(idx[:, 0::2], idx[:, 1::2])  # one draw per block
+    assert set(idx.unique().tolist()) == {0, 1, 2, 3}
+    x0 = torch.randn(64, 1, 8, 4, 4)
+    t_list = student_t_list(4)
+    torch.manual_seed(1)
+    x_t, t = diffusion_forcing_inputs(x0, t_list, 2)
+    torch.manual_seed(1)  # the same draws, by hand: per-block index, then eps
+    t_ref = t_list[block_step_indices(64, 8, 2, 4)]
+    eps = torch.randn_like(x0)
+    torch.testing.assert_close(t, t_ref)
+    tb = t_ref[:, None, :, None, None]
+    torch.testing.assert_close(x_t, (1 - tb) * x0 + tb * eps)

@@ -1,8 +1,7 @@
 """CausalKD: a causal few-step student regressed onto a bidirectional teacher's ODE solutions, block
 by block (the ODE initialisation of CausVid arXiv:2412.07772 sec. 4.2 / Self-Forcing).
 
-    accelerate launch examples/train_causal_kd/train_causal_kd.py --teacher outputs/moving_digits_teacher \
-        --output_dir outputs/causal_kd
+    accelerate launch examples/train_causal_kd/train_causal_kd.py --output_dir outputs/causal_kd
 
 1. Pairs: for `num_pairs` moving-digit conditions the teacher's Euler ODE (`teacher_steps` steps, the
    student's schedule points among them) runs from noise to x0; the states at the student's schedule
@@ -25,7 +24,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from diffusers_fastgen.evaluation.moving_digits import CANVAS, NUM_FRAMES, moving_digits_cond, sample_motion
+from diffusers_fastgen.evaluation.moving_digits import (
+    CANVAS,
+    MOVING_DIGITS_TEACHER_PATH,
+    NUM_FRAMES,
+    moving_digits_cond,
+    sample_motion,
+)
 from diffusers_fastgen.losses.regression import kd_loss
 from diffusers_fastgen.models import Denoiser
 from diffusers_fastgen.models.causal_wan import CausalWan
@@ -66,7 +71,7 @@ class CausalKDArgs:
                                                          validation_steps=0))
     optimizer: OptimizerArgs = field(default_factory=lambda: OptimizerArgs(learning_rate=2e-4, max_grad_norm=1.0))
     ema: EMAArgs = field(default_factory=lambda: EMAArgs(ema_schedule="halflife", ema_halflife_kimg=10.0))
-    teacher: str = "outputs/moving_digits_teacher"  # CausalWanPipeline folder of the bidirectional teacher
+    teacher: str = MOVING_DIGITS_TEACHER_PATH  # CausalWanPipeline folder of the bidirectional teacher (shipped)
     num_frames_per_block: int = 2  # causal block size (frames)
     num_student_steps: int = 4  # few-step schedule per block: t_i = 1 - i / K
     num_pairs: int = 1024  # teacher ODE solutions generated once

@@ -1,8 +1,7 @@
 """CausVid: DMD distillation of a bidirectional video teacher into a causal few-step student trained
 on diffusion-forcing inputs (Yin et al. arXiv:2412.07772).
 
-    accelerate launch examples/train_causvid/train_causvid.py --teacher outputs/moving_digits_teacher \
-        --output_dir outputs/causvid
+    accelerate launch examples/train_causvid/train_causvid.py --output_dir outputs/causvid
 
 1. Players: the teacher (bidirectional Wan, frozen), the fake score (a trainable bidirectional copy),
    and the student: a copy made block-causal by models.causal_wan.CausalWan (`--student_init`: start
@@ -28,6 +27,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from tqdm.auto import tqdm
 
+from diffusers_fastgen.evaluation.moving_digits import MOVING_DIGITS_TEACHER_PATH
 from diffusers_fastgen.models import Denoiser
 from diffusers_fastgen.models.causal_wan import CausalWan
 from diffusers_fastgen.parametrization import RectifiedFlow
@@ -63,18 +63,18 @@ logger = logging.getLogger("train_causvid")
 class CausVidArgs:
     """CausVid DMD distillation of a bidirectional Wan teacher into a causal few-step student."""
 
-    run: RunArgs = field(default_factory=lambda: RunArgs(output_dir="outputs/causvid", max_train_steps=400,
-                                                         train_batch_size=16, checkpointing_steps=200,
+    run: RunArgs = field(default_factory=lambda: RunArgs(output_dir="outputs/causvid", max_train_steps=300,
+                                                         train_batch_size=32, checkpointing_steps=100,
                                                          validation_steps=0))
-    optimizer: OptimizerArgs = field(default_factory=lambda: OptimizerArgs(learning_rate=5e-5, adam_beta1=0.0,
+    optimizer: OptimizerArgs = field(default_factory=lambda: OptimizerArgs(learning_rate=1e-4, adam_beta1=0.0,
                                                                            adam_beta2=0.99, max_grad_norm=10.0))
     ema: EMAArgs = field(default_factory=lambda: EMAArgs(ema_schedule="halflife", ema_halflife_kimg=2.0))
-    teacher: str = "outputs/moving_digits_teacher"  # CausalWanPipeline folder of the bidirectional teacher
+    teacher: str = MOVING_DIGITS_TEACHER_PATH  # CausalWanPipeline folder of the bidirectional teacher (shipped)
     student_init: str | None = None  # CausalWanPipeline folder initialising the student (None = the teacher)
     num_frames_per_block: int = 2  # causal block size (frames)
     num_student_steps: int = 4  # few-step schedule per block: t_i = 1 - i / K
     context_noise: int = 0  # timestep at which finished blocks are written into the cache
-    fake_score_learning_rate: float = 5e-5  # the fake score's AdamW learning rate
+    fake_score_learning_rate: float = 1e-4  # the fake score's AdamW learning rate
     student_update_freq: int = 5  # one student update per this many iterations (fake score: every one)
     dmd_t_min: float = 0.02  # DMD re-noising level s ~ U[dmd_t_min, dmd_t_max]
     dmd_t_max: float = 0.98

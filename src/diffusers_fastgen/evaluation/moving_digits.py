@@ -29,12 +29,16 @@ import torch.nn.functional as F
 
 from ..training.data import load_digits_arrays
 
+import os
+
 NUM_FRAMES = 8
 CANVAS = 16
 DIGIT = 8
 TEXT_DIM = 32
 NUM_TOKENS = 5
 _MAX_POS = CANVAS - DIGIT  # 8
+# CausalWanPipeline folder of the shipped bidirectional teacher (train_causal_sft --num_frames_per_block 8)
+MOVING_DIGITS_TEACHER_PATH = os.path.join(os.path.dirname(__file__), "assets", "moving_digits_teacher")
 
 
 def _token_table() -> torch.Tensor:

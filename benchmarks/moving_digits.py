@@ -1,0 +1,44 @@
+"""The moving-digits video benchmark table: real videos (the metric's scale) and CausalWanPipeline folders.
+
+    python benchmarks/moving_digits.py --pipelines outputs/self_forcing outputs/causvid --num_videos 500
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from diffusers_fastgen.evaluation.moving_digits import (
+    MovingDigits,
+    MovingDigitsReference,
+    benchmark_video_pipeline,
+    markdown_rows,
+)
+from diffusers_fastgen.pipelines import CausalWanPipeline
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pipelines", nargs="*", default=[])
+    parser.add_argument("--num_videos", type=int, default=500)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    ref = MovingDigitsReference()
+    rows = []
+    for split in ("train", "held_out"):
+        data = MovingDigits(split).sample(args.num_videos, torch.Generator().manual_seed(args.seed))
+        rows.append({"model": f"real videos ({split} digits)", **ref.score(data["video"], data["labels"], data["p0"],
+                                                                            data["v"])})
+    for path in args.pipelines:
+        pipe = CausalWanPipeline.from_pretrained(path)
+        pipe.set_progress_bar_config(disable=True)
+        torch.manual_seed(args.seed)
+        rows.append({"model": path, "steps": len(pipe.config.denoising_timesteps),
+                     **benchmark_video_pipeline(pipe, ref, num_videos=args.num_videos, seed=args.seed)})
+    print(markdown_rows(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -45,7 +45,7 @@ class CausalWanPipeline(DiffusionPipeline):
     _optional_components = ["tokenizer", "text_encoder", "vae"]
 
     def __init__(self, transformer, scheduler, tokenizer=None, text_encoder=None, vae=None,
-                 num_frames_per_block: int = 3, denoising_timesteps: list[int] | None = None,
+                 num_frames_per_block: int = 3, denoising_timesteps: list[float] | None = None,
                  context_noise: int = 0, local_attn_size: int = -1, sink_size: int = 0):
         super().__init__()
         denoising_timesteps = [1000, 750, 500, 250] if denoising_timesteps is None else list(denoising_timesteps)
@@ -134,7 +134,8 @@ class CausalWanPipeline(DiffusionPipeline):
         n = cfg.num_frames_per_block
         cache = self.causal.new_cache(text.shape[0], num_frames, height, width, device=device, dtype=dtype)
         for start in range(0, num_frames, n):
-            self.scheduler.set_timesteps(timesteps=cfg.denoising_timesteps, device=device)
+            self.scheduler.set_timesteps(sigmas=[t / self.scheduler.config.num_train_timesteps
+                                                 for t in cfg.denoising_timesteps], device=device)
             x = latents[:, :, start:start + n]  # (B, C, N, h, w)
             fixed = first is not None and start == 0
             for timestep in self.scheduler.timesteps:

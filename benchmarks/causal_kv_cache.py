@@ -7,7 +7,7 @@ An N-block rollout with a few-step schedule, two ways that give the same video:
              timestep + the current block) under the block-causal mask.
 Medians over interleaved rounds, one thread.
 
-    python benchmarks/causal_kv_cache.py --blocks 8 --size 16 --rounds 5
+    python benchmarks/causal_kv_cache.py --blocks 8 --size 32 --rounds 3
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--blocks", type=int, default=8)
     parser.add_argument("--frames_per_block", type=int, default=2)
-    parser.add_argument("--size", type=int, default=16, help="latent height = width (16: 64 tokens per frame)")
+    parser.add_argument("--size", type=int, default=32, help="latent height = width (32: 256 tokens per frame)")
     parser.add_argument("--steps", type=int, nargs="+", default=[1000, 750, 500, 250])
     parser.add_argument("--num_layers", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=5)

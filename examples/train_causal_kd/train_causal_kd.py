@@ -71,7 +71,7 @@ class CausalKDArgs:
                                                          validation_steps=0))
     optimizer: OptimizerArgs = field(default_factory=lambda: OptimizerArgs(learning_rate=2e-4, max_grad_norm=1.0))
     ema: EMAArgs = field(default_factory=lambda: EMAArgs(ema_schedule="halflife", ema_halflife_kimg=10.0))
-    teacher: str = MOVING_DIGITS_TEACHER_PATH  # CausalWanPipeline folder of the bidirectional teacher (shipped)
+    teacher: str = MOVING_DIGITS_TEACHER_PATH  # CausalWanPipeline folder of the bidirectional teacher
     num_frames_per_block: int = 2  # causal block size (frames)
     num_student_steps: int = 4  # few-step schedule per block: t_i = 1 - i / K
     num_pairs: int = 1024  # teacher ODE solutions generated once
@@ -80,6 +80,9 @@ class CausalKDArgs:
     eval_num_videos: int = 500  # videos for the final benchmark (0 skips)
 
     def __post_init__(self):
+        if not os.path.isdir(self.teacher):
+            raise ValueError(f"`teacher` {self.teacher!r} is not a CausalWanPipeline folder; train one with "
+                             "examples/train_causal_sft/train_causal_sft.py --num_frames_per_block 8 and pass --teacher.")
         if self.num_frames_per_block < 1 or NUM_FRAMES % self.num_frames_per_block:
             raise ValueError(f"`num_frames_per_block` must divide the {NUM_FRAMES} frames, got {self.num_frames_per_block}.")
         if self.num_student_steps < 1 or self.teacher_steps % self.num_student_steps:

@@ -69,7 +69,7 @@ class SelfForcingArgs:
     optimizer: OptimizerArgs = field(default_factory=lambda: OptimizerArgs(learning_rate=1e-4, adam_beta1=0.0,
                                                                            adam_beta2=0.99, max_grad_norm=10.0))
     ema: EMAArgs = field(default_factory=lambda: EMAArgs(ema_schedule="halflife", ema_halflife_kimg=2.0))
-    teacher: str = MOVING_DIGITS_TEACHER_PATH  # CausalWanPipeline folder of the bidirectional teacher (shipped)
+    teacher: str = MOVING_DIGITS_TEACHER_PATH  # CausalWanPipeline folder of the bidirectional teacher
     student_init: str | None = None  # CausalWanPipeline folder initialising the student (None = the teacher)
     num_frames_per_block: int = 2  # causal block size (frames)
     num_student_steps: int = 4  # few-step schedule per block: t_i = 1 - i / K
@@ -81,6 +81,9 @@ class SelfForcingArgs:
     eval_num_videos: int = 500  # videos for the final benchmark (0 skips)
 
     def __post_init__(self):
+        if not os.path.isdir(self.teacher):
+            raise ValueError(f"`teacher` {self.teacher!r} is not a CausalWanPipeline folder; train one with "
+                             "examples/train_causal_sft/train_causal_sft.py --num_frames_per_block 8 and pass --teacher.")
         if self.num_frames_per_block < 1 or self.num_student_steps < 1 or self.student_update_freq < 1:
             raise ValueError("`num_frames_per_block`, `num_student_steps` and `student_update_freq` must be >= 1, got "
                              f"{self.num_frames_per_block}, {self.num_student_steps}, {self.student_update_freq}.")

@@ -65,3 +65,9 @@ def test_distillation_scripts_two_steps(video_teacher, tmp_path, script, extra):
     assert file_digest(teacher_file) == digest
     assert_changed(_weights(video_teacher), _weights(out))
     _check_folder(out, 2, 2)
+
+
+@pytest.mark.parametrize("script", ["causal_kd", "causvid", "self_forcing"])
+def test_missing_teacher_is_a_clear_error(script, tmp_path):
+    with pytest.raises(ValueError, match="teacher"):
+        run_script(script, ["--teacher", str(tmp_path / "nothing"), "--output_dir", str(tmp_path / "out")])

@@ -37,7 +37,8 @@ DIGIT = 8
 TEXT_DIM = 32
 NUM_TOKENS = 5
 _MAX_POS = CANVAS - DIGIT  # 8
-# CausalWanPipeline folder of the shipped bidirectional teacher (train_causal_sft --num_frames_per_block 8)
+# where the bidirectional moving-digits teacher (train_causal_sft --num_frames_per_block 8) is to be shipped;
+# not shipped yet (the first teachers are too weak, docs/results.md): the video scripts take --teacher
 MOVING_DIGITS_TEACHER_PATH = os.path.join(os.path.dirname(__file__), "assets", "moving_digits_teacher")
 
 

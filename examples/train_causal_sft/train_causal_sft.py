@@ -43,7 +43,7 @@ from diffusers_fastgen.training import (
     setup_accelerator,
     update,
 )
-from diffusers_fastgen.training.video import VideoBatches, benchmark_video_folder, sample_block_times, save_video_student
+from diffusers_fastgen.training.video import VideoBatches, finish_video_run, sample_block_times
 
 logger = logging.getLogger("train_causal_sft")
 
@@ -146,20 +146,12 @@ def main(argv=None):
             save_checkpoint(accelerator, run.output_dir, step, emas={"model": ema}, total_limit=run.checkpoints_total_limit)
 
     # 3. Save the EMA model with its Euler sampler; reload and benchmark.
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        causal.model.remove()
-        final = accelerator.unwrap_model(model)
-        ema.copy_to(final)
-        steps = torch.linspace(1000, 0, args.sample_steps + 1)[:-1].tolist()
-        save_video_student(final, run.output_dir, num_frames_per_block=args.num_frames_per_block,
-                           denoising_timesteps=steps, scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0))
-        logger.info("saved the EMA pipeline to %s", run.output_dir)
-        if args.eval_num_videos:
-            name = "bidirectional SFT (teacher)" if args.num_frames_per_block == NUM_FRAMES else "CausalSFT student"
-            benchmark_video_folder(run.output_dir, name=name, num_videos=args.eval_num_videos, logger=logger)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    name = "bidirectional SFT (teacher)" if args.num_frames_per_block == NUM_FRAMES else "CausalSFT student"
+    finish_video_run(accelerator, causal.model, model, ema, output_dir=run.output_dir,
+                     num_frames_per_block=args.num_frames_per_block,
+                     denoising_timesteps=torch.linspace(1000, 0, args.sample_steps + 1)[:-1].tolist(),
+                     scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0), eval_num_videos=args.eval_num_videos,
+                     name=name, logger=logger)
 
 
 if __name__ == "__main__":

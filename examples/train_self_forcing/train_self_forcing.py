@@ -49,9 +49,8 @@ from diffusers_fastgen.training.distribution_matching import dmd_sample_loss, fa
 from diffusers_fastgen.training.players import prepare_players, student_ema
 from diffusers_fastgen.training.video import (
     VideoBatches,
-    benchmark_video_folder,
+    finish_video_run,
     load_video_transformer,
-    save_video_student,
     student_t_list,
     timesteps_from_t_list,
 )
@@ -165,20 +164,10 @@ def main(argv=None):
                             total_limit=run.checkpoints_total_limit)
 
     # 3. Save the EMA student with the rollout's recipe; reload and benchmark.
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        student.model.remove()
-        final = accelerator.unwrap_model(modules["student"])
-        ema.copy_to(final)
-        save_video_student(final, run.output_dir, num_frames_per_block=args.num_frames_per_block,
-                           denoising_timesteps=timesteps_from_t_list(t_list.tolist()), context_noise=args.context_noise)
-        logger.info("saved the student to %s", run.output_dir)
-        if args.eval_num_videos:
-            benchmark_video_folder(run.output_dir, name="Self-Forcing student", num_videos=args.eval_num_videos,
-                                   logger=logger)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-
+    finish_video_run(accelerator, student.model, modules["student"], ema, output_dir=run.output_dir,
+                     num_frames_per_block=args.num_frames_per_block,
+                     denoising_timesteps=timesteps_from_t_list(t_list.tolist()), context_noise=args.context_noise,
+                     eval_num_videos=args.eval_num_videos, name="Self-Forcing student", logger=logger)
 
 if __name__ == "__main__":
     main()

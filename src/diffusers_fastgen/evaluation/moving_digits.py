@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..training.data import load_digits_arrays
 

@@ -51,11 +51,11 @@ def block_causal_mask(num_frames: int, tokens_per_frame: int, num_frames_per_blo
     """(S, S) bool attention mask of one pass over frames [frame_offset, frame_offset + num_frames)
     (True = attend), S = num_frames * tokens_per_frame; None when every token sees every token.
     A plain boolean tensor: SDPA's math and memory-efficient kernels take it on CPU and GPU."""
-    frames = torch.arange(frame_offset, frame_offset + num_frames, device=device)
+    frames = torch.arange(frame_offset, frame_offset + num_frames)  # built on the CPU, memoised, then moved
     visible = _frame_visibility(frames, frames, num_frames_per_block, local_attn_size, sink_size)
     if bool(visible.all()):
         return None
-    return visible.repeat_interleave(tokens_per_frame, 0).repeat_interleave(tokens_per_frame, 1)
+    return visible.repeat_interleave(tokens_per_frame, 0).repeat_interleave(tokens_per_frame, 1).to(device)
 
 
 class KVCache:
@@ -77,7 +77,9 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.cross: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers
         self.tokens_per_frame, self.capacity_frames, self.sink_size = tokens_per_frame, capacity_frames, sink_size
-        self.frame_ids = torch.zeros(0, dtype=torch.long, device=device)  # absolute frame of each held frame, ascending
+        # Absolute frame of each held frame, ascending; bookkeeping on the CPU so that masks and eviction
+        # plans never synchronise with the accelerator.
+        self.frame_ids = torch.zeros(0, dtype=torch.long)
         self._keep: torch.Tensor | None = None  # token indices kept by the write in progress
         self._next_ids: torch.Tensor | None = None
 
@@ -97,12 +99,13 @@ class KVCache:
     def plan_write(self, new_frame_ids: torch.Tensor) -> None:
         """Before a forward that writes: which held + new frames survive (all sinks, then the most recent
         capacity - sink_size frames)."""
-        ids = torch.cat([self.frame_ids, new_frame_ids.to(self.frame_ids.device)])
+        ids = torch.cat([self.frame_ids, new_frame_ids.cpu()])
         sink = ids < self.sink_size
         recent_rank = torch.cumsum((~sink).flip(0).long(), 0).flip(0)  # 1 = newest non-sink frame
         keep_frames = sink | (recent_rank <= self.capacity_frames - int(sink.sum()))
         p = self.tokens_per_frame
-        self._keep = (torch.nonzero(keep_frames).flatten()[:, None] * p + torch.arange(p, device=ids.device)).flatten()
+        keep = (torch.nonzero(keep_frames).flatten()[:, None] * p + torch.arange(p)).flatten()
+        self._keep = keep.to(self.k.device)
         self._next_ids = ids[keep_frames]
 
     def write(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
@@ -224,7 +227,8 @@ class CausalWan:
         sink_size: the first `sink_size` frames stay visible to every later frame (with a local window).
 
     Call: `causal(x, timestep, encoder_hidden_states, kv_cache=None, frame_offset=0, update_cache=False)`
-    -> (B, C, F, H, W) prediction; `timestep` (B,) or per-frame (B, F), native 0..1000 units.
+    -> (B, C, F, H, W) prediction; `timestep` (B,) or per-frame (B, F), native 0..1000 units (pass (B,)
+    when all frames share a level: Wan's shared modulation is cheaper than its per-token one).
     Without a cache: one masked pass over frames [frame_offset, frame_offset + F). With a cache: the
     chunk attends to the cached frames and itself; `update_cache=True` appends the chunk's keys/values.
     """
@@ -310,13 +314,10 @@ class CausalWan:
         if timestep.ndim == 2:  # per-frame (B, F) -> Wan's per-token (B, F * P)
             if timestep.shape != (b, f):
                 raise ValueError(f"per-frame `timestep` must have shape {(b, f)}, got {tuple(timestep.shape)}.")
-            if bool((timestep == timestep[:, :1]).all()):
-                timestep = timestep[:, 0]  # one level per video: Wan's cheaper shared modulation, same result
-            else:
-                timestep = timestep.repeat_interleave(p, dim=1)
+            timestep = timestep.repeat_interleave(p, dim=1)
         st.tokens_per_frame, st.frame_offset, st.num_frames, st.cache, st.update_cache = p, frame_offset, f, kv_cache, update_cache
         if kv_cache is not None:
-            new_ids = torch.arange(frame_offset, frame_offset + f, device=kv_cache.frame_ids.device)
+            new_ids = torch.arange(frame_offset, frame_offset + f)  # CPU, like the cache's bookkeeping
             visible = _frame_visibility(new_ids, torch.cat([kv_cache.frame_ids, new_ids]), st.num_frames_per_block,
                                         st.local_attn_size, st.sink_size)
             st.cached_mask = None if bool(visible.all()) else (

@@ -97,3 +97,23 @@ def student_t_list(num_student_steps: int) -> torch.Tensor:
     if num_student_steps < 1:
         raise ValueError(f"`num_student_steps` must be >= 1, got {num_student_steps}.")
     return 1.0 - torch.arange(num_student_steps, dtype=torch.float32) / num_student_steps
+
+
+def finish_video_run(accelerator, causal, model, ema, *, output_dir: str, num_frames_per_block: int,
+                     denoising_timesteps, eval_num_videos: int, name: str, logger, context_noise: int = 0,
+                     scheduler=None) -> None:
+    """End of a causal-video run: restore Wan's processors on the trained model, copy the EMA weights
+    into it, save it as a CausalWanPipeline with its sampling recipe, reload and benchmark it (rank 0),
+    and tear the process group down on all ranks together."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        causal.remove()
+        final = accelerator.unwrap_model(model)
+        ema.copy_to(final)
+        save_video_student(final, output_dir, num_frames_per_block=num_frames_per_block,
+                           denoising_timesteps=denoising_timesteps, context_noise=context_noise, scheduler=scheduler)
+        logger.info("saved %s to %s", name, output_dir)
+        if eval_num_videos:
+            benchmark_video_folder(output_dir, name=name, num_videos=eval_num_videos, logger=logger)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()

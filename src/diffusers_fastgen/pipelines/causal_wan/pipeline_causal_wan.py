@@ -141,8 +141,9 @@ class CausalWanPipeline(DiffusionPipeline):
             for timestep in self.scheduler.timesteps:
                 if fixed:
                     x = torch.cat([first, x[:, :, 1:]], 2)
-                frame_t = timestep.expand(b, n).clone()
-                if fixed:
+                frame_t = timestep.expand(b)  # one level for the block: Wan's shared (cheaper) modulation
+                if fixed:  # I2V: frame 0 stays at timestep 0 -> per-frame timesteps
+                    frame_t = timestep.expand(b, n).clone()
                     frame_t[:, 0] = 0
                 v = self._velocity(x, frame_t, text, cache, guidance_scale, use_cfg, dtype)
                 x = self.scheduler.step(v, timestep, x, generator=generator).prev_sample
@@ -154,7 +155,7 @@ class CausalWanPipeline(DiffusionPipeline):
                 s = cfg.context_noise / self.scheduler.config.num_train_timesteps
                 ctx = (1 - s) * x + s * randn_tensor(x.shape, generator=generator, device=device, dtype=x.dtype)
             ctx = torch.cat([ctx, ctx]) if use_cfg else ctx
-            ctx_t = torch.full((text.shape[0], n), float(cfg.context_noise), device=device)
+            ctx_t = torch.full((text.shape[0],), float(cfg.context_noise), device=device)
             self.causal(ctx.to(dtype), ctx_t, text, kv_cache=cache, update_cache=True)
             yield x
 

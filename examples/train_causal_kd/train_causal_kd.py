@@ -92,11 +92,11 @@ class CausalKDArgs:
 
 
 def generate_pairs(teacher: Denoiser, t_list: torch.Tensor, args: CausalKDArgs, device) -> dict:
-    """{'states' (N, K, 1, F, 16, 16) at t_list, 'x0' (N, 1, F, 16, 16), 'cond' (N, 5, 32)}."""
+    """{'states' (N, K, 1, F, 16, 16) at t_list, 'x0' (N, 1, F, 16, 16), 'cond' (N, 3, 32)}."""
     g = torch.Generator().manual_seed(1234)
     labels = torch.randint(0, 10, (args.num_pairs,), generator=g)
-    p0, v = sample_motion(args.num_pairs, g)
-    cond = moving_digits_cond(labels, p0, v)
+    _, v = sample_motion(args.num_pairs, g)
+    cond = moving_digits_cond(labels, v)
     t_grid = torch.linspace(1.0, 0.0, args.teacher_steps + 1, device=device)
     keep = [int(round(float(1 - t) * args.teacher_steps)) for t in t_list]  # grid index of each t_i
     states, x0 = [], []

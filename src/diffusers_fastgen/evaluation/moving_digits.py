@@ -42,7 +42,7 @@ TEXT_DIM = 32
 NUM_TOKENS = 3
 _MAX_POS = CANVAS - DIGIT  # 8
 # where the bidirectional moving-digits teacher (train_causal_sft --num_frames_per_block 8) is to be shipped;
-# not shipped yet (the first teachers are too weak, docs/results.md): the video scripts take --teacher
+# not shipped yet (still under-trained, docs/results.md): the video scripts take --teacher
 MOVING_DIGITS_TEACHER_PATH = os.path.join(os.path.dirname(__file__), "assets", "moving_digits_teacher")
 
 

@@ -138,7 +138,12 @@ def window_scores(frames: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
 
 def locate(frames: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
     """(N, 1, 16, 16) -> (N, 2) (x, y) of the best-scoring 8x8 window (window_scores) of each frame."""
-    flat = window_scores(frames, centre).flatten(1).argmax(1)
+    return _best_window(window_scores(frames, centre))
+
+
+def _best_window(scores: torch.Tensor) -> torch.Tensor:
+    """(N, 9, 9) window scores -> (N, 2) (x, y) of each frame's best window."""
+    flat = scores.flatten(1).argmax(1)
     side = _MAX_POS + 1
     return torch.stack([flat % side, flat // side], 1)
 
@@ -147,8 +152,12 @@ def fit_start(videos: torch.Tensor, v: torch.Tensor, centre: torch.Tensor) -> to
     """(B, 1, T, 16, 16) videos and their requested (B, 2) velocities -> (B, 2) the start p0 whose path
     bounce(p0, v) has the best summed window score over the frames (the path that holds the most ink)."""
     b, _, t = videos.shape[:3]
+    return _best_start(window_scores(videos.permute(0, 2, 1, 3, 4).reshape(b * t, 1, CANVAS, CANVAS), centre), v, b, t)
+
+
+def _best_start(scores: torch.Tensor, v: torch.Tensor, b: int, t: int) -> torch.Tensor:
+    """(B*T, 9, 9) window scores, (B, 2) velocities -> (B, 2) the start whose bounce path scores best."""
     side = _MAX_POS + 1
-    scores = window_scores(videos.permute(0, 2, 1, 3, 4).reshape(b * t, 1, CANVAS, CANVAS), centre)
     scores = scores.reshape(b, t, side * side)
     grid = torch.stack(torch.meshgrid(torch.arange(side), torch.arange(side), indexing="xy"), -1).reshape(-1, 2)
     n = grid.shape[0]  # 81 candidate starts (x, y)
@@ -169,11 +178,7 @@ class MovingDigitsReference:
         held_x, _ = load_digits_arrays("held_out")
         held = torch.from_numpy(held_x)
         self.features, _ = classify(self.classifier, held)
-        ink = ((held.float() + 1) / 2).clamp(0, 1)[:, 0]
-        ramp = torch.arange(DIGIT, dtype=ink.dtype)
-        mass = ink.flatten(1).sum(1)
-        self.centre = torch.stack([((ink * ramp).flatten(1).sum(1) / mass).mean(),
-                                   ((ink * ramp[:, None]).flatten(1).sum(1) / mass).mean()])
+        self.centre = ink_centroid(held).mean(0)  # (x, y) of the real digits' ink in their own 8x8 box
 
     @torch.no_grad()
     def score(self, videos: torch.Tensor, labels, v) -> dict:
@@ -188,12 +193,13 @@ class MovingDigitsReference:
         if v.shape != (b, 2) or len(labels) != b:
             raise ValueError(f"need (B,) labels and (B, 2) v for B = {b}, got {len(labels)} and {tuple(v.shape)}.")
         frames = videos.permute(0, 2, 1, 3, 4).reshape(b * t, 1, CANVAS, CANVAS)
-        windows = crop(frames, locate(frames, self.centre))  # (B*T, 1, 8, 8): where each frame's digit is
+        scores = window_scores(frames, self.centre)  # once, for both the per-frame windows and the path
+        windows = crop(frames, _best_window(scores))  # (B*T, 1, 8, 8): each frame's digit (= locate)
         feats, preds = classify(self.classifier, windows)
         preds = preds.reshape(b, t)
         labels = np.asarray(labels)
         majority = np.array([np.bincount(p, minlength=10).argmax() for p in preds])
-        path = bounce(fit_start(videos, v, self.centre), v, t)  # (B, T, 2) the fitted trajectory
+        path = bounce(_best_start(scores, v, b, t), v, t)  # (B, T, 2) the fitted trajectory (= fit_start)
         c = ink_centroid(frames).reshape(b, t, 2)
         moved, path_moved = c[:, 1:] - c[:, :1], (path[:, 1:] - path[:, :1]).float()
         w = crop(frames, path.reshape(b * t, 2)).reshape(b, t, -1)

@@ -53,6 +53,7 @@ from diffusers_fastgen.training.players import prepare_players, student_ema
 from diffusers_fastgen.training.video import (
     finish_video_run,
     load_video_transformer,
+    null_cond,
     student_t_list,
     teacher_ode,
     timesteps_from_t_list,
@@ -75,6 +76,7 @@ class CausalKDArgs:
     num_student_steps: int = 4  # few-step schedule per block: t_i = 1 - i / K
     num_pairs: int = 1024  # teacher ODE solutions generated once
     teacher_steps: int = 24  # Euler steps of the teacher ODE (a multiple of num_student_steps)
+    guidance_scale: float = 1.0  # CFG scale of the teacher ODE; > 1 needs a teacher trained with cond_dropout
     pair_batch_size: int = 128  # teacher batch while generating pairs
     eval_num_videos: int = 500  # videos for the final benchmark (0 skips)
 
@@ -87,6 +89,8 @@ class CausalKDArgs:
         if self.num_student_steps < 1 or self.teacher_steps % self.num_student_steps:
             raise ValueError(f"`teacher_steps` ({self.teacher_steps}) must be a multiple of num_student_steps "
                              f"({self.num_student_steps}) >= 1.")
+        if self.guidance_scale < 1:
+            raise ValueError(f"`guidance_scale` must be >= 1, got {self.guidance_scale}.")
         if self.num_pairs < 1 or self.pair_batch_size < 1:
             raise ValueError(f"need num_pairs >= 1 and pair_batch_size >= 1, got {self.num_pairs}, {self.pair_batch_size}.")
 
@@ -103,7 +107,7 @@ def generate_pairs(teacher: Denoiser, t_list: torch.Tensor, args: CausalKDArgs, 
     for start in range(0, args.num_pairs, args.pair_batch_size):
         c = {"encoder_hidden_states": cond[start:start + args.pair_batch_size].to(device)}
         noise = torch.randn(c["encoder_hidden_states"].shape[0], 1, NUM_FRAMES, CANVAS, CANVAS, generator=g).to(device)
-        path = teacher_ode(teacher, noise, c, t_grid)
+        path = teacher_ode(teacher, noise, c, t_grid, uncond=null_cond(c), guidance_scale=args.guidance_scale)
         states.append(torch.stack([path[i] for i in keep], 1).cpu())
         x0.append(path[-1].cpu())
     return {"states": torch.cat(states), "x0": torch.cat(x0), "cond": cond}

@@ -6,7 +6,9 @@ how the moving-digits teacher is trained:
         --output_dir outputs/moving_digits_teacher
 
 1. Each step draws moving-digit videos x0 (B, 1, 8, 16, 16), noise eps, and one logit-normal time per
-   block of `num_frames_per_block` frames (independent noise levels: diffusion forcing).
+   block of `num_frames_per_block` frames (independent noise levels: diffusion forcing). With
+   `cond_dropout` p, a fraction p of the samples see the null conditioning (zeros), so the model also
+   learns the unconditional flow that classifier-free guidance needs.
 2. The model (a stock WanTransformer3DModel run by models.causal_wan.CausalWan under the block-causal
    mask) regresses the flow eps - x0 at x_t = (1 - t) x0 + t eps, t per frame (losses.denoising_loss).
 3. The EMA model is saved as a CausalWanPipeline with an Euler sampler of `sample_steps` steps per
@@ -24,7 +26,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from tqdm.auto import tqdm
 
 from diffusers_fastgen.ema import EMA
-from diffusers_fastgen.evaluation.moving_digits import NUM_FRAMES, moving_digits_transformer
+from diffusers_fastgen.evaluation.moving_digits import NUM_FRAMES, drop_cond, moving_digits_transformer
 from diffusers_fastgen.losses import denoising_loss
 from diffusers_fastgen.models import Denoiser
 from diffusers_fastgen.models.causal_wan import CausalWan
@@ -66,12 +68,15 @@ class CausalSFTArgs:
     ffn_dim: int = 256  # new model: feed-forward width
     logit_mean: float = 0.0  # per-block t ~ sigmoid(N(logit_mean, logit_std^2))
     logit_std: float = 1.0
+    cond_dropout: float = 0.0  # probability of training a sample on the null conditioning (for CFG)
     sample_steps: int = 50  # Euler steps per block of the saved sampler
     eval_num_videos: int = 500  # videos for the final benchmark (0 skips)
 
     def __post_init__(self):
         if self.num_frames_per_block < 1 or NUM_FRAMES % self.num_frames_per_block:
             raise ValueError(f"`num_frames_per_block` must divide the {NUM_FRAMES} frames, got {self.num_frames_per_block}.")
+        if not 0 <= self.cond_dropout < 1:
+            raise ValueError(f"`cond_dropout` must be in [0, 1), got {self.cond_dropout}.")
         if self.logit_std <= 0:
             raise ValueError(f"`logit_std` must be > 0, got {self.logit_std}.")
         if self.sample_steps < 1 or self.eval_num_videos < 0:
@@ -130,7 +135,8 @@ def main(argv=None):
     while step < run.max_train_steps:
         batch = next(batches)
         x0 = batch["video"].to(accelerator.device)
-        cond = {"encoder_hidden_states": batch["cond"].to(accelerator.device)}
+        text = batch["cond"].to(accelerator.device)
+        cond = {"encoder_hidden_states": drop_cond(text, args.cond_dropout) if args.cond_dropout else text}
         with accelerator.autocast():
             loss = causal_sft_step(causal, x0, cond, num_frames_per_block=args.num_frames_per_block,
                                    logit_mean=args.logit_mean, logit_std=args.logit_std)

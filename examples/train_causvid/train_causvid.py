@@ -50,6 +50,7 @@ from diffusers_fastgen.training.video import (
     VideoBatches,
     finish_video_run,
     load_video_transformer,
+    null_cond,
     student_t_list,
     timesteps_from_t_list,
 )
@@ -74,6 +75,7 @@ class CausVidArgs:
     context_noise: int = 0  # timestep at which finished blocks are written into the cache
     fake_score_learning_rate: float = 1e-4  # the fake score's AdamW learning rate
     student_update_freq: int = 5  # one student update per this many iterations (fake score: every one)
+    guidance_scale: float = 1.0  # CFG scale of the teacher's (real) score; > 1 needs a teacher trained with cond_dropout
     dmd_t_min: float = 0.02  # DMD re-noising level s ~ U[dmd_t_min, dmd_t_max]
     dmd_t_max: float = 0.98
     eval_num_videos: int = 500  # videos for the final benchmark (0 skips)
@@ -87,6 +89,8 @@ class CausVidArgs:
                              f"{self.num_frames_per_block}, {self.num_student_steps}, {self.student_update_freq}.")
         if not 0 <= self.context_noise < 1000:
             raise ValueError(f"`context_noise` must be in [0, 1000), got {self.context_noise}.")
+        if self.guidance_scale < 1:
+            raise ValueError(f"`guidance_scale` must be >= 1, got {self.guidance_scale}.")
         if not 0 <= self.dmd_t_min < self.dmd_t_max <= 1:
             raise ValueError(f"need 0 <= dmd_t_min < dmd_t_max <= 1, got {self.dmd_t_min}, {self.dmd_t_max}.")
 
@@ -138,7 +142,7 @@ def main(argv=None):
             update(accelerator, loss, params["fake_score"], fake_opt, fake_lr, args.optimizer.max_grad_norm)
             logs["fake_score_loss"] = loss.detach()
             continue
-        loss = student_step(student, teacher, fake_score, x_t, t, cond, None, guidance_scale=1.0,
+        loss = student_step(student, teacher, fake_score, x_t, t, cond, null_cond(cond), guidance_scale=args.guidance_scale,
                             t_min=args.dmd_t_min, t_max=args.dmd_t_max)
         update(accelerator, loss, params["student"], student_opt, student_lr, args.optimizer.max_grad_norm)
         ema.update(modules["student"])

@@ -51,6 +51,7 @@ from diffusers_fastgen.training.video import (
     VideoBatches,
     finish_video_run,
     load_video_transformer,
+    null_cond,
     student_t_list,
     timesteps_from_t_list,
 )
@@ -75,6 +76,7 @@ class SelfForcingArgs:
     context_noise: int = 0  # timestep at which finished blocks are written into the cache
     fake_score_learning_rate: float = 1e-4  # the fake score's AdamW learning rate
     student_update_freq: int = 5  # one student update per this many iterations (fake score: every one)
+    guidance_scale: float = 1.0  # CFG scale of the teacher's (real) score; > 1 needs a teacher trained with cond_dropout
     dmd_t_min: float = 0.02  # DMD re-noising level s ~ U[dmd_t_min, dmd_t_max]
     dmd_t_max: float = 0.98
     eval_num_videos: int = 500  # videos for the final benchmark (0 skips)
@@ -88,6 +90,8 @@ class SelfForcingArgs:
                              f"{self.num_frames_per_block}, {self.num_student_steps}, {self.student_update_freq}.")
         if not 0 <= self.context_noise < 1000:
             raise ValueError(f"`context_noise` must be in [0, 1000), got {self.context_noise}.")
+        if self.guidance_scale < 1:
+            raise ValueError(f"`guidance_scale` must be >= 1, got {self.guidance_scale}.")
         if not 0 <= self.dmd_t_min < self.dmd_t_max <= 1:
             raise ValueError(f"need 0 <= dmd_t_min < dmd_t_max <= 1, got {self.dmd_t_min}, {self.dmd_t_max}.")
         if self.run.gradient_checkpointing:
@@ -148,8 +152,8 @@ def main(argv=None):
             continue
         x0 = self_forcing_rollout(student, noise, cond, t_list, exit_index=exit_index,
                                   context_noise=args.context_noise / 1000)
-        loss = dmd_sample_loss(x0, teacher, fake_score, cond, None, guidance_scale=1.0, t_min=args.dmd_t_min,
-                               t_max=args.dmd_t_max)
+        loss = dmd_sample_loss(x0, teacher, fake_score, cond, null_cond(cond), guidance_scale=args.guidance_scale,
+                               t_min=args.dmd_t_min, t_max=args.dmd_t_max)
         update(accelerator, loss, params["student"], student_opt, student_lr, args.optimizer.max_grad_norm)
         ema.update(modules["student"])
         step += 1

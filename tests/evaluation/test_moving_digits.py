@@ -5,10 +5,12 @@ from diffusers_fastgen.evaluation.moving_digits import (
     MovingDigits,
     MovingDigitsReference,
     bounce,
+    drop_cond,
     fit_start,
     ink_centroid,
     locate,
     moving_digits_cond,
+    moving_digits_null_cond,
 )
 
 
@@ -79,3 +81,19 @@ def test_scores_separate_real_from_broken_videos():
     assert backwards["motion_error"] > 1.0 and backwards["accuracy"] > 0.9
     with pytest.raises(ValueError, match="videos"):
         ref.score(data["video"][:, 0], data["labels"], data["v"])
+
+
+def test_drop_cond_nulls_a_fraction_p_of_the_samples():
+    n = 4000
+    cond = moving_digits_cond(torch.arange(n) % 10, torch.ones(n, 2, dtype=torch.long))
+    out = drop_cond(cond, 0.1, torch.Generator().manual_seed(0))
+    dropped = (out == 0).all(2).all(1)
+    kept = ~dropped
+    assert torch.equal(out[kept], cond[kept])  # kept samples untouched, dropped ones exactly the null cond
+    assert torch.equal(out[dropped], moving_digits_null_cond(int(dropped.sum())))
+    assert abs(float(dropped.float().mean()) - 0.1) < 4 * (0.1 * 0.9 / n) ** 0.5  # binomial, 4 sigma
+    assert torch.equal(drop_cond(cond, 0.0), cond)
+    with pytest.raises(ValueError, match="cond_dropout"):
+        drop_cond(cond, 1.0)
+    with pytest.raises(ValueError, match="b"):
+        moving_digits_null_cond(0)

@@ -25,7 +25,7 @@ def video_teacher(tmp_path_factory):
     """A tiny bidirectional moving-digits teacher: 2 SFT steps with one block spanning the video."""
     out = str(tmp_path_factory.mktemp("video_teacher"))
     run_script("causal_sft", ["--output_dir", out, "--num_frames_per_block", "8", "--sample_steps", "2",
-                              "--checkpointing_steps", "0", *TINY, *COMMON[:-2], "--eval_num_videos", "0"])
+                              "--checkpointing_steps", "0", "--cond_dropout", "0.5", *TINY, *COMMON[:-2], "--eval_num_videos", "0"])
     return out
 
 
@@ -57,14 +57,27 @@ def test_causal_sft_diffusion_forcing(video_teacher, tmp_path):
 @pytest.mark.parametrize("script,extra", [("causal_kd", ["--num_pairs", "8", "--teacher_steps", "4"]),
                                           ("causvid", ["--student_update_freq", "2"]),
                                           ("self_forcing", ["--student_update_freq", "2"])])
-def test_distillation_scripts_two_steps(video_teacher, tmp_path, script, extra):
+@pytest.mark.parametrize("guidance", ["1.0", "2.0"])
+def test_distillation_scripts_two_steps(video_teacher, tmp_path, script, extra, guidance):
     teacher_file = os.path.join(video_teacher, "transformer", "diffusion_pytorch_model.safetensors")
     digest = file_digest(teacher_file)
     out = str(tmp_path / script)
-    run_script(script, ["--teacher", video_teacher, "--output_dir", out, "--num_student_steps", "2", *COMMON, *extra])
+    run_script(script, ["--teacher", video_teacher, "--output_dir", out, "--num_student_steps", "2", "--guidance_scale", guidance,
+                        *COMMON, *extra])
     assert file_digest(teacher_file) == digest
     assert_changed(_weights(video_teacher), _weights(out))
     _check_folder(out, 2, 2)
+
+
+@pytest.mark.parametrize("script", ["causal_kd", "causvid", "self_forcing"])
+def test_guidance_below_one_is_a_clear_error(video_teacher, script, tmp_path):
+    with pytest.raises(ValueError, match="guidance_scale"):
+        run_script(script, ["--teacher", video_teacher, "--guidance_scale", "0.5", "--output_dir", str(tmp_path / "o")])
+
+
+def test_cond_dropout_out_of_range_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="cond_dropout"):
+        run_script("causal_sft", ["--cond_dropout", "1.0", "--output_dir", str(tmp_path / "o")])
 
 
 @pytest.mark.parametrize("script", ["causal_kd", "causvid", "self_forcing"])

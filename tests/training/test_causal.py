@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from diffusers_fastgen.models import Denoiser
@@ -6,7 +7,7 @@ from diffusers_fastgen.pipelines import CausalWanPipeline
 from diffusers_fastgen.schedulers import FlowMatchFewStepScheduler
 from diffusers_fastgen.testing.tiny import tiny_wan_transformer
 from diffusers_fastgen.training.causal import block_step_indices, diffusion_forcing_inputs, self_forcing_rollout
-from diffusers_fastgen.training.video import student_t_list
+from diffusers_fastgen.training.video import null_cond, student_t_list, teacher_ode
 
 
 def test_self_forcing_rollout_is_the_pipeline_sampler():
@@ -51,3 +52,32 @@ def test_block_indices_and_diffusion_forcing_inputs():
     torch.testing.assert_close(t, t_ref)
     tb = t_ref[:, None, :, None, None]
     torch.testing.assert_close(x_t, (1 - tb) * x0 + tb * eps)
+
+
+def test_teacher_ode_with_guidance_follows_the_guided_flow():
+    """A linear 'velocity' v(x, t, c) = a x + t c: the guided Euler path is computed by hand."""
+    def velocity(x, t, cond, target):
+        assert target == "flow"
+        c = cond["encoder_hidden_states"].mean((1, 2))[:, None, None, None, None]
+        return -0.5 * x + t * c
+
+    torch.manual_seed(0)
+    noise = torch.randn(3, 1, 8, 4, 4)
+    cond = {"encoder_hidden_states": torch.randn(3, 3, 32) + 1.0}
+    uncond = null_cond(cond)
+    assert torch.equal(uncond["encoder_hidden_states"], torch.zeros(3, 3, 32))
+    grid = torch.tensor([1.0, 0.6, 0.25, 0.0])
+    w = 3.0
+    x, expected = noise.clone(), [noise]
+    c = cond["encoder_hidden_states"].mean((1, 2))[:, None, None, None, None]
+    for t, t_next in zip(grid[:-1], grid[1:]):
+        v_c, v_u = -0.5 * x + t * c, -0.5 * x  # the null cond's mean is 0
+        x = x + (t_next - t) * (v_u + w * (v_c - v_u))
+        expected.append(x)
+    got = teacher_ode(velocity, noise, cond, grid, uncond=uncond, guidance_scale=w)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    plain = teacher_ode(velocity, noise, cond, grid)  # w = 1: the conditional flow, different from w = 3
+    assert (plain[-1] - got[-1]).abs().max() > 0.1
+    with pytest.raises(ValueError, match="uncond"):
+        teacher_ode(velocity, noise, cond, grid, guidance_scale=2.0)

@@ -91,6 +91,22 @@ def moving_digits_cond(labels: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return _TABLE[idx]  # (B, 3, TEXT_DIM)
 
 
+def moving_digits_null_cond(b: int) -> torch.Tensor:
+    """(B, 3, TEXT_DIM) zeros: the unconditional input ("empty prompt") for classifier-free guidance; a
+    teacher trained with `cond_dropout` > 0 has learnt it."""
+    if b < 1:
+        raise ValueError(f"`b` must be >= 1, got {b}.")
+    return torch.zeros(b, NUM_TOKENS, TEXT_DIM)
+
+
+def drop_cond(cond: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Replace each sample's (B, 3, TEXT_DIM) conditioning by the null one with probability p (CFG training)."""
+    if not 0 <= p < 1:
+        raise ValueError(f"`p` (cond_dropout) must be in [0, 1), got {p}.")
+    keep = torch.rand(cond.shape[0], generator=generator, device=cond.device) >= p
+    return cond * keep[:, None, None].to(cond.dtype)
+
+
 class MovingDigits:
     """Random moving-digit videos from one split of the digits (a fresh motion per draw)."""
 
@@ -223,9 +239,10 @@ def moving_digits_transformer(num_layers: int = 4, heads: int = 4, head_dim: int
 
 @torch.no_grad()
 def benchmark_video_pipeline(pipe, reference: MovingDigitsReference, *, num_videos: int = 500, seed: int = 0,
-                             batch_size: int = 100) -> dict:
+                             batch_size: int = 100, guidance_scale: float = 1.0) -> dict:
     """Sample `num_videos` videos from a CausalWanPipeline for held-out conditions (classes 0-9 in turn,
-    seeded velocities), score them, and time the sampling (seconds per video)."""
+    seeded velocities), score them, and time the sampling (seconds per video). guidance_scale > 1 uses
+    classifier-free guidance against `moving_digits_null_cond`."""
     import time
 
     g = torch.Generator().manual_seed(seed)
@@ -236,8 +253,10 @@ def benchmark_video_pipeline(pipe, reference: MovingDigitsReference, *, num_vide
         sl = slice(start, start + batch_size)
         noise = torch.randn(len(labels[sl]), 1, NUM_FRAMES, CANVAS, CANVAS, generator=g)
         begin = time.perf_counter()
+        extra = ({"guidance_scale": guidance_scale, "negative_prompt_embeds": moving_digits_null_cond(len(noise))}
+                 if guidance_scale != 1.0 else {})
         videos.append(pipe(prompt_embeds=moving_digits_cond(labels[sl], v[sl]), latents=noise,
-                           height=CANVAS, width=CANVAS, output_type="latent", generator=g).frames)
+                           height=CANVAS, width=CANVAS, output_type="latent", generator=g, **extra).frames)
         elapsed += time.perf_counter() - begin
     scores = reference.score(torch.cat(videos), labels, v)
     return {**scores, "s_per_video": elapsed / num_videos}

@@ -7,7 +7,14 @@ import os
 
 import torch
 
-from ..evaluation.moving_digits import MovingDigits, MovingDigitsReference, benchmark_video_pipeline, markdown_rows
+from ..evaluation.moving_digits import (
+    MovingDigits,
+    MovingDigitsReference,
+    benchmark_video_pipeline,
+    markdown_rows,
+    moving_digits_null_cond,
+)
+from ..guidance import guided_prediction
 from ..pipelines import CausalWanPipeline
 from ..schedulers import FlowMatchFewStepScheduler
 from ..timesteps import sample_logit_normal
@@ -32,6 +39,12 @@ class VideoBatches:
         return self.data.sample(self.batch_size, g)
 
 
+def null_cond(cond: dict) -> dict:
+    """The unconditional counterpart of a moving-digits conditioning dict (zeros, same batch and device)."""
+    text = cond["encoder_hidden_states"]
+    return {"encoder_hidden_states": moving_digits_null_cond(text.shape[0]).to(text)}
+
+
 def sample_block_times(b: int, num_frames: int, num_frames_per_block: int, *, mean: float = 0.0, std: float = 1.0,
                        device=None) -> torch.Tensor:
     """Diffusion forcing's per-frame times (B, F): one logit-normal t per block, shared by its frames."""
@@ -48,12 +61,16 @@ def timesteps_from_t_list(t_list) -> list[float]:
 
 
 @torch.no_grad()
-def teacher_ode(velocity, noise: torch.Tensor, cond: dict, t_grid: torch.Tensor) -> list[torch.Tensor]:
+def teacher_ode(velocity, noise: torch.Tensor, cond: dict, t_grid: torch.Tensor, *, uncond: dict | None = None,
+                guidance_scale: float = 1.0) -> list[torch.Tensor]:
     """Euler ODE of the flow x' = v(x, t) from t_grid[0] (noise) down to t_grid[-1]; the states at every
-    grid point. velocity: a Denoiser-like callable (x, t, cond, target='flow')."""
+    grid point. velocity: a Denoiser-like callable (x, t, cond, target='flow'); guidance_scale > 1 follows
+    the classifier-free-guided flow against `uncond`."""
+    if guidance_scale != 1.0 and uncond is None:
+        raise ValueError("`guidance_scale` != 1 needs `uncond`.")
     x, states = noise, [noise]
     for t, t_next in zip(t_grid[:-1], t_grid[1:]):
-        x = x + (t_next - t) * velocity(x, t, cond, target="flow")
+        x = x + (t_next - t) * guided_prediction(velocity, x, t, cond, uncond, guidance_scale, target="flow")
         states.append(x)
     return states
 
@@ -69,13 +86,15 @@ def save_video_student(model, output_dir: str, *, num_frames_per_block: int, den
     return pipe
 
 
-def benchmark_video_folder(output_dir: str, *, name: str, num_videos: int, logger=None) -> str:
+def benchmark_video_folder(output_dir: str, *, name: str, num_videos: int, logger=None,
+                           guidance_scale: float = 1.0) -> str:
     """Reload the saved folder, benchmark it on moving digits, write `benchmark.md` beside it."""
     pipe = CausalWanPipeline.from_pretrained(output_dir)
     pipe.set_progress_bar_config(disable=True)
     torch.manual_seed(0)
     row = {"model": name, "steps": len(pipe.config.denoising_timesteps),
-           **benchmark_video_pipeline(pipe, MovingDigitsReference(), num_videos=num_videos)}
+           **benchmark_video_pipeline(pipe, MovingDigitsReference(), num_videos=num_videos,
+                                      guidance_scale=guidance_scale)}
     table = markdown_rows([row])
     with open(os.path.join(output_dir, "benchmark.md"), "w") as f:
         f.write(table + "\n")

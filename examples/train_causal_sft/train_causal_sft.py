@@ -68,7 +68,7 @@ class CausalSFTArgs:
     ffn_dim: int = 256  # new model: feed-forward width
     logit_mean: float = 0.0  # per-block t ~ sigmoid(N(logit_mean, logit_std^2))
     logit_std: float = 1.0
-    cond_dropout: float = 0.0  # probability of training a sample on the null conditioning (for CFG)
+    cond_dropout: float = 0.1  # probability of training a sample on the null conditioning (for CFG; 0 = none)
     sample_steps: int = 50  # Euler steps per block of the saved sampler
     eval_num_videos: int = 500  # videos for the final benchmark (0 skips)
 

@@ -76,7 +76,7 @@ class SelfForcingArgs:
     context_noise: int = 0  # timestep at which finished blocks are written into the cache
     fake_score_learning_rate: float = 1e-4  # the fake score's AdamW learning rate
     student_update_freq: int = 5  # one student update per this many iterations (fake score: every one)
-    guidance_scale: float = 1.0  # CFG scale of the teacher's (real) score; > 1 needs a teacher trained with cond_dropout
+    guidance_scale: float = 3.0  # CFG of the real score; 3 = best for the shipped teacher (docs/results.md)
     dmd_t_min: float = 0.02  # DMD re-noising level s ~ U[dmd_t_min, dmd_t_max]
     dmd_t_max: float = 0.98
     eval_num_videos: int = 500  # videos for the final benchmark (0 skips)

@@ -43,3 +43,9 @@ def assert_changed(before: dict, after: dict):
     assert changed > len(before) // 2, f"only {changed}/{len(before)} tensors changed"
 
 
+
+
+# the causal-video scripts' tiny moving-digits runs
+VIDEO_TINY = ["--num_layers", "1", "--num_attention_heads", "2", "--attention_head_dim", "12", "--ffn_dim", "32"]
+VIDEO_COMMON = ["--max_train_steps", "2", "--train_batch_size", "4", "--report_to", "none", "--ema_schedule",
+                "constant", "--ema_decay", "0.0", "--learning_rate", "1e-3", "--eval_num_videos", "20"]

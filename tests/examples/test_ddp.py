@@ -1,5 +1,7 @@
-"""Two CPU processes (gloo DDP) run the digits distillation scripts to completion with replicas in sync:
-DMD2 (full, LoRA, and with the GAN branch + approximate R1 in both modes), LADD, sCM and MeanFlow."""
+"""Two CPU processes (gloo DDP) run the distillation scripts to completion with replicas in sync: on
+digits DMD2 (full, LoRA, and with the GAN branch + approximate R1 in both modes), LADD, sCM and MeanFlow;
+on moving digits CausalSFT, CausalKD, CausVid and Self-Forcing (whose student runs several forwards
+with gradient, one per block, inside one DDP backward)."""
 
 import os
 import subprocess
@@ -54,6 +56,24 @@ def test_two_process_ddp_exact_jvp(tiny_teacher, tmp_path, script, port):
     proc = _launch(script, ["--teacher", tiny_teacher, "--output_dir", out, "--max_train_steps", "3",
                             "--train_batch_size", "4", "--eval_num_samples", "0", "--report_to", "none",
                             "--jvp_method", "exact"], tmp_path, port)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    assert "DDP replicas in sync across 2 processes" in log
+    assert os.path.isfile(os.path.join(out, "model_index.json"))
+
+
+@pytest.mark.parametrize("script,extra,port", [
+    ("causal_sft", ["--num_frames_per_block", "2", "--sample_steps", "2", "--cond_dropout", "0.2"], 29524),
+    ("causal_kd", ["--num_pairs", "8", "--teacher_steps", "4"], 29525),
+    ("causvid", ["--student_update_freq", "2", "--guidance_scale", "2.0"], 29526),
+    ("self_forcing", ["--student_update_freq", "2", "--guidance_scale", "2.0"], 29527),
+])
+def test_two_process_ddp_video(video_teacher, tmp_path, script, extra, port):
+    out = str(tmp_path / "ddp")
+    init = ["--init_from", video_teacher] if script == "causal_sft" else ["--teacher", video_teacher,
+                                                                           "--num_student_steps", "2"]
+    proc = _launch(script, [*init, "--output_dir", out, "--max_train_steps", "3", "--train_batch_size", "4",
+                            "--eval_num_videos", "0", "--report_to", "none", *extra], tmp_path, port)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-3000:]
     assert "DDP replicas in sync across 2 processes" in log

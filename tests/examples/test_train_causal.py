@@ -9,24 +9,12 @@ from safetensors.torch import load_file
 from diffusers_fastgen.evaluation.moving_digits import moving_digits_cond, sample_motion
 from diffusers_fastgen.pipelines import CausalWanPipeline
 
+from script_utils import VIDEO_COMMON as COMMON
 from script_utils import assert_changed, file_digest, run_script
-
-TINY = ["--num_layers", "1", "--num_attention_heads", "2", "--attention_head_dim", "12", "--ffn_dim", "32"]
-COMMON = ["--max_train_steps", "2", "--train_batch_size", "4", "--report_to", "none", "--ema_schedule", "constant",
-          "--ema_decay", "0.0", "--learning_rate", "1e-3", "--eval_num_videos", "20"]
 
 
 def _weights(folder):
     return load_file(os.path.join(folder, "transformer", "diffusion_pytorch_model.safetensors"))
-
-
-@pytest.fixture(scope="module")
-def video_teacher(tmp_path_factory):
-    """A tiny bidirectional moving-digits teacher: 2 SFT steps with one block spanning the video."""
-    out = str(tmp_path_factory.mktemp("video_teacher"))
-    run_script("causal_sft", ["--output_dir", out, "--num_frames_per_block", "8", "--sample_steps", "2",
-                              "--checkpointing_steps", "0", "--cond_dropout", "0.5", *TINY, *COMMON[:-2], "--eval_num_videos", "0"])
-    return out
 
 
 def _check_folder(out, num_frames_per_block, steps):

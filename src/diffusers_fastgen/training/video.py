@@ -15,6 +15,7 @@ from ..evaluation.moving_digits import (
     moving_digits_null_cond,
 )
 from ..guidance import guided_prediction
+from .accelerate_setup import check_replicas_in_sync
 from ..pipelines import CausalWanPipeline
 from ..schedulers import FlowMatchFewStepScheduler
 from ..timesteps import sample_logit_normal
@@ -125,6 +126,7 @@ def finish_video_run(accelerator, causal, model, ema, *, output_dir: str, num_fr
     into it, save it as a CausalWanPipeline with its sampling recipe, reload and benchmark it (rank 0),
     and tear the process group down on all ranks together."""
     accelerator.wait_for_everyone()
+    check_replicas_in_sync(accelerator, list(model.parameters()))  # DDP: every rank must hold the same weights
     if accelerator.is_main_process:
         causal.remove()
         final = accelerator.unwrap_model(model)

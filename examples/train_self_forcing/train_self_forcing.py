@@ -44,7 +44,7 @@ from diffusers_fastgen.training import (
     setup_accelerator,
     update,
 )
-from diffusers_fastgen.training.causal import self_forcing_rollout
+from diffusers_fastgen.training.causal import self_forcing_rollout, shared_exit_index
 from diffusers_fastgen.training.distribution_matching import dmd_sample_loss, fake_score_sample_loss
 from diffusers_fastgen.training.players import prepare_players, student_ema
 from diffusers_fastgen.training.video import (
@@ -140,8 +140,8 @@ def main(argv=None):
         batch = next(batches)
         cond = {"encoder_hidden_states": batch["cond"].to(accelerator.device)}
         noise = torch.randn(batch["video"].shape, device=accelerator.device)
-        exit_index = int(torch.randint(0, args.num_student_steps, ()))
         iteration += 1
+        exit_index = shared_exit_index(run.seed, iteration, args.num_student_steps)  # the same on every rank
         if iteration % args.student_update_freq:
             with torch.no_grad():
                 x0 = self_forcing_rollout(student, noise, cond, t_list, exit_index=exit_index,

@@ -6,7 +6,12 @@ from diffusers_fastgen.models.causal_wan import CausalWan
 from diffusers_fastgen.pipelines import CausalWanPipeline
 from diffusers_fastgen.schedulers import FlowMatchFewStepScheduler
 from diffusers_fastgen.testing.tiny import tiny_wan_transformer
-from diffusers_fastgen.training.causal import block_step_indices, diffusion_forcing_inputs, self_forcing_rollout
+from diffusers_fastgen.training.causal import (
+    block_step_indices,
+    diffusion_forcing_inputs,
+    self_forcing_rollout,
+    shared_exit_index,
+)
 from diffusers_fastgen.training.video import null_cond, student_t_list, teacher_ode
 
 
@@ -81,3 +86,15 @@ def test_teacher_ode_with_guidance_follows_the_guided_flow():
     assert (plain[-1] - got[-1]).abs().max() > 0.1
     with pytest.raises(ValueError, match="uncond"):
         teacher_ode(velocity, noise, cond, grid, guidance_scale=2.0)
+
+
+def test_shared_exit_index_is_a_function_of_seed_and_iteration_and_uniform():
+    torch.manual_seed(123)  # the global RNG (different on every DDP rank) must not matter
+    a = [shared_exit_index(0, i, 4) for i in range(4000)]
+    torch.manual_seed(456)
+    assert a == [shared_exit_index(0, i, 4) for i in range(4000)]
+    assert a != [shared_exit_index(1, i, 4) for i in range(4000)]
+    counts = torch.bincount(torch.tensor(a), minlength=4).float()
+    assert counts.shape == (4,) and ((counts - 1000).abs() < 4 * (4000 * 0.25 * 0.75) ** 0.5).all()  # 4 sigma
+    with pytest.raises(ValueError, match="num_steps"):
+        shared_exit_index(0, 0, 0)

@@ -3,7 +3,11 @@ arXiv:2412.07772 sec. 3). With one block spanning the video it is plain (bidirec
 how the moving-digits teacher is trained:
 
     accelerate launch examples/train_causal_sft/train_causal_sft.py --num_frames_per_block 8 \
-        --output_dir outputs/moving_digits_teacher
+        --output_dir outputs/moving_digits_teacher --max_train_steps 13000
+
+(the shipped teacher, evaluation/assets/moving_digits_teacher, had 10,000 steps without and 3,000 with
+cond_dropout 0.1; sampled with classifier-free guidance 3 it scores 97.7 % per-frame accuracy,
+docs/results.md).
 
 1. Each step draws moving-digit videos x0 (B, 1, 8, 16, 16), noise eps, and one logit-normal time per
    block of `num_frames_per_block` frames (independent noise levels: diffusion forcing). With

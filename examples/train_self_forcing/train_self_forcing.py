@@ -9,7 +9,7 @@ is trained on its own KV-cached rollouts (Huang et al. arXiv:2506.08009).
 2. Each iteration the student rolls the whole video out block by block with its own KV cache and the
    pipeline's few-step sampler (training.causal.self_forcing_rollout): no exposure bias, since the
    context it attends to is its own output, as at inference. One random exit step per iteration
-   carries the gradient (each block's forward at that step).
+   (the same on every rank) carries the gradient (each block's forward at that step).
 3. Fake score: denoising loss on detached rollouts (every iteration); student: DMD loss of the rollout
    (teacher vs fake score at a fresh noise level, training.distribution_matching.dmd_sample_loss)
    every `student_update_freq` iterations.

@@ -18,10 +18,10 @@ def _launch(script, args, tmp_path, port):
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
            os.path.join(ROOT, "examples", f"train_{script}", f"train_{script}.py"), *args]
     try:  # each run takes 10-20 s; a CI run once saw a two-process gloo launch hang until the timeout
-        return subprocess.run(cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=240)
+        return subprocess.run(cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=150)
     except subprocess.TimeoutExpired:  # one fresh launch on another port; a second hang fails the test
         cmd[cmd.index("--main_process_port") + 1] = str(port + 100)
-        return subprocess.run(cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=240)
+        return subprocess.run(cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=150)
 
 
 GAN = ["--gan_generator_weight", "0.01", "--gan_discriminator_weight", "0.1", "--r1_weight", "0.1"]

@@ -35,8 +35,8 @@ def main():
         rows.append({"model": f"real videos ({split} digits)", **ref.score(data["video"], data["labels"], data["v"])})
         frozen = data["video"][:, :, :1].expand_as(data["video"])
         rows.append({"model": f"first real frame repeated ({split})", **ref.score(frozen, data["labels"], data["v"])})
-    noise = torch.rand(args.num_videos, 1, 8, 16, 16, generator=torch.Generator().manual_seed(args.seed)) * 2 - 1
     if not args.skip_reference:
+        noise = torch.rand(args.num_videos, 1, 8, 16, 16, generator=torch.Generator().manual_seed(args.seed)) * 2 - 1
         rows.append({"model": "uniform noise", **ref.score(noise, data["labels"], data["v"])})
     for path in args.pipelines:
         pipe = CausalWanPipeline.from_pretrained(path)

@@ -48,7 +48,7 @@ from diffusers_fastgen.training import (
     setup_accelerator,
     update,
 )
-from diffusers_fastgen.training.causal import block_step_indices
+from diffusers_fastgen.training.causal import block_step_indices, step_generator
 from diffusers_fastgen.training.players import prepare_players, student_ema
 from diffusers_fastgen.training.video import (
     finish_video_run,
@@ -164,7 +164,7 @@ def main(argv=None):
     # 2. The loop: batch i on rank r is drawn by a generator seeded with (seed, r, i), so resume is exact.
     progress = tqdm(range(run.max_train_steps), initial=step, disable=not accelerator.is_local_main_process)
     while step < run.max_train_steps:
-        g = torch.Generator().manual_seed(run.seed * 1_000_003 + accelerator.process_index * 7_919 + step)
+        g = step_generator(run.seed, step, accelerator.process_index)
         idx = torch.randint(0, args.num_pairs, (run.train_batch_size,), generator=g)
         states, x0 = pairs["states"][idx].to(accelerator.device), pairs["x0"][idx].to(accelerator.device)
         cond = {"encoder_hidden_states": pairs["cond"][idx].to(accelerator.device)}

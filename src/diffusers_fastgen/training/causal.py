@@ -27,14 +27,19 @@ def diffusion_forcing_inputs(x0: torch.Tensor, t_list: torch.Tensor, num_frames_
     return add_noise(RectifiedFlow(), x0, torch.randn_like(x0), t), t
 
 
+def step_generator(seed: int, index: int, rank: int = 0) -> torch.Generator:
+    """A generator that is a pure function of (seed, rank, index): the draws of step `index` on `rank`
+    are the same in a resumed run, and the same on every rank when rank = 0 is passed everywhere."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + rank * 7_919 + index)
+
+
 def shared_exit_index(seed: int, iteration: int, num_steps: int) -> int:
     """The rollout's gradient step for `iteration`, uniform in [0, num_steps): a function of (seed,
     iteration) only, so every DDP rank picks the same one (the ranks must run the same forwards, the
     same number of them with gradient) and a resumed run picks what it would have picked."""
     if num_steps < 1:
         raise ValueError(f"`num_steps` must be >= 1, got {num_steps}.")
-    g = torch.Generator().manual_seed(seed * 1_000_003 + iteration)
-    return int(torch.randint(0, num_steps, (), generator=g))
+    return int(torch.randint(0, num_steps, (), generator=step_generator(seed, iteration)))
 
 
 def self_forcing_rollout(student, noise: torch.Tensor, cond: dict, t_list: torch.Tensor, *, exit_index: int,

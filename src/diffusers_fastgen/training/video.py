@@ -15,10 +15,11 @@ from ..evaluation.moving_digits import (
     moving_digits_null_cond,
 )
 from ..guidance import guided_prediction
-from .accelerate_setup import check_replicas_in_sync
 from ..pipelines import CausalWanPipeline
 from ..schedulers import FlowMatchFewStepScheduler
 from ..timesteps import sample_logit_normal
+from .accelerate_setup import check_replicas_in_sync
+from .causal import step_generator
 
 
 class VideoBatches:
@@ -35,7 +36,7 @@ class VideoBatches:
         return self
 
     def __next__(self) -> dict:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.rank * 7_919 + self.index)
+        g = step_generator(self.seed, self.index, self.rank)
         self.index += 1
         return self.data.sample(self.batch_size, g)
 
@@ -87,15 +88,13 @@ def save_video_student(model, output_dir: str, *, num_frames_per_block: int, den
     return pipe
 
 
-def benchmark_video_folder(output_dir: str, *, name: str, num_videos: int, logger=None,
-                           guidance_scale: float = 1.0) -> str:
+def benchmark_video_folder(output_dir: str, *, name: str, num_videos: int, logger=None) -> str:
     """Reload the saved folder, benchmark it on moving digits, write `benchmark.md` beside it."""
     pipe = CausalWanPipeline.from_pretrained(output_dir)
     pipe.set_progress_bar_config(disable=True)
     torch.manual_seed(0)
     row = {"model": name, "steps": len(pipe.config.denoising_timesteps),
-           **benchmark_video_pipeline(pipe, MovingDigitsReference(), num_videos=num_videos,
-                                      guidance_scale=guidance_scale)}
+           **benchmark_video_pipeline(pipe, MovingDigitsReference(), num_videos=num_videos)}
     table = markdown_rows([row])
     with open(os.path.join(output_dir, "benchmark.md"), "w") as f:
         f.write(table + "\n")

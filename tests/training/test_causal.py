@@ -42,6 +42,40 @@ def test_self_forcing_gradient_reaches_only_the_exit_step():
     assert model.proj_out.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("exit_index", [0, 1, 2, 3])
+def test_self_forcing_every_parameter_gets_a_gradient_at_every_exit_step(exit_index):
+    """The no-grad steps before the exit fill the cache's text keys/values; the exit forward must not
+    read those detached copies, or attn2.to_k / to_v / norm_k get no gradient (and DDP fails on the
+    unused parameters)."""
+    torch.manual_seed(exit_index)
+    model = tiny_wan_transformer(num_layers=2)
+    student = Denoiser(CausalWan(model, 2))
+    x0 = self_forcing_rollout(student, torch.randn(2, 16, 4, 4, 4), {"encoder_hidden_states": torch.randn(2, 5, 32)},
+                              student_t_list(4), exit_index=exit_index)
+    x0.square().mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert missing == []
+
+
+def test_cached_text_keys_are_reused_without_gradient_and_equal_the_recomputed_ones():
+    model = tiny_wan_transformer(num_layers=1)
+    causal = CausalWan(model, 2)
+    x, text = torch.randn(1, 16, 2, 4, 4), torch.randn(1, 5, 32)
+    cache = causal.new_cache(1, 4, 4, 4)
+    with torch.no_grad():
+        ref = causal(x, torch.tensor([500.0]), text, kv_cache=cache)
+    assert cache.cross[0] is not None
+    calls = []
+    hook = model.blocks[0].attn2.to_k.register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        causal(x, torch.tensor([500.0]), text, kv_cache=cache)
+    assert calls == []  # read from the cache
+    out = causal(x, torch.tensor([500.0]), text, kv_cache=cache)
+    assert calls == [1]  # recomputed with gradient
+    hook.remove()
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+
+
 def test_block_indices_and_diffusion_forcing_inputs():
     torch.manual_seed(0)
     idx = block_step_indices(64, 8, 2, 4)

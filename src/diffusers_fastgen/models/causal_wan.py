@@ -177,7 +177,11 @@ class CausalSelfAttnProcessor:
 
 class CachedCrossAttnProcessor:
     """Wan text cross-attention whose keys/values are computed once per KV cache (they do not change
-    across blocks and denoising steps)."""
+    across blocks and denoising steps).
+
+    The cached copy is detached, so it is read only when no gradient is recorded: a forward with
+    gradient (Self-Forcing's exit step, after no-grad steps filled the cache) recomputes them, so that
+    `to_k`, `to_v` and `norm_k` get their gradient."""
 
     def __init__(self, state: _State, layer: int):
         self.state, self.layer = state, layer
@@ -185,7 +189,7 @@ class CachedCrossAttnProcessor:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         cache = self.state.cache
         q = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
-        if cache is not None and cache.cross[self.layer] is not None:
+        if cache is not None and cache.cross[self.layer] is not None and not torch.is_grad_enabled():
             k, v = cache.cross[self.layer]
         else:
             if attn.fused_projections:
@@ -193,7 +197,7 @@ class CachedCrossAttnProcessor:
             else:
                 k, v = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
             k, v = attn.norm_k(k).unflatten(2, (attn.heads, -1)), v.unflatten(2, (attn.heads, -1))
-            if cache is not None:
+            if cache is not None and cache.cross[self.layer] is None:
                 cache.cross[self.layer] = (k.detach(), v.detach())
         return attn.to_out[1](attn.to_out[0](_attend(q, k, v, None)))
 

@@ -1,7 +1,12 @@
-"""Train the digits classifier that the metrics use, on the train split; ship it as safetensors.
+"""Train the digits classifier that the metrics use, on the train split, and write it as safetensors.
 
-    python benchmarks/train_digits_classifier.py
+    python benchmarks/train_digits_classifier.py --output outputs/digits_classifier.safetensors
+
+It writes only to `--output` (never over the classifier shipped in the package, which every metric
+reads; copy a new one there by hand to re-ship it) and refuses to overwrite an existing file.
 """
+
+import os
 
 import argparse
 
@@ -23,8 +28,12 @@ def shift_augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--epochs", type=int, default=60)
-    parser.add_argument("--output", default=CLASSIFIER_PATH)
+    parser.add_argument("--output", default="outputs/digits_classifier.safetensors",
+                        help="where to write the weights (an existing file is not overwritten)")
     args = parser.parse_args()
+    if os.path.exists(args.output) or os.path.abspath(args.output) == os.path.abspath(CLASSIFIER_PATH):
+        parser.error(f"--output {args.output!r} exists (or is the shipped classifier); choose a new path.")
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     torch.manual_seed(0)
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)

@@ -36,6 +36,7 @@ from diffusers_fastgen.models import Denoiser
 from diffusers_fastgen.models.causal_wan import CausalWan
 from diffusers_fastgen.parametrization import RectifiedFlow
 from diffusers_fastgen.training import (
+    NonFiniteGuard,
     EMAArgs,
     OptimizerArgs,
     RunArgs,
@@ -162,6 +163,7 @@ def main(argv=None):
         logger.info("resumed from %s at step %d", checkpoint, step)
 
     # 2. The loop: batch i on rank r is drawn by a generator seeded with (seed, r, i), so resume is exact.
+    guard = NonFiniteGuard(run.max_nonfinite_skips)
     progress = tqdm(range(run.max_train_steps), initial=step, disable=not accelerator.is_local_main_process)
     while step < run.max_train_steps:
         g = step_generator(run.seed, step, accelerator.process_index)
@@ -170,7 +172,8 @@ def main(argv=None):
         cond = {"encoder_hidden_states": pairs["cond"][idx].to(accelerator.device)}
         with accelerator.autocast():
             loss = causal_kd_step(student, states, x0, cond, t_list, args.num_frames_per_block)
-        update(accelerator, loss, params["student"], optimizer, lr_scheduler, args.optimizer.max_grad_norm)
+        if not update(accelerator, loss, params["student"], optimizer, lr_scheduler, args.optimizer.max_grad_norm, guard=guard, step=step + 1):
+            continue  # a skipped non-finite update (--max_nonfinite_skips)
         ema.update(modules["student"])
         step += 1
         progress.update(1)

@@ -37,6 +37,7 @@ from diffusers_fastgen.models.causal_wan import CausalWan
 from diffusers_fastgen.parametrization import RectifiedFlow, add_noise
 from diffusers_fastgen.pipelines import CausalWanPipeline
 from diffusers_fastgen.training import (
+    NonFiniteGuard,
     EMAArgs,
     OptimizerArgs,
     RunArgs,
@@ -135,6 +136,7 @@ def main(argv=None):
     batches.state_at(step)
 
     # 2. The loop.
+    guard = NonFiniteGuard(run.max_nonfinite_skips)
     progress = tqdm(range(run.max_train_steps), initial=step, disable=not accelerator.is_local_main_process)
     while step < run.max_train_steps:
         batch = next(batches)
@@ -144,7 +146,8 @@ def main(argv=None):
         with accelerator.autocast():
             loss = causal_sft_step(causal, x0, cond, num_frames_per_block=args.num_frames_per_block,
                                    logit_mean=args.logit_mean, logit_std=args.logit_std)
-        update(accelerator, loss, model.parameters(), optimizer, lr_scheduler, args.optimizer.max_grad_norm)
+        if not update(accelerator, loss, model.parameters(), optimizer, lr_scheduler, args.optimizer.max_grad_norm, guard=guard, step=step + 1):
+            continue  # a skipped non-finite update (--max_nonfinite_skips)
         ema.update(model)
         step += 1
         progress.update(1)

@@ -31,6 +31,7 @@ from diffusers_fastgen.models import Denoiser
 from diffusers_fastgen.models.causal_wan import CausalWan
 from diffusers_fastgen.parametrization import RectifiedFlow
 from diffusers_fastgen.training import (
+    NonFiniteGuard,
     EMAArgs,
     OptimizerArgs,
     RunArgs,
@@ -130,6 +131,7 @@ def main(argv=None):
     batches.state_at(iteration)
 
     # 2. Alternating updates on diffusion-forcing inputs.
+    guard = NonFiniteGuard(run.max_nonfinite_skips)
     progress = tqdm(range(run.max_train_steps), initial=step, disable=not accelerator.is_local_main_process)
     logs = {}
     while step < run.max_train_steps:
@@ -139,12 +141,13 @@ def main(argv=None):
         iteration += 1
         if iteration % args.student_update_freq:
             loss = fake_score_step(student, fake_score, x_t, t, cond)
-            update(accelerator, loss, params["fake_score"], fake_opt, fake_lr, args.optimizer.max_grad_norm)
+            update(accelerator, loss, params["fake_score"], fake_opt, fake_lr, args.optimizer.max_grad_norm, guard=guard, player="fake_score", step=step)
             logs["fake_score_loss"] = loss.detach()
             continue
         loss = student_step(student, teacher, fake_score, x_t, t, cond, null_cond(cond), guidance_scale=args.guidance_scale,
                             t_min=args.dmd_t_min, t_max=args.dmd_t_max)
-        update(accelerator, loss, params["student"], student_opt, student_lr, args.optimizer.max_grad_norm)
+        if not update(accelerator, loss, params["student"], student_opt, student_lr, args.optimizer.max_grad_norm, guard=guard, step=step + 1):
+            continue  # a skipped non-finite update (--max_nonfinite_skips)
         ema.update(modules["student"])
         step += 1
         progress.update(1)

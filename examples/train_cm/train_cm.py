@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -31,6 +32,7 @@ from diffusers_fastgen.pipelines import DigitsPipeline
 from diffusers_fastgen.schedulers import flow_match_sde_scheduler
 from diffusers_fastgen.timesteps import sample_t_r_ect
 from diffusers_fastgen.training import (
+    NonFiniteGuard,
     EMAArgs,
     OptimizerArgs,
     RunArgs,
@@ -63,7 +65,7 @@ class CMArgs:
                                                                            max_grad_norm=1.0))
     ema: EMAArgs = field(default_factory=lambda: EMAArgs(ema_schedule="halflife", ema_halflife_kimg=10.0))
     teacher: str = DIGITS_TEACHER_PATH  # teacher pipeline folder: the student's init (and the ODE, source=teacher)
-    source: str = "teacher"  # teacher = consistency distillation, data = consistency training (ECT)
+    source: Literal["teacher", "data"] = "teacher"  # teacher = consistency distillation, data = consistency training (ECT)
     guidance_scale: float = 1.0  # teacher CFG in the DDIM step (source=teacher)
     num_stages: int = 4  # ECT curriculum: the gap ratio n halves at every stage (n = 1/2, 1/4, ...)
     t_mean: float = -1.1  # ECT proposal: log sigma ~ N(t_mean, t_std^2) (EDM noise ratio)
@@ -115,6 +117,7 @@ def main(argv=None):
     batches, step = digits_batches(accelerator, run, ema, logger)
 
     # 2. The loop: one consistency step per iteration.
+    guard = NonFiniteGuard(run.max_nonfinite_skips)
     progress = tqdm(range(run.max_train_steps), initial=step, disable=not accelerator.is_local_main_process)
     while step < run.max_train_steps:
         x0, y = (v.to(accelerator.device) for v in next(batches))
@@ -123,7 +126,8 @@ def main(argv=None):
         cond, uncond = digits_cond(y), digits_cond(torch.full_like(y, NULL_CLASS))
         loss, _ = cm_step(student, x0, eps, t, r, cond, teacher=teacher, uncond=uncond,
                           guidance_scale=args.guidance_scale, huber_c=args.huber_c)
-        update(accelerator, loss, params["student"], optimizer, lr_scheduler, args.optimizer.max_grad_norm)
+        if not update(accelerator, loss, params["student"], optimizer, lr_scheduler, args.optimizer.max_grad_norm, guard=guard, step=step + 1):
+            continue  # a skipped non-finite update (--max_nonfinite_skips)
         ema.update(student.model)
         step += 1
         log_and_checkpoint(accelerator, run, step, {"loss": loss.detach()}, ema, progress)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field, replace
+from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -29,6 +30,7 @@ from diffusers_fastgen.parametrization import process_from_scheduler
 from diffusers_fastgen.pipelines import DigitsPipeline
 from diffusers_fastgen.schedulers import flow_match_sde_scheduler, t_list_from_scheduler
 from diffusers_fastgen.training import (
+    NonFiniteGuard,
     EMAArgs,
     OptimizerArgs,
     RunArgs,
@@ -77,7 +79,7 @@ class FDistillArgs:
     dmd_t_max: float = 0.98
     backward_simulation: bool = True  # multi-step: inputs from the student's own rollout (else noised data)
     lora_rank: int = 0  # > 0: student and fake score are LoRA adapters on one frozen base (the teacher)
-    divergence: str = "js"  # f of D_f(p_data || p_student): reverse_kl | kl | js | squared_hellinger | jeffreys
+    divergence: Literal["reverse_kl", "kl", "js", "squared_hellinger", "jeffreys"] = "js"  # f of D_f(p_data || p_student): reverse_kl | kl | js | squared_hellinger | jeffreys
     gan_generator_weight: float = 1e-2  # weight of the student's GAN loss (0: the head only estimates r)
     gan_discriminator_weight: float = 1e-1  # weight of the discriminator loss added to the fake-score loss
     gan_feature_module: str = "mid_block"  # fake-score block whose output the discriminator head reads
@@ -145,6 +147,7 @@ def main(argv=None):
     batches.state_at(iteration)
 
     # 2. Alternating updates: fake score + head every iteration, student every `student_update_freq`.
+    guard = NonFiniteGuard(run.max_nonfinite_skips)
     progress = tqdm(range(run.max_train_steps), initial=step, disable=not accelerator.is_local_main_process)
     logs = {}
     while step < run.max_train_steps:
@@ -157,14 +160,15 @@ def main(argv=None):
             loss = fake_score_step(student, fake_score, x_t, t, cond, real_x0=real_x0, head=modules["head"],
                                    disc_weight=args.gan_discriminator_weight, feature_module=args.gan_feature_module,
                                    r1_weight=args.r1_weight, r1_sigma=args.r1_sigma)
-            update(accelerator, loss, params["fake_score"], fake_opt, fake_lr, args.optimizer.max_grad_norm)
+            update(accelerator, loss, params["fake_score"], fake_opt, fake_lr, args.optimizer.max_grad_norm, guard=guard, player="fake_score", step=step)
             logs["fake_score_loss"] = loss.detach()
             continue
         loss = student_step(student, teacher, fake_score, x_t, t, cond, uncond, guidance_scale=args.guidance_scale,
                             t_min=args.dmd_t_min, t_max=args.dmd_t_max, head=modules["head"],
                             gan_weight=args.gan_generator_weight, feature_module=args.gan_feature_module,
                             divergence=args.divergence, critic_params=params["fake_score"])
-        update(accelerator, loss, params["student"], student_opt, student_lr, args.optimizer.max_grad_norm)
+        if not update(accelerator, loss, params["student"], student_opt, student_lr, args.optimizer.max_grad_norm, guard=guard, step=step + 1):
+            continue  # a skipped non-finite update (--max_nonfinite_skips)
         ema.update(student.model)
         step += 1
         progress.update(1)

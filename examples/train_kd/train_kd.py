@@ -32,6 +32,8 @@ from diffusers_fastgen.pipelines import DigitsPipeline
 from diffusers_fastgen.sampling import teacher_ode_states
 from diffusers_fastgen.schedulers import flow_map_scheduler, t_list_from_scheduler
 from diffusers_fastgen.training import (
+    NonFiniteGuard,
+    check_finite,
     EMAArgs,
     OptimizerArgs,
     RunArgs,
@@ -44,6 +46,7 @@ from diffusers_fastgen.training import (
     save_config,
     save_image_grid,
     setup_accelerator,
+    update,
 )
 from diffusers_fastgen.training.data import InfiniteBatches
 
@@ -65,7 +68,7 @@ class KDArgs:
     num_pairs: int = 6000  # teacher ODE solutions to generate
     teacher_steps: int = 16  # total teacher Euler steps per solution (split evenly over the student's intervals)
     teacher_guidance_scale: float = 1.0  # CFG of the teacher ODE
-    pairs_dir: str | None = None  # where the pairs dataset lives (default: <output_dir>/teacher_pairs)
+    pairs_dir: str | None = None  # pairs go to <pairs_dir>/pairs-<recipe hash>/ (default: <output_dir>/teacher_pairs)
     pairs_batch_size: int = 500  # teacher batch size while generating
     eval_num_samples: int = 1000  # samples for the final benchmark rows (0 skips)
 
@@ -103,28 +106,35 @@ def generate_pairs(teacher: Denoiser, t_list: torch.Tensor, args: KDArgs, seed: 
 
 
 def load_or_generate_pairs(accelerator, teacher: Denoiser, t_list, args: KDArgs):
-    """Pairs on disk are reused when their recipe (teacher, t_list, steps, CFG, count) matches."""
+    """Pairs live in `<pairs_dir>/pairs-<recipe hash>/`, a folder this script creates and owns, and are
+    reused when their recipe (teacher, t_list, steps, CFG, count, seed) matches. Nothing else under
+    `pairs_dir` is read, replaced or deleted: a user folder stays as it was."""
+    import hashlib
+    import shutil
+
     import datasets
 
-    pairs_dir = args.pairs_dir or os.path.join(args.run.output_dir, "teacher_pairs")
     recipe = {"teacher": os.path.abspath(args.teacher), "t_list": [round(float(t), 6) for t in t_list],
               "teacher_steps": args.teacher_steps, "teacher_guidance_scale": args.teacher_guidance_scale,
               "num_pairs": args.num_pairs, "seed": args.run.seed}
+    digest = hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+    pairs_dir = os.path.join(args.pairs_dir or os.path.join(args.run.output_dir, "teacher_pairs"), f"pairs-{digest}")
     recipe_file = os.path.join(pairs_dir, "recipe.json")
-    if accelerator.is_main_process:
-        fresh = not (os.path.isfile(recipe_file) and json.load(open(recipe_file)) == recipe)
-        if fresh:
-            ds = generate_pairs(teacher, t_list, args, seed=args.run.seed)
-            tmp = pairs_dir + ".tmp"
-            ds.save_to_disk(tmp)
-            with open(os.path.join(tmp, "recipe.json"), "w") as fh:
-                json.dump(recipe, fh)
-            if os.path.isdir(pairs_dir):
-                import shutil
-
-                shutil.rmtree(pairs_dir)
-            os.replace(tmp, pairs_dir)
+    if accelerator.is_main_process and not os.path.isfile(recipe_file):
+        if os.path.exists(pairs_dir):
+            raise ValueError(f"{pairs_dir!r} exists but holds no pairs recipe.json; it was not written by this script, "
+                             "so it is left alone: move it or pass another `pairs_dir`.")
+        ds = generate_pairs(teacher, t_list, args, seed=args.run.seed)
+        tmp = pairs_dir + ".tmp"  # ours: an interrupted earlier write of the same recipe
+        shutil.rmtree(tmp, ignore_errors=True)
+        ds.save_to_disk(tmp)
+        with open(os.path.join(tmp, "recipe.json"), "w") as fh:
+            json.dump(recipe, fh)
+        os.replace(tmp, pairs_dir)  # atomic: the folder appears complete or not at all
     accelerator.wait_for_everyone()
+    with open(recipe_file) as fh:
+        if json.load(fh) != recipe:
+            raise ValueError(f"{recipe_file} does not hold this run's pair recipe; pass another `pairs_dir`.")
     table = datasets.load_from_disk(pairs_dir).with_format("torch")[:]  # {column: tensor}
     return table["states"].float(), table["label"].long()
 
@@ -144,6 +154,7 @@ def student_step(student: Denoiser, states: torch.Tensor, labels: torch.Tensor, 
 def save_student(accelerator, unet, ema, scheduler, args: KDArgs, step: int) -> DigitsPipeline:
     model = accelerator.unwrap_model(unet)
     ema.copy_to(model)
+    check_finite(model, "the KD student")
     pipe = DigitsPipeline(unet=model, scheduler=scheduler)
     pipe.save_pretrained(args.run.output_dir)
     pipe.set_progress_bar_config(disable=True)
@@ -187,18 +198,15 @@ def main(argv=None):
         logger.info("resumed from %s at step %d", checkpoint, step)
     batches.state_at(step * run.gradient_accumulation_steps)
 
+    guard = NonFiniteGuard(run.max_nonfinite_skips)
     progress = tqdm(range(run.max_train_steps), initial=step, disable=not accelerator.is_local_main_process)
     while step < run.max_train_steps:
         with accelerator.accumulate(unet):
             x, y = (t.to(accelerator.device) for t in next(batches))
             loss = student_step(student, x, y, t_list)
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and args.optimizer.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(unet.parameters(), args.optimizer.max_grad_norm)
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        if not accelerator.sync_gradients:
+            applied = update(accelerator, loss, unet.parameters(), optimizer, lr_scheduler,
+                             args.optimizer.max_grad_norm, guard=guard, step=step + 1)
+        if not (accelerator.sync_gradients and applied):
             continue
         ema.update(unet)
         step += 1

@@ -30,6 +30,7 @@ from diffusers_fastgen.parametrization import process_from_scheduler
 from diffusers_fastgen.pipelines import DigitsPipeline
 from diffusers_fastgen.schedulers import flow_match_sde_scheduler, t_list_from_scheduler
 from diffusers_fastgen.training import (
+    NonFiniteGuard,
     EMAArgs,
     OptimizerArgs,
     RunArgs,
@@ -134,6 +135,7 @@ def main(argv=None):
 
     # 2. Alternating updates: heads on the other iterations, student every `student_update_freq`.
     taps = dict(feature_modules=args.feature_modules, t_mean=args.ladd_t_mean, t_std=args.ladd_t_std)
+    guard = NonFiniteGuard(run.max_nonfinite_skips)
     progress = tqdm(range(run.max_train_steps), initial=step, disable=not accelerator.is_local_main_process)
     logs = {}
     while step < run.max_train_steps:
@@ -144,11 +146,12 @@ def main(argv=None):
         iteration += 1
         if iteration % args.student_update_freq:
             loss = ladd_discriminator_step(student, teacher, modules["heads"], x_t, t, cond, real_x0, **taps)
-            update(accelerator, loss, params["heads"], head_opt, head_lr, args.optimizer.max_grad_norm)
+            update(accelerator, loss, params["heads"], head_opt, head_lr, args.optimizer.max_grad_norm, guard=guard, player="discriminator", step=step)
             logs["discriminator_loss"] = loss.detach()
             continue
         loss = ladd_student_step(student, teacher, modules["heads"], x_t, t, cond, **taps)
-        update(accelerator, loss, params["student"], student_opt, student_lr, args.optimizer.max_grad_norm)
+        if not update(accelerator, loss, params["student"], student_opt, student_lr, args.optimizer.max_grad_norm, guard=guard, step=step + 1):
+            continue  # a skipped non-finite update (--max_nonfinite_skips)
         ema.update(student.model)
         step += 1
         progress.update(1)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -31,6 +32,7 @@ from diffusers_fastgen.pipelines import DigitsPipeline
 from diffusers_fastgen.schedulers import flow_map_scheduler
 from diffusers_fastgen.timesteps import sample_t_r_meanflow
 from diffusers_fastgen.training import (
+    NonFiniteGuard,
     EMAArgs,
     OptimizerArgs,
     RunArgs,
@@ -63,7 +65,7 @@ class MeanFlowArgs:
                                                                            max_grad_norm=1.0))
     ema: EMAArgs = field(default_factory=lambda: EMAArgs(ema_schedule="halflife", ema_halflife_kimg=10.0))
     teacher: str = DIGITS_TEACHER_PATH  # teacher pipeline folder: the student's init (and the velocity, source=teacher)
-    source: str = "teacher"  # where v comes from: teacher (distillation) / data (eps - x0)
+    source: Literal["teacher", "data"] = "teacher"  # where v comes from: teacher (distillation) / data (eps - x0)
     guidance_scale: float = 1.0  # teacher CFG folded into the target (source=teacher)
     interval_dim: int = 64  # width of the interval embedding fed to the new cond_proj
     ratio_r_neq_t: float = 0.75  # fraction of samples with r != t (the rest is plain flow matching)
@@ -72,7 +74,7 @@ class MeanFlowArgs:
     endpoint_fraction: float = 0.0  # fraction of r != t samples put on the sampler's own jumps (1->0, 1->0.5, 0.5->0)
     adaptive_p: float = 1.0  # adaptive loss weight 1 / (loss + c)^p (0 = plain squared error)
     warmup_steps: int = 300  # tangent warm-up: the (t - r) du/dt term ramps 0 -> 1 over these steps
-    jvp_method: str = "finite_difference"  # finite_difference (3 fwds, fp32 only; cheapest here) / exact (forward-mode AD)
+    jvp_method: Literal["finite_difference", "exact"] = "finite_difference"  # finite_difference (3 fwds, fp32 only; cheapest here) / exact (forward-mode AD)
     fd_eps: float = 0.2  # finite-difference step along (z, t) (larger = a secant over the teacher's fine-scale roughness in t)
     eval_num_samples: int = 1000  # samples for the final benchmark rows (0 skips)
 
@@ -135,6 +137,7 @@ def main(argv=None):
     batches, step = digits_batches(accelerator, run, ema, logger)
 
     # 2. The loop: one MeanFlow step per iteration.
+    guard = NonFiniteGuard(run.max_nonfinite_skips)
     progress = tqdm(range(run.max_train_steps), initial=step, disable=not accelerator.is_local_main_process)
     while step < run.max_train_steps:
         x0, y = (v.to(accelerator.device) for v in next(batches))
@@ -145,7 +148,8 @@ def main(argv=None):
                                    guidance_scale=args.guidance_scale, jvp_method=args.jvp_method,
                                    fd_eps=args.fd_eps, adaptive_p=args.adaptive_p,
                                    warmup=min(1.0, step / args.warmup_steps) if args.warmup_steps else 1.0)
-        update(accelerator, loss, params["student"], optimizer, lr_scheduler, args.optimizer.max_grad_norm)
+        if not update(accelerator, loss, params["student"], optimizer, lr_scheduler, args.optimizer.max_grad_norm, guard=guard, step=step + 1):
+            continue  # a skipped non-finite update (--max_nonfinite_skips)
         ema.update(student.model)
         step += 1
         log_and_checkpoint(accelerator, run, step, {"loss": loss.detach(), **logs}, ema, progress)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -32,6 +33,7 @@ from diffusers_fastgen.pipelines import DigitsPipeline
 from diffusers_fastgen.schedulers import scm_rf_scheduler
 from diffusers_fastgen.timesteps import sample_trigflow_time
 from diffusers_fastgen.training import (
+    NonFiniteGuard,
     EMAArgs,
     OptimizerArgs,
     RunArgs,
@@ -64,7 +66,7 @@ class SCMArgs:
                                                                            max_grad_norm=1.0))
     ema: EMAArgs = field(default_factory=lambda: EMAArgs(ema_schedule="halflife", ema_halflife_kimg=10.0))
     teacher: str = DIGITS_TEACHER_PATH  # teacher pipeline folder: the student's init (and the ODE, source=teacher)
-    source: str = "teacher"  # teacher = sCD, data = sCT
+    source: Literal["teacher", "data"] = "teacher"  # teacher = sCD, data = sCT
     guidance_scale: float = 1.0  # teacher CFG on F (sCD)
     sigma_d: float = 0.75  # TrigFlow data std (the digits in [-1, 1] have std 0.75)
     t_mean: float = -1.0  # proposal: log(sigma_d tan t) ~ N(t_mean, t_std^2)
@@ -74,7 +76,7 @@ class SCMArgs:
     logvar_learning_rate: float = 1e-2  # AdamW lr of the log-variance head (adaptive weighting)
     adaptive_weighting: bool = True  # learned log-variance weighting (off: plain mean squared error)
     intermediate_t: float = 1.1  # 2-step sampler's second time (TrigFlow radians)
-    jvp_method: str = "finite_difference"  # finite_difference (3 fwds, fp32 only; cheapest here) / exact (forward-mode AD)
+    jvp_method: Literal["finite_difference", "exact"] = "finite_difference"  # finite_difference (3 fwds, fp32 only; cheapest here) / exact (forward-mode AD)
     eval_num_samples: int = 1000  # samples for the final benchmark rows (0 skips)
 
     def __post_init__(self):
@@ -128,6 +130,7 @@ def main(argv=None):
     batches, step = digits_batches(accelerator, run, ema, logger)
 
     # 2. The loop: one sCM step per iteration.
+    guard = NonFiniteGuard(run.max_nonfinite_skips)
     progress = tqdm(range(run.max_train_steps), initial=step, disable=not accelerator.is_local_main_process)
     while step < run.max_train_steps:
         x0, y = (v.to(accelerator.device) for v in next(batches))
@@ -139,7 +142,8 @@ def main(argv=None):
         loss, logs = scm_step(student, x0, eps, t, cond, sigma_d=args.sigma_d, teacher=teacher, uncond=uncond,
                               guidance_scale=args.guidance_scale, warmup=warmup, tangent_c=args.tangent_c,
                               logvar_head=modules.get("logvar"), jvp_method=args.jvp_method)
-        update(accelerator, loss, all_params, optimizer, lr_scheduler, args.optimizer.max_grad_norm)
+        if not update(accelerator, loss, all_params, optimizer, lr_scheduler, args.optimizer.max_grad_norm, guard=guard, step=step + 1):
+            continue  # a skipped non-finite update (--max_nonfinite_skips)
         ema.update(student.model)
         step += 1
         log_and_checkpoint(accelerator, run, step, {"loss": loss.detach(), **logs}, ema, progress)

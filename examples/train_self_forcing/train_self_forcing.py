@@ -32,6 +32,7 @@ from diffusers_fastgen.models import Denoiser
 from diffusers_fastgen.models.causal_wan import CausalWan
 from diffusers_fastgen.parametrization import RectifiedFlow
 from diffusers_fastgen.training import (
+    NonFiniteGuard,
     EMAArgs,
     OptimizerArgs,
     RunArgs,
@@ -134,6 +135,7 @@ def main(argv=None):
     batches.state_at(iteration)
 
     # 2. Alternating updates on the student's own rollouts.
+    guard = NonFiniteGuard(run.max_nonfinite_skips)
     progress = tqdm(range(run.max_train_steps), initial=step, disable=not accelerator.is_local_main_process)
     logs = {}
     while step < run.max_train_steps:
@@ -147,14 +149,15 @@ def main(argv=None):
                 x0 = self_forcing_rollout(student, noise, cond, t_list, exit_index=exit_index,
                                           context_noise=args.context_noise / 1000)
             loss = fake_score_sample_loss(fake_score, x0, cond)
-            update(accelerator, loss, params["fake_score"], fake_opt, fake_lr, args.optimizer.max_grad_norm)
+            update(accelerator, loss, params["fake_score"], fake_opt, fake_lr, args.optimizer.max_grad_norm, guard=guard, player="fake_score", step=step)
             logs["fake_score_loss"] = loss.detach()
             continue
         x0 = self_forcing_rollout(student, noise, cond, t_list, exit_index=exit_index,
                                   context_noise=args.context_noise / 1000)
         loss = dmd_sample_loss(x0, teacher, fake_score, cond, null_cond(cond), guidance_scale=args.guidance_scale,
                                t_min=args.dmd_t_min, t_max=args.dmd_t_max)
-        update(accelerator, loss, params["student"], student_opt, student_lr, args.optimizer.max_grad_norm)
+        if not update(accelerator, loss, params["student"], student_opt, student_lr, args.optimizer.max_grad_norm, guard=guard, step=step + 1):
+            continue  # a skipped non-finite update (--max_nonfinite_skips)
         ema.update(modules["student"])
         step += 1
         progress.update(1)

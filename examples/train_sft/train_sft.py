@@ -28,6 +28,8 @@ from diffusers_fastgen.pipelines import DigitsPipeline
 from diffusers_fastgen.schedulers import flow_map_scheduler
 from diffusers_fastgen.timesteps import sample_logit_normal
 from diffusers_fastgen.training import (
+    NonFiniteGuard,
+    check_finite,
     EMAArgs,
     OptimizerArgs,
     RunArgs,
@@ -40,6 +42,7 @@ from diffusers_fastgen.training import (
     save_config,
     save_image_grid,
     setup_accelerator,
+    update,
 )
 from diffusers_fastgen.training.data import InfiniteBatches, load_digits_arrays, load_image_dataset
 
@@ -155,19 +158,16 @@ def main(argv=None):
         logger.info("resumed from %s at step %d", checkpoint, step)
     batches.state_at(step * run.gradient_accumulation_steps)
 
+    guard = NonFiniteGuard(run.max_nonfinite_skips)
     progress = tqdm(range(run.max_train_steps), initial=step, disable=not accelerator.is_local_main_process)
     while step < run.max_train_steps:
         with accelerator.accumulate(unet):
             x0, y = (t.to(accelerator.device) for t in next(batches))
             loss = sft_step(denoiser, x0, y, cond_dropout=args.cond_dropout, logit_mean=args.logit_mean,
                             logit_std=args.logit_std)
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and args.optimizer.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(unet.parameters(), args.optimizer.max_grad_norm)
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        if not accelerator.sync_gradients:
+            applied = update(accelerator, loss, unet.parameters(), optimizer, lr_scheduler,
+                             args.optimizer.max_grad_norm, guard=guard, step=step + 1)
+        if not (accelerator.sync_gradients and applied):
             continue
         ema.update(unet)
         step += 1
@@ -186,6 +186,7 @@ def main(argv=None):
         validate(accelerator, unet, ema, args, step, scheduler)
         model = accelerator.unwrap_model(unet)
         ema.copy_to(model)
+        check_finite(model, "the EMA model")
         DigitsPipeline(unet=model, scheduler=scheduler).save_pretrained(run.output_dir)
         logger.info("saved the EMA pipeline to %s", run.output_dir)
     accelerator.wait_for_everyone()  # ranks tear the process group down together (a lone gloo rank can hang)

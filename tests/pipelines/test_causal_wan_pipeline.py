@@ -133,3 +133,9 @@ def test_bad_call_names_the_argument():
         pipe(height=H, width=W)
     with pytest.raises(ValueError, match="output_type"):
         pipe(prompt_embeds=_text(), height=H, width=W, output_type="pil")
+    negative = torch.zeros_like(_text())
+    for bad in (float("nan"), float("inf"), -1.0):  # NaN once passed the check and silently switched CFG off
+        with pytest.raises(ValueError, match="guidance_scale"):
+            pipe(prompt_embeds=_text(), negative_prompt_embeds=negative, height=H, width=W, guidance_scale=bad)
+    with pytest.raises(ValueError, match="generator"):
+        pipe(prompt_embeds=_text(), height=H, width=W, generator=[torch.Generator()] * 5)

@@ -53,6 +53,40 @@ def test_bad_inputs():
         pipe([1], output_type="tensor")
 
 
+@pytest.mark.parametrize("kwargs,match", [
+    ({"num_inference_steps": 0}, "num_inference_steps"),
+    ({"num_inference_steps": -2}, "num_inference_steps"),
+    ({"num_inference_steps": 1.5}, "num_inference_steps"),
+    ({"guidance_scale": float("nan")}, "guidance_scale"),
+    ({"guidance_scale": float("inf")}, "guidance_scale"),
+    ({"guidance_scale": -1.0}, "guidance_scale"),
+    ({"class_labels": [1.5, 2.0]}, "class_labels"),
+    ({"class_labels": [float("nan")]}, "class_labels"),
+    ({"generator": [torch.Generator()]}, "generator"),
+    ({"latents": torch.zeros(3, 1, 8, 8)}, "latents"),
+])
+def test_check_inputs_rejects_before_sampling(kwargs, match):
+    """Each of these once returned the input noise, sampled without guidance, truncated the labels or
+    ignored the generators; the unet must not even run."""
+    pipe = _pipe()
+    calls = []
+    pipe.unet.register_forward_hook(lambda *a: calls.append(1))
+    kwargs = {"class_labels": [0, 3], **kwargs}
+    with pytest.raises(ValueError, match=match):
+        pipe(**kwargs)
+    assert calls == []
+
+
+def test_integral_float_labels_and_a_generator_per_image_are_accepted():
+    pipe = _pipe()
+    pipe.set_progress_bar_config(disable=True)
+    a = pipe([3.0, 7.0], num_inference_steps=1, output_type="latent", generator=torch.Generator().manual_seed(0)).images
+    b = pipe([3, 7], num_inference_steps=1, output_type="latent", generator=torch.Generator().manual_seed(0)).images
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    gens = [torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)]
+    assert pipe([3, 7], num_inference_steps=1, output_type="latent", generator=gens).images.shape == (2, 1, 8, 8)
+
+
 def test_lora_weights_round_trip_with_load_lora_weights(tmp_path):
     pipe = _pipe()
     base = _sample(pipe)

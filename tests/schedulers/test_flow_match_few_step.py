@@ -49,3 +49,31 @@ def test_step_closed_form_and_add_noise():
     expected = torch.stack([0.75 * x0[0] + 0.25 * noise[0], 0.25 * x0[1] + 0.75 * noise[1]])
     torch.testing.assert_close(noised, expected)
     assert s.scale_model_input(x, 0) is x
+
+
+@pytest.mark.parametrize("kwargs,match", [({"shift": float("nan")}, "shift"), ({"shift": float("inf")}, "shift"),
+                                          ({"shift": 0.0}, "shift"), ({"num_train_timesteps": 0}, "num_train_timesteps"),
+                                          ({"num_train_timesteps": 2.5}, "num_train_timesteps")])
+def test_bad_config_values_are_rejected(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        FlowMatchFewStepScheduler(**kwargs)
+
+
+def test_a_misspelt_config_key_is_an_error_but_other_schedulers_keys_are_ignored(tmp_path):
+    with pytest.raises(ValueError, match="did you mean 'shift'"):
+        FlowMatchFewStepScheduler.from_config({"shfit": 3.0})
+    from diffusers import FlowMatchEulerDiscreteScheduler, LCMScheduler
+
+    for other in (FlowMatchEulerDiscreteScheduler(shift=3.0), LCMScheduler()):
+        FlowMatchFewStepScheduler.from_config(other.config)
+    assert FlowMatchFewStepScheduler.from_config(FlowMatchEulerDiscreteScheduler(shift=3.0).config).config.shift == 3.0
+
+
+def test_step_past_the_end_is_a_clear_error():
+    s = FlowMatchFewStepScheduler()
+    s.set_timesteps(2)
+    x = torch.zeros(1, 1, 2, 2)
+    for t in s.timesteps:
+        x = s.step(x, t, x).prev_sample
+    with pytest.raises(ValueError, match="past the end"):
+        s.step(x, s.timesteps[-1], x)

@@ -15,6 +15,9 @@ re-noising draws from the global torch RNG; seed it (`torch.manual_seed`) for re
 
 from __future__ import annotations
 
+import difflib
+import inspect
+import math
 from dataclasses import dataclass
 
 import torch
@@ -45,12 +48,28 @@ class FlowMatchFewStepScheduler(SchedulerMixin, ConfigMixin):
 
     @register_to_config
     def __init__(self, num_train_timesteps: int = 1000, shift: float = 1.0, use_flow_sigmas: bool = True):
-        if shift <= 0:
-            raise ValueError(f"`shift` must be > 0, got {shift}.")
+        if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, int) or num_train_timesteps < 1:
+            raise ValueError(f"`num_train_timesteps` must be an int >= 1, got {num_train_timesteps!r}.")
+        if not isinstance(shift, (int, float)) or not math.isfinite(shift) or shift <= 0:
+            raise ValueError(f"`shift` must be a finite number > 0, got {shift!r}.")
         self.init_noise_sigma = 1.0
         self._step_index = None
         self._begin_index = None
         self.set_timesteps(1)
+
+    @classmethod
+    def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
+        """diffusers' from_config, except that a key that looks like a misspelling of one of ours (`shfit`)
+        is an error instead of a warning that keeps the default. Keys of other schedulers are ignored as
+        usual, so `FlowMatchFewStepScheduler.from_config(pipe.scheduler.config)` still works."""
+        keys = set(dict(config or {})) | set(kwargs)
+        ours = set(inspect.signature(cls.__init__).parameters) - {"self"}
+        for key in sorted(keys - ours):
+            close = difflib.get_close_matches(key, ours, n=1, cutoff=0.8)
+            if close and not key.startswith("_"):
+                raise ValueError(f"unknown {cls.__name__} config key {key!r}; did you mean {close[0]!r}? "
+                                 f"Allowed: {sorted(ours)}.")
+        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     @property
     def step_index(self):
@@ -109,6 +128,9 @@ class FlowMatchFewStepScheduler(SchedulerMixin, ConfigMixin):
         """x0 = x - sigma v; x_next = (1 - sigma_next) x0 + sigma_next eps (eps fresh; none drawn at the end)."""
         if self._step_index is None:
             self._init_step_index(timestep)
+        if self._step_index >= self.num_inference_steps:
+            raise ValueError(f"step() called past the end of the {self.num_inference_steps}-step schedule; call "
+                             "set_timesteps() before sampling again.")
         sigma = self.sigmas[self._step_index]
         sigma_next = self.sigmas[self._step_index + 1]
         x0 = sample.float() - sigma * model_output.float()

@@ -1,5 +1,4 @@
 from .accelerate_setup import (
-    autocast_dtype,
     check_replicas_in_sync,
     make_optimizer,
     peak_rss_mb,
@@ -8,5 +7,6 @@ from .accelerate_setup import (
     update,
 )
 from .args import EMAArgs, OptimizerArgs, RunArgs, build, parse_args, save_config, to_flat_dict
+from .nonfinite import NonFiniteError, NonFiniteGuard, check_finite
 from .checkpoint import list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
 from .validation import log_image_grid, make_grid, save_image_grid

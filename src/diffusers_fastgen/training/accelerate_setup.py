@@ -11,6 +11,7 @@ from accelerate.utils import ProjectConfiguration, set_seed
 
 from .args import OptimizerArgs, RunArgs, to_flat_dict
 from .cpu_memory import retain_freed_memory
+from .nonfinite import NonFiniteError, NonFiniteGuard
 
 logger = logging.getLogger("diffusers_fastgen")
 
@@ -62,16 +63,14 @@ def make_optimizer(params, opt: OptimizerArgs) -> tuple[torch.optim.Optimizer, t
     return optimizer, scheduler
 
 
-def autocast_dtype(accelerator: Accelerator) -> torch.dtype:
-    """Weight dtype for frozen networks (teacher, VAE, text encoders) under the run's precision."""
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-
-
 def check_replicas_in_sync(accelerator: Accelerator, params) -> float:
     """Gather a float64 checksum of `params` from every process and fail loudly if DDP replicas
     diverged (they must be bit-identical after synchronised updates). Returns the checksum."""
     checksum = torch.stack([p.detach().double().sum() for p in params]).sum().reshape(1).to(accelerator.device)
     gathered = accelerator.gather(checksum)
+    if not bool(torch.isfinite(gathered).all()):  # NaN != NaN: say what is wrong, not "diverged"
+        raise NonFiniteError(f"the trained weights are non-finite (parameter checksums {gathered.tolist()}); "
+                             "nothing is saved.")
     if not bool((gathered == gathered[0]).all()):
         raise RuntimeError(f"DDP replicas diverged: parameter checksums {gathered.tolist()}.")
     if accelerator.num_processes > 1:
@@ -80,14 +79,25 @@ def check_replicas_in_sync(accelerator: Accelerator, params) -> float:
     return float(gathered[0])
 
 
-def update(accelerator: Accelerator, loss, params, optimizer, lr_scheduler, max_grad_norm: float) -> None:
-    """backward, clip, step, zero_grad for one player."""
+def update(accelerator: Accelerator, loss, params, optimizer, lr_scheduler, max_grad_norm: float, *,
+           guard: NonFiniteGuard | None = None, player: str = "student", step: int | None = None) -> bool:
+    """backward, clip, step, zero_grad for one player. The update is applied only if the loss and the
+    gradient norm are finite (`guard`: stop, the default, or skip a bounded number); returns whether it
+    was applied. `player` and `step` name the update in the message."""
     accelerator.backward(loss)
-    if max_grad_norm > 0:
-        accelerator.clip_grad_norm_(params, max_grad_norm)
-    optimizer.step()
-    lr_scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+    params = list(params)
+    # max_norm inf: the total norm without clipping, for the finiteness check.
+    grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
+    if grad_norm is None:  # DeepSpeed clips inside its engine and returns no norm; its loss is still checked
+        grad_norm = torch.zeros(())
+    try:
+        applied = (guard or NonFiniteGuard()).allows(accelerator, loss, grad_norm, player=player, step=step)
+        if applied:
+            optimizer.step()
+            lr_scheduler.step()
+    finally:  # a stopped or skipped update leaves no gradient behind
+        optimizer.zero_grad(set_to_none=True)
+    return applied
 
 
 def training_state_mb(modules, optimizers) -> float:

@@ -12,10 +12,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
+from typing import Literal
 
 import yaml
 
@@ -35,15 +38,15 @@ class RunArgs:
     max_train_steps: int = 1000  # optimizer steps of the main player
     train_batch_size: int = 32  # per-process batch size
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
-    mixed_precision: str = "no"  # autocast dtype: no / fp16 / bf16
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # autocast dtype
     gradient_checkpointing: bool = False  # recompute activations in backward to save memory
     checkpointing_steps: int = 500  # save accelerate state every N steps (0 = only at the end)
     checkpoints_total_limit: int | None = 2  # keep at most N checkpoints (None = all)
     resume_from_checkpoint: str | None = None  # a checkpoint path, or "latest"
     validation_steps: int = 500  # write a sample grid every N steps (0 = only at the end)
     logging_steps: int = 10  # log scalars every N steps
-    report_to: str = "tensorboard"  # tensorboard / wandb / none
-    dataloader_num_workers: int = 0  # torch DataLoader workers
+    report_to: Literal["tensorboard", "wandb", "none"] = "tensorboard"  # where scalars and sample grids are logged
+    max_nonfinite_skips: int = 0  # non-finite loss or gradient: stop the run (0) or skip up to N updates
 
     def __post_init__(self):
         _check(self.max_train_steps >= 1, f"`max_train_steps` must be >= 1, got {self.max_train_steps}.")
@@ -58,6 +61,7 @@ class RunArgs:
                f"`checkpoints_total_limit` must be >= 1 or None, got {self.checkpoints_total_limit}.")
         _check(self.validation_steps >= 0, f"`validation_steps` must be >= 0, got {self.validation_steps}.")
         _check(self.logging_steps >= 1, f"`logging_steps` must be >= 1, got {self.logging_steps}.")
+        _check(self.max_nonfinite_skips >= 0, f"`max_nonfinite_skips` must be >= 0, got {self.max_nonfinite_skips}.")
 
 
 @dataclass
@@ -80,7 +84,7 @@ class OptimizerArgs:
 
 @dataclass
 class EMAArgs:
-    ema_schedule: str = "constant"  # constant / halflife / power (EDM2)
+    ema_schedule: Literal["constant", "halflife", "power"] = "constant"  # EMA decay schedule (power: EDM2)
     ema_decay: float = 0.999  # decay for the constant schedule
     ema_halflife_kimg: float = 0.5  # half-life in thousands of images (halflife schedule)
     ema_gamma: float = 6.94  # exponent of the power schedule
@@ -92,6 +96,9 @@ class EMAArgs:
         _check(self.ema_schedule in EMA_SCHEDULES,
                f"`ema_schedule` must be one of {EMA_SCHEDULES}, got {self.ema_schedule!r}.")
         _check(0 <= self.ema_decay < 1, f"`ema_decay` must be in [0, 1), got {self.ema_decay}.")
+        _check(self.ema_halflife_kimg > 0, f"`ema_halflife_kimg` must be > 0, got {self.ema_halflife_kimg}.")
+        _check(self.ema_gamma > 0, f"`ema_gamma` must be > 0, got {self.ema_gamma}.")
+        _check(self.ema_start_iter >= 0, f"`ema_start_iter` must be >= 0, got {self.ema_start_iter}.")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -118,7 +125,8 @@ def _leaf_fields(cls) -> dict[str, tuple[tuple[str, ...], object, dataclasses.Fi
 
 
 def _base_type(tp):
-    """(scalar type, is_list, optional) of an annotation like `int | None` or `list[float]`."""
+    """(scalar type, is_list, optional) of an annotation like `int | None`, `list[float]` or
+    `Literal["a", "b"]` (kept as the Literal: its values are the allowed choices)."""
     optional = False
     args = typing.get_args(tp)
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
@@ -128,6 +136,11 @@ def _base_type(tp):
     if typing.get_origin(tp) in (list, tuple):
         return typing.get_args(tp)[0], True, optional
     return tp, False, optional
+
+
+def _choices(tp) -> tuple | None:
+    scalar, _, _ = _base_type(tp)
+    return typing.get_args(scalar) if typing.get_origin(scalar) is typing.Literal else None
 
 
 def _convert(name: str, value, tp):
@@ -142,6 +155,11 @@ def _convert(name: str, value, tp):
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"`{name}` must be a list, got {value!r}.")
         return [_convert(name, v, scalar) for v in value]
+    if typing.get_origin(scalar) is typing.Literal:
+        allowed = typing.get_args(scalar)
+        if value not in allowed:
+            raise ValueError(f"`{name}` must be one of {list(allowed)}, got {value!r}.")
+        return value
     if scalar is bool:
         if isinstance(value, bool):
             return value
@@ -153,9 +171,12 @@ def _convert(name: str, value, tp):
     try:
         if scalar is int and isinstance(value, float) and not value.is_integer():
             raise ValueError
-        return scalar(value)
+        out = scalar(value)
     except (TypeError, ValueError):
         raise ValueError(f"`{name}` must be of type {scalar.__name__}, got {value!r}.") from None
+    if scalar is float and not math.isfinite(out):
+        raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
+    return out
 
 
 def _flatten_yaml(data: dict, leaves: dict) -> dict:
@@ -198,24 +219,89 @@ def build(cls, values: dict):
     return make(cls)
 
 
-def parse_args(cls, argv: list[str] | None = None):
-    """CLI (+ optional --config YAML) -> validated `cls` instance."""
+def _field_comments(cls) -> dict[str, str]:
+    """{field name: its trailing `# comment`} over `cls` and its groups: the comments are the help text."""
+    import inspect
+    import re
+
+    out = {}
+    for c in (cls, *(typing.get_type_hints(cls)[f.name] for f in dataclasses.fields(cls)
+                     if dataclasses.is_dataclass(typing.get_type_hints(cls)[f.name]))):
+        try:
+            source = inspect.getsource(c)
+        except (OSError, TypeError):
+            continue
+        for line in source.splitlines():
+            m = re.match(r"^\s+(\w+)\s*:[^#]*#\s*(.+)$", line)
+            if m:
+                out.setdefault(m.group(1), m.group(2).strip())
+    return out
+
+
+_NEGATIVE_NUMBER = re.compile(r"^-(\d|\.\d|inf|nan)", re.IGNORECASE)
+
+
+def _join_negative_values(argv: list[str]) -> list[str]:
+    """`--learning_rate -1e-4` -> `--learning_rate=-1e-4`: argparse takes a value that starts with '-'
+    and is not a plain number for an option and reports a missing value."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i].startswith("--") and "=" not in argv[i] and i + 1 < len(argv) and _NEGATIVE_NUMBER.match(argv[i + 1]):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
+def build_parser(cls) -> argparse.ArgumentParser:
+    """The script's parser: one flag per leaf field, help = the field's comment and the script's own
+    default (its group defaults included), choices for Literal fields, no abbreviations (`--lr` must not
+    silently mean `--lr_warmup_steps`), bare boolean flags (`--gradient_checkpointing` = true)."""
     leaves = _leaf_fields(cls)
-    parser = argparse.ArgumentParser(description=(cls.__doc__ or cls.__name__).strip().splitlines()[0])
+    try:
+        defaults = to_flat_dict(build(cls, {}))
+    except ValueError:  # a default that only validates on some machines (e.g. a teacher folder): field defaults
+        defaults = {}
+    comments = _field_comments(cls)
+    parser = argparse.ArgumentParser(description=(cls.__doc__ or cls.__name__).strip().splitlines()[0],
+                                     allow_abbrev=False)
     parser.add_argument("--config", default=None, help="YAML file of flat (or group-nested) keys; CLI wins")
     for name, (_, tp, f) in leaves.items():
-        _, is_list, _ = _base_type(tp)
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        parser.add_argument(f"--{name}", default=argparse.SUPPRESS, nargs="+" if is_list else None,
-                            help=f"(default: {default})")
-    parsed = vars(parser.parse_args(argv))
+        scalar, is_list, _ = _base_type(tp)
+        default = defaults.get(name, f.default if f.default is not dataclasses.MISSING else f.default_factory())
+        choices = _choices(tp)
+        text = comments.get(name, "")
+        text = f"{text} (default: {default})" if text else f"(default: {default})"
+        kwargs = {"nargs": "+" if is_list else ("?" if scalar is bool else None), "help": text.replace("%", "%%")}
+        if scalar is bool:
+            kwargs["const"] = "true"
+            kwargs["metavar"] = "{true,false}"
+        if choices:  # shown, and checked by build() with a ValueError naming the field
+            kwargs["metavar"] = "{" + ",".join(map(str, choices)) + "}"
+        parser.add_argument(f"--{name}", default=argparse.SUPPRESS, **kwargs)
+    return parser
+
+
+def parse_args(cls, argv: list[str] | None = None):
+    """CLI (+ optional --config YAML) -> validated `cls` instance."""
+    import sys
+
+    leaves = _leaf_fields(cls)
+    parser = build_parser(cls)
+    parsed = vars(parser.parse_args(_join_negative_values(list(sys.argv[1:] if argv is None else argv))))
     config_path = parsed.pop("config")
     values = {}
     if config_path is not None:
         if not os.path.isfile(config_path):
             raise ValueError(f"`--config` file {config_path!r} does not exist.")
         with open(config_path, encoding="utf-8") as fh:
-            values.update(_flatten_yaml(yaml.safe_load(fh), leaves))
+            data = yaml.safe_load(fh)
+        if data is not None and not isinstance(data, dict):
+            raise ValueError(f"`--config` file {config_path!r} must hold a mapping of keys to values, got a "
+                             f"{type(data).__name__}.")
+        values.update(_flatten_yaml(data, leaves))
     values.update(parsed)
     return build(cls, values)
 

@@ -15,6 +15,8 @@ import shutil
 
 from safetensors.torch import load_file, save_file
 
+from .nonfinite import check_finite
+
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -46,7 +48,14 @@ def resolve_checkpoint(output_dir: str, resume_from_checkpoint: str | None) -> s
 
 def save_checkpoint(accelerator, output_dir: str, step: int, *, emas: dict | None = None,
                     total_limit: int | None = None, extra_state: dict | None = None) -> str:
-    """Save accelerate state + EMA shadows + {step, extra_state}; prune to `total_limit`. Collective."""
+    """Save accelerate state + EMA shadows + {step, extra_state}; prune to `total_limit`. Collective.
+
+    Refuses (NonFiniteError, before writing anything) when a prepared model or an EMA shadow holds a
+    non-finite value, so pruning never replaces the last finite checkpoint with a broken one."""
+    for i, model in enumerate(accelerator._models):
+        check_finite(model, f"prepared model {i} ({type(accelerator.unwrap_model(model)).__name__}) at step {step}")
+    for name, ema in (emas or {}).items():
+        check_finite(ema.shadow, f"the EMA of {name!r} at step {step}")
     final = os.path.join(checkpoints_dir(output_dir), f"checkpoint-{step}")
     tmp = final + ".tmp"
     if accelerator.is_main_process:

@@ -14,6 +14,7 @@ from peft.utils import get_peft_model_state_dict
 
 from ..models import unwrap_model
 from ..pipelines import DigitsPipeline
+from .nonfinite import check_finite
 from .validation import log_image_grid, save_image_grid
 
 
@@ -25,6 +26,7 @@ def save_digits_student(accelerator, modules, ema, scheduler, *, output_dir: str
     if "base" in modules:
         base = accelerator.unwrap_model(modules["base"])
         ema.copy_to(base)
+        check_finite(base, "the student (LoRA base + adapters)")
         lora = get_peft_model_state_dict(base, adapter_name="student")
         DigitsPipeline(unet=DigitsPipeline.from_pretrained(teacher_path).unet, scheduler=scheduler).save_pretrained(output_dir)
         DigitsPipeline.save_lora_weights(output_dir, unet_lora_layers=lora)
@@ -33,6 +35,7 @@ def save_digits_student(accelerator, modules, ema, scheduler, *, output_dir: str
     else:
         model = accelerator.unwrap_model(modules["student"])
         ema.copy_to(model)
+        check_finite(model, "the student")
         DigitsPipeline(unet=model, scheduler=scheduler).save_pretrained(output_dir)
         pipe = DigitsPipeline.from_pretrained(output_dir)
     pipe.set_progress_bar_config(disable=True)

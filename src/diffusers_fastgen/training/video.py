@@ -20,6 +20,7 @@ from ..schedulers import FlowMatchFewStepScheduler
 from ..timesteps import sample_logit_normal
 from .accelerate_setup import check_replicas_in_sync
 from .causal import step_generator
+from .nonfinite import check_finite
 
 
 class VideoBatches:
@@ -79,7 +80,9 @@ def teacher_ode(velocity, noise: torch.Tensor, cond: dict, t_grid: torch.Tensor,
 
 def save_video_student(model, output_dir: str, *, num_frames_per_block: int, denoising_timesteps, context_noise: int = 0,
                        local_attn_size: int = -1, sink_size: int = 0, scheduler=None) -> CausalWanPipeline:
-    """Save `model` (a WanTransformer3DModel) as a CausalWanPipeline folder with its sampling recipe."""
+    """Save `model` (a WanTransformer3DModel) as a CausalWanPipeline folder with its sampling recipe
+    (NonFiniteError, before writing, if a weight is NaN or inf)."""
+    check_finite(model, "the video student")
     pipe = CausalWanPipeline(transformer=model, scheduler=scheduler or FlowMatchFewStepScheduler(),
                              num_frames_per_block=num_frames_per_block, denoising_timesteps=list(denoising_timesteps),
                              context_noise=context_noise, local_attn_size=local_attn_size, sink_size=sink_size)

@@ -19,6 +19,8 @@ optional UMT5 tokenizer/text encoder and AutoencoderKLWan (without a VAE the lat
 
 from __future__ import annotations
 
+import math
+
 from typing import Callable, Iterator
 
 import torch
@@ -89,6 +91,8 @@ class CausalWanPipeline(DiffusionPipeline):
         if height % p_h or width % p_w:
             raise ValueError(f"latent `height`/`width` must be multiples of the patch size {(p_h, p_w)}, got "
                              f"{height}x{width}.")
+        if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale) or guidance_scale < 0:
+            raise ValueError(f"`guidance_scale` must be a finite number >= 0 (> 1 enables CFG), got {guidance_scale!r}.")
         if guidance_scale > 1 and negative_prompt_embeds is None and self.text_encoder is None:
             raise ValueError("`guidance_scale` > 1 needs `negative_prompt_embeds` (or a text encoder).")
 
@@ -109,6 +113,10 @@ class CausalWanPipeline(DiffusionPipeline):
         device = self._execution_device
         text = prompt_embeds.to(device) if prompt_embeds is not None else self.encode_prompt(prompt, device=device)
         b = text.shape[0]
+        if isinstance(generator, list) and len(generator) != b:
+            raise ValueError(f"`generator` is a list of {len(generator)} generators; it must have one per video ({b}).")
+        if latents is not None and (latents.ndim != 5 or latents.shape[0] != b):
+            raise ValueError(f"`latents` must be (B={b}, C, F, h, w), got {tuple(latents.shape)}.")
         use_cfg = guidance_scale > 1.0
         if use_cfg:
             uncond = (negative_prompt_embeds if negative_prompt_embeds is not None else

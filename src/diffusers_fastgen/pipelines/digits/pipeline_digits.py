@@ -49,6 +49,34 @@ class DigitsPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         r = r_timestep.to(device=timestep.device, dtype=timestep.dtype).expand_as(timestep)
         return interval_embedding(timestep.float(), r.float(), config.time_cond_proj_dim).to(self.unet.dtype)
 
+    def check_inputs(self, class_labels, num_inference_steps, guidance_scale, generator, latents, output_type,
+                     set_timesteps_kwargs) -> torch.Tensor:
+        """Validate the call's arguments before any work (as diffusers pipelines do); returns the labels (B,)."""
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"`output_type` must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}.")
+        custom_schedule = any(set_timesteps_kwargs.get(k) is not None for k in ("sigmas", "timesteps"))
+        if not custom_schedule and (isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int)
+                                    or num_inference_steps < 1):
+            raise ValueError(f"`num_inference_steps` must be an int >= 1, got {num_inference_steps!r}.")
+        if not isinstance(guidance_scale, (int, float)) or not np.isfinite(guidance_scale) or guidance_scale < 0:
+            raise ValueError(f"`guidance_scale` must be a finite number >= 0, got {guidance_scale!r}.")
+        raw = torch.as_tensor(class_labels).reshape(-1)
+        if raw.is_floating_point() and not bool((raw == raw.round()).all()):
+            raise ValueError(f"`class_labels` must be integers, got {class_labels!r}.")
+        if raw.is_floating_point() and not bool(torch.isfinite(raw).all()):
+            raise ValueError(f"`class_labels` must be finite integers, got {class_labels!r}.")
+        labels = raw.to(dtype=torch.long, device=self.device)
+        if labels.numel() == 0 or labels.min() < 0 or labels.max() >= NULL_CLASS:
+            raise ValueError(f"`class_labels` must be non-empty ints in [0, {NULL_CLASS - 1}], got {class_labels!r}.")
+        if isinstance(generator, list) and len(generator) != labels.numel():
+            raise ValueError(f"`generator` is a list of {len(generator)} generators; it must have one per image "
+                             f"({labels.numel()}).")
+        config = self.unet.config
+        shape = (labels.numel(), config.in_channels, config.sample_size, config.sample_size)
+        if latents is not None and tuple(latents.shape) != shape:
+            raise ValueError(f"`latents` must have shape {shape}, got {tuple(latents.shape)}.")
+        return labels
+
     @torch.no_grad()
     def __call__(self, class_labels, num_inference_steps: int = 1, guidance_scale: float = 1.0,
                  generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
@@ -58,13 +86,8 @@ class DigitsPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         output_type: 'pil', 'np' ((B, 8, 8, 1) in [0, 1]), 'pt' ((B, 1, 8, 8) in [0, 1]) or
         'latent' ((B, 1, 8, 8) raw model space, [-1, 1] for the digits).
         """
-        if output_type not in ("pil", "np", "pt", "latent"):
-            raise ValueError(f"`output_type` must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}.")
-        if guidance_scale < 0:
-            raise ValueError(f"`guidance_scale` must be >= 0, got {guidance_scale}.")
-        labels = torch.as_tensor(class_labels, dtype=torch.long, device=self.device).reshape(-1)
-        if labels.numel() == 0 or labels.min() < 0 or labels.max() >= NULL_CLASS:
-            raise ValueError(f"`class_labels` must be non-empty ints in [0, {NULL_CLASS - 1}], got {class_labels!r}.")
+        labels = self.check_inputs(class_labels, num_inference_steps, guidance_scale, generator, latents, output_type,
+                                   set_timesteps_kwargs)
         cfg = guidance_scale != 1.0
         config = self.unet.config
         shape = (labels.numel(), config.in_channels, config.sample_size, config.sample_size)

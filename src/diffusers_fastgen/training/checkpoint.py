@@ -9,14 +9,19 @@ mid-save never leaves a broken checkpoint for `--resume_from_checkpoint latest` 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
+import time
+import zipfile
 
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .nonfinite import check_finite
 
+logger = logging.getLogger("diffusers_fastgen")
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -33,17 +38,78 @@ def list_checkpoints(output_dir: str) -> list[str]:
     return [os.path.join(root, n) for n in sorted(names, key=lambda n: int(_NAME.match(n).group(1)))]
 
 
+def verify_checkpoint(path: str) -> None:
+    """ValueError naming the file when a checkpoint is incomplete or damaged: training_state.json must
+    parse, every safetensors file must have a whole header and data, every torch.save file (optimizer,
+    scheduler, RNG states: zip archives) must pass its CRC check. Reads no pickle."""
+    state = os.path.join(path, "training_state.json")
+    try:
+        with open(state, encoding="utf-8") as fh:
+            json.load(fh)["step"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"checkpoint {path!r}: {state} is missing or damaged ({err}).") from None
+    for name in sorted(os.listdir(path)):
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            continue
+        try:
+            if name.endswith(".safetensors"):
+                with safe_open(file, "pt") as fh:  # header and data offsets checked against the file size
+                    for key in fh.keys():
+                        fh.get_slice(key)
+                expected = _safetensors_size(file)
+                if os.path.getsize(file) < expected:
+                    raise ValueError(f"{os.path.getsize(file)} bytes, the header needs {expected}")
+            elif name.endswith((".bin", ".pkl", ".pt")):
+                with zipfile.ZipFile(file) as zf:
+                    bad = zf.testzip()
+                if bad is not None:
+                    raise ValueError(f"corrupt member {bad}")
+        except Exception as err:  # noqa: BLE001 - every reader's error means the same: damaged
+            raise ValueError(f"checkpoint {path!r}: {file} is damaged ({type(err).__name__}: {err}).") from None
+
+
+def _safetensors_size(file: str) -> int:
+    with open(file, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(n))
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    return 8 + n + max(ends, default=0)
+
+
 def resolve_checkpoint(output_dir: str, resume_from_checkpoint: str | None) -> str | None:
-    """'latest' -> newest complete checkpoint (None if there is none yet); a path must exist."""
+    """'latest' -> the newest checkpoint that passes `verify_checkpoint` (a damaged newer one is skipped
+    with a warning naming the file; None, said in the log, if there is none); an explicit path must be a
+    complete, undamaged checkpoint (ValueError naming the file otherwise)."""
     if resume_from_checkpoint is None:
         return None
     if resume_from_checkpoint == "latest":
-        found = list_checkpoints(output_dir)
-        return found[-1] if found else None
+        for path in reversed(list_checkpoints(output_dir)):
+            try:
+                verify_checkpoint(path)
+                return path
+            except ValueError as err:
+                logger.warning("not resuming from %s: %s Trying the one before it.", path, err)
+        logger.warning("--resume_from_checkpoint latest: no usable checkpoint under %s; starting from scratch.",
+                       checkpoints_dir(output_dir))
+        return None
     if not os.path.isfile(os.path.join(resume_from_checkpoint, "training_state.json")):
         raise ValueError(f"`resume_from_checkpoint` {resume_from_checkpoint!r} is not a complete checkpoint "
                          "(no training_state.json); pass a checkpoint folder or 'latest'.")
+    verify_checkpoint(resume_from_checkpoint)
     return resume_from_checkpoint
+
+
+def _set_aside_newer(output_dir: str, step: int) -> None:
+    """A run saves increasing steps, so checkpoints newer than the one being saved belong to a run that was
+    abandoned by resuming from an older checkpoint. Move them (ours) into checkpoints/abandoned/ so that
+    'latest' and rotation see only the run that goes on; nothing is deleted."""
+    for p in list_checkpoints(output_dir):
+        if int(_NAME.match(os.path.basename(p)).group(1)) > step:
+            target = os.path.join(checkpoints_dir(output_dir), "abandoned", f"{os.path.basename(p)}-{time.time_ns()}")
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            os.replace(p, target)
+            logger.warning("saving step %d: the newer %s belongs to an abandoned run; moved to %s", step, p, target)
 
 
 def save_checkpoint(accelerator, output_dir: str, step: int, *, emas: dict | None = None,
@@ -69,24 +135,47 @@ def save_checkpoint(accelerator, output_dir: str, step: int, *, emas: dict | Non
                       metadata={"step": str(ema.step)})
         with open(os.path.join(tmp, "training_state.json"), "w", encoding="utf-8") as fh:
             json.dump({"step": step, **(extra_state or {})}, fh)
-        shutil.rmtree(final, ignore_errors=True)
+        _set_aside_newer(output_dir, step - 1)  # newer ones and an older save of this very step
         os.replace(tmp, final)  # atomic on POSIX: the checkpoint appears complete or not at all
         if total_limit is not None:
             for old in list_checkpoints(output_dir)[:-total_limit]:
-                shutil.rmtree(old, ignore_errors=True)
+                doomed = old + ".deleting"  # renamed first: a kill mid-delete never leaves a listed, partial checkpoint
+                os.replace(old, doomed)
+                shutil.rmtree(doomed, ignore_errors=True)
+        for name in os.listdir(checkpoints_dir(output_dir)):  # leftovers of a rotation killed mid-delete
+            if name.endswith(".deleting") and _NAME.match(name[:-len(".deleting")]):
+                shutil.rmtree(os.path.join(checkpoints_dir(output_dir), name), ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
 
 
 def load_checkpoint(accelerator, path: str, *, emas: dict | None = None) -> dict:
-    """Restore accelerate state and EMA shadows; returns training_state.json ({'step': ...})."""
-    accelerator.load_state(path)
+    """Restore accelerate state and EMA shadows; returns training_state.json ({'step': ...}).
+
+    A checkpoint whose weights do not fit this run's models (saved in full mode and resumed with
+    --lora_rank, or another architecture) is a ValueError in one sentence, not a list of keys. The
+    RNG states must load (accelerate only logs when they do not, and the resume is then not exact).
+    """
+    verify_checkpoint(path)
+    with open(os.path.join(path, "training_state.json"), encoding="utf-8") as fh:
+        state = json.load(fh)
+    rng = os.path.join(path, f"random_states_{accelerator.process_index}.pkl")
+    if not os.path.isfile(rng):
+        raise ValueError(f"checkpoint {path!r} has no RNG state {os.path.basename(rng)} for process "
+                         f"{accelerator.process_index}: was it saved with another number of processes?")
+    try:
+        accelerator.load_state(path)
+    except RuntimeError as err:
+        if "state_dict" in str(err) or "Missing key" in str(err) or "Unexpected key" in str(err) or "size mismatch" in str(err):
+            raise ValueError(f"checkpoint {path!r} does not fit this run's models (was it saved with another "
+                             "--lora_rank, full vs LoRA, or another model config?); resume it with the settings "
+                             "it was saved with, or start a new --output_dir.") from None
+        raise
     for name, ema in (emas or {}).items():
         file = os.path.join(path, f"ema_{name}.safetensors")
-        from safetensors import safe_open
-
+        if not os.path.isfile(file):
+            raise ValueError(f"checkpoint {path!r} has no {os.path.basename(file)}: it was saved by another script.")
         with safe_open(file, "pt") as fh:
             step = int(fh.metadata()["step"])
         ema.load_state_dict({"step": step, "shadow": load_file(file)})
-    with open(os.path.join(path, "training_state.json"), encoding="utf-8") as fh:
-        return json.load(fh)
+    return state

@@ -30,5 +30,5 @@ setup(
         "tensorboard",
         "sentencepiece",
     ],
-    extras_require={"test": ["pytest>=8"], "wandb": ["wandb"]},
+    extras_require={"test": ["pytest>=8", "ruff>=0.6"], "wandb": ["wandb"]},
 )

@@ -19,7 +19,6 @@ import time
 import torch
 from diffusers import WanTransformer3DModel
 
-from diffusers_fastgen.models.causal_wan import CausalWan
 from diffusers_fastgen.pipelines import CausalWanPipeline
 from diffusers_fastgen.schedulers import FlowMatchFewStepScheduler
 

@@ -33,6 +33,7 @@ from diffusers_fastgen.pipelines import DigitsPipeline
 from diffusers_fastgen.training import distribution_matching as dmd2
 from diffusers_fastgen.training.cpu_memory import retain_freed_memory
 
+
 def timed(fn):
     start = time.perf_counter()
     fn()

@@ -6,9 +6,8 @@ It writes only to `--output` (never over the classifier shipped in the package, 
 reads; copy a new one there by hand to re-ship it) and refuses to overwrite an existing file.
 """
 
-import os
-
 import argparse
+import os
 
 import torch
 import torch.nn.functional as F

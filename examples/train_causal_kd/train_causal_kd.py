@@ -36,8 +36,9 @@ from diffusers_fastgen.models import Denoiser
 from diffusers_fastgen.models.causal_wan import CausalWan
 from diffusers_fastgen.parametrization import RectifiedFlow
 from diffusers_fastgen.training import (
-    NonFiniteGuard,
+    Accumulator,
     EMAArgs,
+    NonFiniteGuard,
     OptimizerArgs,
     RunArgs,
     load_checkpoint,
@@ -137,6 +138,7 @@ def causal_kd_step(student: Denoiser, states: torch.Tensor, x0: torch.Tensor, co
 
 def main(argv=None):
     args = parse_args(CausalKDArgs, argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     run = args.run
     accelerator = setup_accelerator(run, "train_causal_kd", args)
     if accelerator.is_main_process:
@@ -164,15 +166,19 @@ def main(argv=None):
 
     # 2. The loop: batch i on rank r is drawn by a generator seeded with (seed, r, i), so resume is exact.
     guard = NonFiniteGuard(run.max_nonfinite_skips)
+    accumulator = Accumulator(run.gradient_accumulation_steps)  # per player
     progress = tqdm(range(run.max_train_steps), initial=step, disable=not accelerator.is_local_main_process)
+    micro = step * run.gradient_accumulation_steps  # micro-batch index: the draws of each are a function of it
     while step < run.max_train_steps:
-        g = step_generator(run.seed, step, accelerator.process_index)
+        g = step_generator(run.seed, micro, accelerator.process_index)
+        micro += 1
         idx = torch.randint(0, args.num_pairs, (run.train_batch_size,), generator=g)
         states, x0 = pairs["states"][idx].to(accelerator.device), pairs["x0"][idx].to(accelerator.device)
         cond = {"encoder_hidden_states": pairs["cond"][idx].to(accelerator.device)}
         with accelerator.autocast():
             loss = causal_kd_step(student, states, x0, cond, t_list, args.num_frames_per_block)
-        if not update(accelerator, loss, params["student"], optimizer, lr_scheduler, args.optimizer.max_grad_norm, guard=guard, step=step + 1):
+        if not update(accelerator, loss, params["student"], optimizer, lr_scheduler, args.optimizer.max_grad_norm,
+                      guard=guard, accumulator=accumulator, step=step + 1):
             continue  # a skipped non-finite update (--max_nonfinite_skips)
         ema.update(modules["student"])
         step += 1

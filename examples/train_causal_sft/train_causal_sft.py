@@ -37,8 +37,9 @@ from diffusers_fastgen.models.causal_wan import CausalWan
 from diffusers_fastgen.parametrization import RectifiedFlow, add_noise
 from diffusers_fastgen.pipelines import CausalWanPipeline
 from diffusers_fastgen.training import (
-    NonFiniteGuard,
+    Accumulator,
     EMAArgs,
+    NonFiniteGuard,
     OptimizerArgs,
     RunArgs,
     load_checkpoint,
@@ -104,6 +105,7 @@ def causal_sft_step(causal: Denoiser, x0: torch.Tensor, cond: dict, *, num_frame
 
 def main(argv=None):
     args = parse_args(CausalSFTArgs, argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     run = args.run
     accelerator = setup_accelerator(run, "train_causal_sft", args)
     if accelerator.is_main_process:
@@ -123,8 +125,8 @@ def main(argv=None):
     optimizer, lr_scheduler = make_optimizer(model.parameters(), args.optimizer)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     ema = EMA(model, schedule=args.ema.ema_schedule, decay=args.ema.ema_decay, halflife_kimg=args.ema.ema_halflife_kimg,
-              batch_size=run.train_batch_size * accelerator.num_processes, gamma=args.ema.ema_gamma,
-              start_iter=args.ema.ema_start_iter)
+              batch_size=run.train_batch_size * accelerator.num_processes * run.gradient_accumulation_steps,
+              gamma=args.ema.ema_gamma, start_iter=args.ema.ema_start_iter)
     causal = Denoiser(CausalWan(model, args.num_frames_per_block), RectifiedFlow(), "flow")
     batches = VideoBatches(run.train_batch_size, seed=run.seed, rank=accelerator.process_index)
 
@@ -133,10 +135,11 @@ def main(argv=None):
     if checkpoint is not None:
         step = load_checkpoint(accelerator, checkpoint, emas={"model": ema})["step"]
         logger.info("resumed from %s at step %d", checkpoint, step)
-    batches.state_at(step)
+    batches.state_at(step * run.gradient_accumulation_steps)
 
     # 2. The loop.
     guard = NonFiniteGuard(run.max_nonfinite_skips)
+    accumulator = Accumulator(run.gradient_accumulation_steps)  # per player
     progress = tqdm(range(run.max_train_steps), initial=step, disable=not accelerator.is_local_main_process)
     while step < run.max_train_steps:
         batch = next(batches)
@@ -146,7 +149,8 @@ def main(argv=None):
         with accelerator.autocast():
             loss = causal_sft_step(causal, x0, cond, num_frames_per_block=args.num_frames_per_block,
                                    logit_mean=args.logit_mean, logit_std=args.logit_std)
-        if not update(accelerator, loss, model.parameters(), optimizer, lr_scheduler, args.optimizer.max_grad_norm, guard=guard, step=step + 1):
+        if not update(accelerator, loss, model.parameters(), optimizer, lr_scheduler, args.optimizer.max_grad_norm,
+                      guard=guard, accumulator=accumulator, step=step + 1):
             continue  # a skipped non-finite update (--max_nonfinite_skips)
         ema.update(model)
         step += 1

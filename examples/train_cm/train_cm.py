@@ -32,8 +32,9 @@ from diffusers_fastgen.pipelines import DigitsPipeline
 from diffusers_fastgen.schedulers import flow_match_sde_scheduler
 from diffusers_fastgen.timesteps import sample_t_r_ect
 from diffusers_fastgen.training import (
-    NonFiniteGuard,
+    Accumulator,
     EMAArgs,
+    NonFiniteGuard,
     OptimizerArgs,
     RunArgs,
     make_optimizer,
@@ -95,6 +96,7 @@ def sample_pair(b: int, step: int, args: CMArgs, process, device):
 
 def main(argv=None):
     args = parse_args(CMArgs, argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     run = args.run
     accelerator = setup_accelerator(run, "train_cm", args)
     if accelerator.is_main_process:
@@ -118,6 +120,7 @@ def main(argv=None):
 
     # 2. The loop: one consistency step per iteration.
     guard = NonFiniteGuard(run.max_nonfinite_skips)
+    accumulator = Accumulator(run.gradient_accumulation_steps)  # per player
     progress = tqdm(range(run.max_train_steps), initial=step, disable=not accelerator.is_local_main_process)
     while step < run.max_train_steps:
         x0, y = (v.to(accelerator.device) for v in next(batches))
@@ -126,7 +129,8 @@ def main(argv=None):
         cond, uncond = digits_cond(y), digits_cond(torch.full_like(y, NULL_CLASS))
         loss, _ = cm_step(student, x0, eps, t, r, cond, teacher=teacher, uncond=uncond,
                           guidance_scale=args.guidance_scale, huber_c=args.huber_c)
-        if not update(accelerator, loss, params["student"], optimizer, lr_scheduler, args.optimizer.max_grad_norm, guard=guard, step=step + 1):
+        if not update(accelerator, loss, params["student"], optimizer, lr_scheduler, args.optimizer.max_grad_norm,
+                      guard=guard, accumulator=accumulator, step=step + 1):
             continue  # a skipped non-finite update (--max_nonfinite_skips)
         ema.update(student.model)
         step += 1

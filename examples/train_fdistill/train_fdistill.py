@@ -30,8 +30,9 @@ from diffusers_fastgen.parametrization import process_from_scheduler
 from diffusers_fastgen.pipelines import DigitsPipeline
 from diffusers_fastgen.schedulers import flow_match_sde_scheduler, t_list_from_scheduler
 from diffusers_fastgen.training import (
-    NonFiniteGuard,
+    Accumulator,
     EMAArgs,
+    NonFiniteGuard,
     OptimizerArgs,
     RunArgs,
     load_checkpoint,
@@ -79,7 +80,7 @@ class FDistillArgs:
     dmd_t_max: float = 0.98
     backward_simulation: bool = True  # multi-step: inputs from the student's own rollout (else noised data)
     lora_rank: int = 0  # > 0: student and fake score are LoRA adapters on one frozen base (the teacher)
-    divergence: Literal["reverse_kl", "kl", "js", "squared_hellinger", "jeffreys"] = "js"  # f of D_f(p_data || p_student): reverse_kl | kl | js | squared_hellinger | jeffreys
+    divergence: Literal["reverse_kl", "kl", "js", "squared_hellinger", "jeffreys"] = "js"  # f of D_f(p_data || p_student)
     gan_generator_weight: float = 1e-2  # weight of the student's GAN loss (0: the head only estimates r)
     gan_discriminator_weight: float = 1e-1  # weight of the discriminator loss added to the fake-score loss
     gan_feature_module: str = "mid_block"  # fake-score block whose output the discriminator head reads
@@ -110,6 +111,7 @@ class FDistillArgs:
 
 def main(argv=None):
     args = parse_args(FDistillArgs, argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     run = args.run
     accelerator = setup_accelerator(run, "train_fdistill", args, find_unused_parameters=args.lora_rank > 0)
     if accelerator.is_main_process:
@@ -143,11 +145,12 @@ def main(argv=None):
     if checkpoint is not None:
         step = load_checkpoint(accelerator, checkpoint, emas={"student": ema})["step"]
         logger.info("resumed from %s at step %d", checkpoint, step)
-    iteration = step * args.student_update_freq
+    iteration = step * args.student_update_freq * run.gradient_accumulation_steps  # counts micro-batches
     batches.state_at(iteration)
 
     # 2. Alternating updates: fake score + head every iteration, student every `student_update_freq`.
     guard = NonFiniteGuard(run.max_nonfinite_skips)
+    accumulator = Accumulator(run.gradient_accumulation_steps)  # per player
     progress = tqdm(range(run.max_train_steps), initial=step, disable=not accelerator.is_local_main_process)
     logs = {}
     while step < run.max_train_steps:
@@ -156,18 +159,20 @@ def main(argv=None):
         cond, uncond = digits_cond(y), digits_cond(torch.full_like(y, NULL_CLASS))
         x_t, t = student_inputs(student, noise, cond, t_list, real_x0, backward_simulation=args.backward_simulation)
         iteration += 1
-        if iteration % args.student_update_freq:
+        if ((iteration - 1) // run.gradient_accumulation_steps + 1) % args.student_update_freq:  # fake-score update
             loss = fake_score_step(student, fake_score, x_t, t, cond, real_x0=real_x0, head=modules["head"],
                                    disc_weight=args.gan_discriminator_weight, feature_module=args.gan_feature_module,
                                    r1_weight=args.r1_weight, r1_sigma=args.r1_sigma)
-            update(accelerator, loss, params["fake_score"], fake_opt, fake_lr, args.optimizer.max_grad_norm, guard=guard, player="fake_score", step=step)
+            update(accelerator, loss, params["fake_score"], fake_opt, fake_lr, args.optimizer.max_grad_norm,
+                   guard=guard, accumulator=accumulator, player="fake_score", step=step)
             logs["fake_score_loss"] = loss.detach()
             continue
         loss = student_step(student, teacher, fake_score, x_t, t, cond, uncond, guidance_scale=args.guidance_scale,
                             t_min=args.dmd_t_min, t_max=args.dmd_t_max, head=modules["head"],
                             gan_weight=args.gan_generator_weight, feature_module=args.gan_feature_module,
                             divergence=args.divergence, critic_params=params["fake_score"])
-        if not update(accelerator, loss, params["student"], student_opt, student_lr, args.optimizer.max_grad_norm, guard=guard, step=step + 1):
+        if not update(accelerator, loss, params["student"], student_opt, student_lr, args.optimizer.max_grad_norm,
+                      guard=guard, accumulator=accumulator, step=step + 1):
             continue  # a skipped non-finite update (--max_nonfinite_skips)
         ema.update(student.model)
         step += 1

@@ -32,11 +32,12 @@ from diffusers_fastgen.pipelines import DigitsPipeline
 from diffusers_fastgen.sampling import teacher_ode_states
 from diffusers_fastgen.schedulers import flow_map_scheduler, t_list_from_scheduler
 from diffusers_fastgen.training import (
-    NonFiniteGuard,
-    check_finite,
+    Accumulator,
     EMAArgs,
+    NonFiniteGuard,
     OptimizerArgs,
     RunArgs,
+    check_finite,
     load_checkpoint,
     log_image_grid,
     make_optimizer,
@@ -167,6 +168,7 @@ def save_student(accelerator, unet, ema, scheduler, args: KDArgs, step: int) -> 
 
 def main(argv=None):
     args = parse_args(KDArgs, argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     run = args.run
     accelerator = setup_accelerator(run, "train_kd", args)
     if accelerator.is_main_process:
@@ -185,8 +187,8 @@ def main(argv=None):
     optimizer, lr_scheduler = make_optimizer(unet.parameters(), args.optimizer)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     ema = EMA(unet, schedule=args.ema.ema_schedule, decay=args.ema.ema_decay, halflife_kimg=args.ema.ema_halflife_kimg,
-              batch_size=run.train_batch_size * accelerator.num_processes, gamma=args.ema.ema_gamma,
-              start_iter=args.ema.ema_start_iter)
+              batch_size=run.train_batch_size * accelerator.num_processes * run.gradient_accumulation_steps,
+              gamma=args.ema.ema_gamma, start_iter=args.ema.ema_start_iter)
     student = Denoiser(unet, teacher.process, teacher.prediction_type)
     batches = InfiniteBatches(states, labels, batch_size=run.train_batch_size, seed=run.seed,
                               rank=accelerator.process_index, world_size=accelerator.num_processes)
@@ -199,14 +201,14 @@ def main(argv=None):
     batches.state_at(step * run.gradient_accumulation_steps)
 
     guard = NonFiniteGuard(run.max_nonfinite_skips)
+    accumulator = Accumulator(run.gradient_accumulation_steps)  # per player
     progress = tqdm(range(run.max_train_steps), initial=step, disable=not accelerator.is_local_main_process)
     while step < run.max_train_steps:
-        with accelerator.accumulate(unet):
-            x, y = (t.to(accelerator.device) for t in next(batches))
-            loss = student_step(student, x, y, t_list)
-            applied = update(accelerator, loss, unet.parameters(), optimizer, lr_scheduler,
-                             args.optimizer.max_grad_norm, guard=guard, step=step + 1)
-        if not (accelerator.sync_gradients and applied):
+        x, y = (t.to(accelerator.device) for t in next(batches))
+        loss = student_step(student, x, y, t_list)
+        applied = update(accelerator, loss, unet.parameters(), optimizer, lr_scheduler,
+                         args.optimizer.max_grad_norm, guard=guard, accumulator=accumulator, step=step + 1)
+        if not applied:  # a micro-batch, or a skipped non-finite update
             continue
         ema.update(unet)
         step += 1

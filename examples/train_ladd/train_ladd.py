@@ -30,8 +30,9 @@ from diffusers_fastgen.parametrization import process_from_scheduler
 from diffusers_fastgen.pipelines import DigitsPipeline
 from diffusers_fastgen.schedulers import flow_match_sde_scheduler, t_list_from_scheduler
 from diffusers_fastgen.training import (
-    NonFiniteGuard,
+    Accumulator,
     EMAArgs,
+    NonFiniteGuard,
     OptimizerArgs,
     RunArgs,
     load_checkpoint,
@@ -98,6 +99,7 @@ class LADDArgs:
 
 def main(argv=None):
     args = parse_args(LADDArgs, argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     run = args.run
     accelerator = setup_accelerator(run, "train_ladd", args, find_unused_parameters=args.lora_rank > 0)
     if accelerator.is_main_process:
@@ -130,12 +132,13 @@ def main(argv=None):
     if checkpoint is not None:
         step = load_checkpoint(accelerator, checkpoint, emas={"student": ema})["step"]
         logger.info("resumed from %s at step %d", checkpoint, step)
-    iteration = step * args.student_update_freq
+    iteration = step * args.student_update_freq * run.gradient_accumulation_steps  # counts micro-batches
     batches.state_at(iteration)
 
     # 2. Alternating updates: heads on the other iterations, student every `student_update_freq`.
     taps = dict(feature_modules=args.feature_modules, t_mean=args.ladd_t_mean, t_std=args.ladd_t_std)
     guard = NonFiniteGuard(run.max_nonfinite_skips)
+    accumulator = Accumulator(run.gradient_accumulation_steps)  # per player
     progress = tqdm(range(run.max_train_steps), initial=step, disable=not accelerator.is_local_main_process)
     logs = {}
     while step < run.max_train_steps:
@@ -144,13 +147,15 @@ def main(argv=None):
         x_t, t = student_inputs(student, torch.randn_like(real_x0), cond, t_list, real_x0,
                                 backward_simulation=args.backward_simulation)
         iteration += 1
-        if iteration % args.student_update_freq:
+        if ((iteration - 1) // run.gradient_accumulation_steps + 1) % args.student_update_freq:  # fake-score update
             loss = ladd_discriminator_step(student, teacher, modules["heads"], x_t, t, cond, real_x0, **taps)
-            update(accelerator, loss, params["heads"], head_opt, head_lr, args.optimizer.max_grad_norm, guard=guard, player="discriminator", step=step)
+            update(accelerator, loss, params["heads"], head_opt, head_lr, args.optimizer.max_grad_norm,
+                   guard=guard, accumulator=accumulator, player="discriminator", step=step)
             logs["discriminator_loss"] = loss.detach()
             continue
         loss = ladd_student_step(student, teacher, modules["heads"], x_t, t, cond, **taps)
-        if not update(accelerator, loss, params["student"], student_opt, student_lr, args.optimizer.max_grad_norm, guard=guard, step=step + 1):
+        if not update(accelerator, loss, params["student"], student_opt, student_lr, args.optimizer.max_grad_norm,
+                      guard=guard, accumulator=accumulator, step=step + 1):
             continue  # a skipped non-finite update (--max_nonfinite_skips)
         ema.update(student.model)
         step += 1

@@ -32,8 +32,9 @@ from diffusers_fastgen.pipelines import DigitsPipeline
 from diffusers_fastgen.schedulers import flow_map_scheduler
 from diffusers_fastgen.timesteps import sample_t_r_meanflow
 from diffusers_fastgen.training import (
-    NonFiniteGuard,
+    Accumulator,
     EMAArgs,
+    NonFiniteGuard,
     OptimizerArgs,
     RunArgs,
     make_optimizer,
@@ -74,7 +75,7 @@ class MeanFlowArgs:
     endpoint_fraction: float = 0.0  # fraction of r != t samples put on the sampler's own jumps (1->0, 1->0.5, 0.5->0)
     adaptive_p: float = 1.0  # adaptive loss weight 1 / (loss + c)^p (0 = plain squared error)
     warmup_steps: int = 300  # tangent warm-up: the (t - r) du/dt term ramps 0 -> 1 over these steps
-    jvp_method: Literal["finite_difference", "exact"] = "finite_difference"  # finite_difference (3 fwds, fp32 only; cheapest here) / exact (forward-mode AD)
+    jvp_method: Literal["finite_difference", "exact"] = "finite_difference"  # 3 forwards, fp32 (cheapest); or forward-mode AD
     fd_eps: float = 0.2  # finite-difference step along (z, t) (larger = a secant over the teacher's fine-scale roughness in t)
     eval_num_samples: int = 1000  # samples for the final benchmark rows (0 skips)
 
@@ -115,6 +116,7 @@ def sample_t_r(b: int, args: MeanFlowArgs, device) -> tuple[torch.Tensor, torch.
 
 def main(argv=None):
     args = parse_args(MeanFlowArgs, argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     run = args.run
     accelerator = setup_accelerator(run, "train_meanflow", args)
     if accelerator.is_main_process:
@@ -138,6 +140,7 @@ def main(argv=None):
 
     # 2. The loop: one MeanFlow step per iteration.
     guard = NonFiniteGuard(run.max_nonfinite_skips)
+    accumulator = Accumulator(run.gradient_accumulation_steps)  # per player
     progress = tqdm(range(run.max_train_steps), initial=step, disable=not accelerator.is_local_main_process)
     while step < run.max_train_steps:
         x0, y = (v.to(accelerator.device) for v in next(batches))
@@ -148,7 +151,8 @@ def main(argv=None):
                                    guidance_scale=args.guidance_scale, jvp_method=args.jvp_method,
                                    fd_eps=args.fd_eps, adaptive_p=args.adaptive_p,
                                    warmup=min(1.0, step / args.warmup_steps) if args.warmup_steps else 1.0)
-        if not update(accelerator, loss, params["student"], optimizer, lr_scheduler, args.optimizer.max_grad_norm, guard=guard, step=step + 1):
+        if not update(accelerator, loss, params["student"], optimizer, lr_scheduler, args.optimizer.max_grad_norm,
+                      guard=guard, accumulator=accumulator, step=step + 1):
             continue  # a skipped non-finite update (--max_nonfinite_skips)
         ema.update(student.model)
         step += 1

@@ -33,8 +33,9 @@ from diffusers_fastgen.pipelines import DigitsPipeline
 from diffusers_fastgen.schedulers import scm_rf_scheduler
 from diffusers_fastgen.timesteps import sample_trigflow_time
 from diffusers_fastgen.training import (
-    NonFiniteGuard,
+    Accumulator,
     EMAArgs,
+    NonFiniteGuard,
     OptimizerArgs,
     RunArgs,
     make_optimizer,
@@ -76,7 +77,7 @@ class SCMArgs:
     logvar_learning_rate: float = 1e-2  # AdamW lr of the log-variance head (adaptive weighting)
     adaptive_weighting: bool = True  # learned log-variance weighting (off: plain mean squared error)
     intermediate_t: float = 1.1  # 2-step sampler's second time (TrigFlow radians)
-    jvp_method: Literal["finite_difference", "exact"] = "finite_difference"  # finite_difference (3 fwds, fp32 only; cheapest here) / exact (forward-mode AD)
+    jvp_method: Literal["finite_difference", "exact"] = "finite_difference"  # 3 forwards, fp32 (cheapest); or forward-mode AD
     eval_num_samples: int = 1000  # samples for the final benchmark rows (0 skips)
 
     def __post_init__(self):
@@ -102,6 +103,7 @@ class SCMArgs:
 
 def main(argv=None):
     args = parse_args(SCMArgs, argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     run = args.run
     accelerator = setup_accelerator(run, "train_scm", args)
     if accelerator.is_main_process:
@@ -131,6 +133,7 @@ def main(argv=None):
 
     # 2. The loop: one sCM step per iteration.
     guard = NonFiniteGuard(run.max_nonfinite_skips)
+    accumulator = Accumulator(run.gradient_accumulation_steps)  # per player
     progress = tqdm(range(run.max_train_steps), initial=step, disable=not accelerator.is_local_main_process)
     while step < run.max_train_steps:
         x0, y = (v.to(accelerator.device) for v in next(batches))
@@ -142,7 +145,8 @@ def main(argv=None):
         loss, logs = scm_step(student, x0, eps, t, cond, sigma_d=args.sigma_d, teacher=teacher, uncond=uncond,
                               guidance_scale=args.guidance_scale, warmup=warmup, tangent_c=args.tangent_c,
                               logvar_head=modules.get("logvar"), jvp_method=args.jvp_method)
-        if not update(accelerator, loss, all_params, optimizer, lr_scheduler, args.optimizer.max_grad_norm, guard=guard, step=step + 1):
+        if not update(accelerator, loss, all_params, optimizer, lr_scheduler, args.optimizer.max_grad_norm,
+                      guard=guard, accumulator=accumulator, step=step + 1):
             continue  # a skipped non-finite update (--max_nonfinite_skips)
         ema.update(student.model)
         step += 1

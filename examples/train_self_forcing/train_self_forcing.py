@@ -32,8 +32,9 @@ from diffusers_fastgen.models import Denoiser
 from diffusers_fastgen.models.causal_wan import CausalWan
 from diffusers_fastgen.parametrization import RectifiedFlow
 from diffusers_fastgen.training import (
-    NonFiniteGuard,
+    Accumulator,
     EMAArgs,
+    NonFiniteGuard,
     OptimizerArgs,
     RunArgs,
     load_checkpoint,
@@ -102,6 +103,7 @@ class SelfForcingArgs:
 
 def main(argv=None):
     args = parse_args(SelfForcingArgs, argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     run = args.run
     accelerator = setup_accelerator(run, "train_self_forcing", args)
     if accelerator.is_main_process:
@@ -131,11 +133,12 @@ def main(argv=None):
     if checkpoint is not None:
         step = load_checkpoint(accelerator, checkpoint, emas={"student": ema})["step"]
         logger.info("resumed from %s at step %d", checkpoint, step)
-    iteration = step * args.student_update_freq
+    iteration = step * args.student_update_freq * run.gradient_accumulation_steps  # counts micro-batches
     batches.state_at(iteration)
 
     # 2. Alternating updates on the student's own rollouts.
     guard = NonFiniteGuard(run.max_nonfinite_skips)
+    accumulator = Accumulator(run.gradient_accumulation_steps)  # per player
     progress = tqdm(range(run.max_train_steps), initial=step, disable=not accelerator.is_local_main_process)
     logs = {}
     while step < run.max_train_steps:
@@ -144,19 +147,21 @@ def main(argv=None):
         noise = torch.randn(batch["video"].shape, device=accelerator.device)
         iteration += 1
         exit_index = shared_exit_index(run.seed, iteration, args.num_student_steps)  # the same on every rank
-        if iteration % args.student_update_freq:
+        if ((iteration - 1) // run.gradient_accumulation_steps + 1) % args.student_update_freq:  # fake-score update
             with torch.no_grad():
                 x0 = self_forcing_rollout(student, noise, cond, t_list, exit_index=exit_index,
                                           context_noise=args.context_noise / 1000)
             loss = fake_score_sample_loss(fake_score, x0, cond)
-            update(accelerator, loss, params["fake_score"], fake_opt, fake_lr, args.optimizer.max_grad_norm, guard=guard, player="fake_score", step=step)
+            update(accelerator, loss, params["fake_score"], fake_opt, fake_lr, args.optimizer.max_grad_norm,
+                   guard=guard, accumulator=accumulator, player="fake_score", step=step)
             logs["fake_score_loss"] = loss.detach()
             continue
         x0 = self_forcing_rollout(student, noise, cond, t_list, exit_index=exit_index,
                                   context_noise=args.context_noise / 1000)
         loss = dmd_sample_loss(x0, teacher, fake_score, cond, null_cond(cond), guidance_scale=args.guidance_scale,
                                t_min=args.dmd_t_min, t_max=args.dmd_t_max)
-        if not update(accelerator, loss, params["student"], student_opt, student_lr, args.optimizer.max_grad_norm, guard=guard, step=step + 1):
+        if not update(accelerator, loss, params["student"], student_opt, student_lr, args.optimizer.max_grad_norm,
+                      guard=guard, accumulator=accumulator, step=step + 1):
             continue  # a skipped non-finite update (--max_nonfinite_skips)
         ema.update(modules["student"])
         step += 1

@@ -28,11 +28,12 @@ from diffusers_fastgen.pipelines import DigitsPipeline
 from diffusers_fastgen.schedulers import flow_map_scheduler
 from diffusers_fastgen.timesteps import sample_logit_normal
 from diffusers_fastgen.training import (
-    NonFiniteGuard,
-    check_finite,
+    Accumulator,
     EMAArgs,
+    NonFiniteGuard,
     OptimizerArgs,
     RunArgs,
+    check_finite,
     load_checkpoint,
     log_image_grid,
     make_optimizer,
@@ -132,6 +133,7 @@ def validate(accelerator, unet, ema, args: SFTArgs, step: int, scheduler) -> Non
 
 def main(argv=None):
     args = parse_args(SFTArgs, argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     run = args.run
     accelerator = setup_accelerator(run, "train_sft", args)
     if accelerator.is_main_process:
@@ -147,8 +149,8 @@ def main(argv=None):
                               rank=accelerator.process_index, world_size=accelerator.num_processes)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     ema = EMA(unet, schedule=args.ema.ema_schedule, decay=args.ema.ema_decay, halflife_kimg=args.ema.ema_halflife_kimg,
-              batch_size=run.train_batch_size * accelerator.num_processes, gamma=args.ema.ema_gamma,
-              start_iter=args.ema.ema_start_iter)
+              batch_size=run.train_batch_size * accelerator.num_processes * run.gradient_accumulation_steps,
+              gamma=args.ema.ema_gamma, start_iter=args.ema.ema_start_iter)
     denoiser = Denoiser(unet, process, prediction_type)
 
     step = 0
@@ -159,15 +161,15 @@ def main(argv=None):
     batches.state_at(step * run.gradient_accumulation_steps)
 
     guard = NonFiniteGuard(run.max_nonfinite_skips)
+    accumulator = Accumulator(run.gradient_accumulation_steps)  # per player
     progress = tqdm(range(run.max_train_steps), initial=step, disable=not accelerator.is_local_main_process)
     while step < run.max_train_steps:
-        with accelerator.accumulate(unet):
-            x0, y = (t.to(accelerator.device) for t in next(batches))
-            loss = sft_step(denoiser, x0, y, cond_dropout=args.cond_dropout, logit_mean=args.logit_mean,
-                            logit_std=args.logit_std)
-            applied = update(accelerator, loss, unet.parameters(), optimizer, lr_scheduler,
-                             args.optimizer.max_grad_norm, guard=guard, step=step + 1)
-        if not (accelerator.sync_gradients and applied):
+        x0, y = (t.to(accelerator.device) for t in next(batches))
+        loss = sft_step(denoiser, x0, y, cond_dropout=args.cond_dropout, logit_mean=args.logit_mean,
+                        logit_std=args.logit_std)
+        applied = update(accelerator, loss, unet.parameters(), optimizer, lr_scheduler,
+                         args.optimizer.max_grad_norm, guard=guard, accumulator=accumulator, step=step + 1)
+        if not applied:  # a micro-batch, or a skipped non-finite update
             continue
         ema.update(unet)
         step += 1

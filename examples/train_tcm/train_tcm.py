@@ -34,8 +34,9 @@ from diffusers_fastgen.pipelines import DigitsPipeline
 from diffusers_fastgen.schedulers import flow_match_sde_scheduler
 from diffusers_fastgen.timesteps import ect_ratio, sample_log_normal
 from diffusers_fastgen.training import (
-    NonFiniteGuard,
+    Accumulator,
     EMAArgs,
+    NonFiniteGuard,
     OptimizerArgs,
     RunArgs,
     make_optimizer,
@@ -68,7 +69,7 @@ class TCMArgs:
     ema: EMAArgs = field(default_factory=lambda: EMAArgs(ema_schedule="halflife", ema_halflife_kimg=10.0))
     stage1: str | None = None  # stage-1 consistency-model pipeline folder (e.g. the output of train_cm); required
     teacher: str = DIGITS_TEACHER_PATH  # teacher pipeline folder (source=teacher)
-    source: Literal["teacher", "data"] = "teacher"  # teacher = distillation (DDIM step of the teacher), data = consistency training
+    source: Literal["teacher", "data"] = "teacher"  # teacher: distillation (the teacher's DDIM step); data: consistency training
     guidance_scale: float = 1.0  # teacher CFG (source=teacher)
     t_boundary: float = 0.4  # t' in the student's time (RF: 0 data, 1 noise)
     boundary_fraction: float = 0.25  # pairs drawn at t = t' exactly
@@ -114,6 +115,7 @@ def sample_pair(b: int, step: int, args: TCMArgs, process, device):
 
 def main(argv=None):
     args = parse_args(TCMArgs, argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     run = args.run
     accelerator = setup_accelerator(run, "train_tcm", args)
     if accelerator.is_main_process:
@@ -141,6 +143,7 @@ def main(argv=None):
 
     # 2. The loop: one truncated consistency step per iteration.
     guard = NonFiniteGuard(run.max_nonfinite_skips)
+    accumulator = Accumulator(run.gradient_accumulation_steps)  # per player
     progress = tqdm(range(run.max_train_steps), initial=step, disable=not accelerator.is_local_main_process)
     while step < run.max_train_steps:
         x0, y = (v.to(accelerator.device) for v in next(batches))
@@ -150,7 +153,8 @@ def main(argv=None):
         loss, logs = tcm_step(student, stage1, x0, eps, t, r, cond, t_boundary=args.t_boundary,
                               boundary_weight=args.boundary_weight, teacher=teacher, uncond=uncond,
                               guidance_scale=args.guidance_scale, huber_c=args.huber_c)
-        if not update(accelerator, loss, params["student"], optimizer, lr_scheduler, args.optimizer.max_grad_norm, guard=guard, step=step + 1):
+        if not update(accelerator, loss, params["student"], optimizer, lr_scheduler, args.optimizer.max_grad_norm,
+                      guard=guard, accumulator=accumulator, step=step + 1):
             continue  # a skipped non-finite update (--max_nonfinite_skips)
         ema.update(student.model)
         step += 1

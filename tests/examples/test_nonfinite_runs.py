@@ -9,10 +9,9 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState
 from safetensors.torch import load_file, save_file
+from script_utils import load_script, run_script
 
 from diffusers_fastgen.training import NonFiniteError, list_checkpoints
-
-from script_utils import load_script, run_script
 
 
 def _run_with_nan_at(name, step_fn, nan_at, argv):

@@ -5,12 +5,11 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file
+from script_utils import VIDEO_COMMON as COMMON
+from script_utils import assert_changed, file_digest, run_script
 
 from diffusers_fastgen.evaluation.moving_digits import moving_digits_cond, sample_motion
 from diffusers_fastgen.pipelines import CausalWanPipeline
-
-from script_utils import VIDEO_COMMON as COMMON
-from script_utils import assert_changed, file_digest, run_script
 
 
 def _weights(folder):

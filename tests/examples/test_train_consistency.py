@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 from diffusers import FlowMapEulerDiscreteScheduler
+from script_utils import assert_changed, file_digest, run_script, unet_weights
 
 from diffusers_fastgen.models import Denoiser
 from diffusers_fastgen.models.digits import digits_cond
@@ -15,8 +16,6 @@ from diffusers_fastgen.parametrization import process_from_scheduler
 from diffusers_fastgen.pipelines import DigitsPipeline
 from diffusers_fastgen.sampling import sample_meanflow
 from diffusers_fastgen.schedulers import FlowMatchFewStepScheduler, flow_map_scheduler, t_list_from_scheduler
-
-from script_utils import assert_changed, file_digest, run_script, unet_weights
 
 COMMON = ["--train_batch_size", "8", "--learning_rate", "1e-3", "--report_to", "none", "--ema_schedule", "constant",
           "--ema_decay", "0.0", "--max_train_steps", "2", "--eval_num_samples", "20", "--checkpointing_steps", "0"]

@@ -2,11 +2,10 @@ import os
 
 import torch
 from safetensors.torch import load_file
+from script_utils import assert_changed, file_digest, run_script, unet_weights
 
 from diffusers_fastgen.pipelines import DigitsPipeline
 from diffusers_fastgen.schedulers import FlowMatchFewStepScheduler
-
-from script_utils import assert_changed, file_digest, run_script, unet_weights
 
 
 def test_dmd2_two_steps(tiny_teacher, tmp_path):
@@ -77,3 +76,28 @@ def test_dmd2_gan_with_gradient_checkpointing_and_bf16_autocast(tiny_teacher, tm
     assert_changed(unet_weights(tiny_teacher), unet_weights(out))
     images = DigitsPipeline.from_pretrained(out)([3], num_inference_steps=1, output_type="latent").images
     assert torch.isfinite(images).all()
+
+
+def test_dmd2_with_gradient_accumulation_counts_optimizer_steps(tiny_teacher, tmp_path):
+    """2 micro-batches per update, fake score and student alternating: 2 student steps take 8 micro-batches
+    (4 updates: fake, student, fake, student); the checkpoint and the EMA count optimizer steps."""
+    import json
+
+    from script_utils import load_script
+
+    module = load_script("dmd2")
+    calls = []
+    for name in ("fake_score_step", "student_step"):
+        original = getattr(module, name)
+        setattr(module, name, lambda *a, _o=original, _n=name, **k: (calls.append(_n), _o(*a, **k))[1])
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    out = str(tmp_path / "acc")
+    module.main(["--teacher", tiny_teacher, "--output_dir", out, "--max_train_steps", "2", "--train_batch_size", "4",
+                 "--student_update_freq", "2", "--gradient_accumulation_steps", "2", "--checkpointing_steps", "2",
+                 "--eval_num_samples", "0", "--report_to", "none"])
+    AcceleratorState._reset_state(True)
+    assert calls == ["fake_score_step"] * 2 + ["student_step"] * 2 + ["fake_score_step"] * 2 + ["student_step"] * 2
+    with open(os.path.join(out, "checkpoints", "checkpoint-2", "training_state.json")) as fh:
+        assert json.load(fh)["step"] == 2

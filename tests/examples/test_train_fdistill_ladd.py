@@ -5,11 +5,10 @@ import os
 
 import pytest
 import torch
+from script_utils import assert_changed, file_digest, load_script, run_script, unet_weights
 
 from diffusers_fastgen.pipelines import DigitsPipeline
 from diffusers_fastgen.schedulers import FlowMatchFewStepScheduler
-
-from script_utils import assert_changed, file_digest, run_script, unet_weights, load_script
 
 COMMON = ["--train_batch_size", "8", "--student_update_freq", "2", "--learning_rate", "1e-3",
           "--report_to", "none", "--ema_schedule", "constant", "--ema_decay", "0.0", "--max_train_steps", "2"]

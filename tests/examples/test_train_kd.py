@@ -1,10 +1,9 @@
 import os
 
 import torch
+from script_utils import assert_changed, file_digest, run_script, unet_weights
 
 from diffusers_fastgen.pipelines import DigitsPipeline
-
-from script_utils import assert_changed, file_digest, run_script, unet_weights
 
 
 def test_kd_two_steps(tiny_teacher, tmp_path):

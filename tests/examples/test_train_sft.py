@@ -1,11 +1,10 @@
 import os
 
 import torch
+from script_utils import assert_changed, run_script, unet_weights
 
 from diffusers_fastgen.models.digits import digits_unet
 from diffusers_fastgen.pipelines import DigitsPipeline
-
-from script_utils import assert_changed, run_script, unet_weights
 
 
 def test_sft_two_steps_trains_saves_and_resumes(tmp_path):

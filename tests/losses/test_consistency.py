@@ -6,12 +6,11 @@ exact consistency function is f*(x, t) = s x / sqrt(s^2 + t^2).
 
 import math
 
-import pytest
 import torch
 
 from diffusers_fastgen.losses.consistency import consistency_loss, consistency_pair, ddim_step, pseudo_huber, tcm_loss
-from diffusers_fastgen.timesteps import sample_t_r_ect
 from diffusers_fastgen.parametrization import EDM
+from diffusers_fastgen.timesteps import sample_t_r_ect
 
 S = 0.5
 edm = EDM(sigma_data=S)

@@ -51,7 +51,8 @@ def test_tangent_is_cos_t_times_total_derivative_of_f(method):
         return torch.cos(tt).view(-1, 1) * xx - (torch.sin(tt) * SD).view(-1, 1) * F(xx / SD, tt)
 
     h = 1e-5
-    x_at = lambda tt: (v(tt) / v(t)).sqrt().view(-1, 1) * x  # the exact trajectory through (x, t)
+    def x_at(tt):  # the exact trajectory through (x, t)
+        return (v(tt) / v(t)).sqrt().view(-1, 1) * x
     g_ref = torch.cos(t).view(-1, 1) * (f(x_at(t + h), t + h) - f(x_at(t - h), t - h)) / (2 * h)
     _, aux = scm_loss(F, x, t, velocity(x, t), sigma_d=SD, jvp_method=method, eps=1e-6)
     torch.testing.assert_close(aux["g"], g_ref, rtol=1e-6, atol=1e-8)

@@ -4,7 +4,6 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from diffusers_fastgen.jvp import jvp
 from diffusers_fastgen.losses.meanflow import meanflow_target
 from diffusers_fastgen.models import Denoiser
 from diffusers_fastgen.models.digits import digits_cond, digits_unet

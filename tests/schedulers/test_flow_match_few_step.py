@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from diffusers_fastgen.schedulers import FlowMatchFewStepScheduler
 
 

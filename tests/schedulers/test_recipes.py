@@ -5,10 +5,9 @@ import torch
 from diffusers import DDPMScheduler
 
 from diffusers_fastgen.parametrization import (
+    VP,
     RectifiedFlow,
     TrigFlow,
-    VP,
-    add_noise,
     convert_prediction,
 )
 from diffusers_fastgen.sampling import sample_meanflow, sample_multistep

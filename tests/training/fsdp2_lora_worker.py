@@ -94,7 +94,8 @@ def main(out_path: str, gan: bool):
                    for a in ("student", "fake_score")}
     if rank == 0:
         with open(out_path, "w") as fh:
-            json.dump({"world": world, "sharded_params": len(sharded), "max_err": max_err, "head_err": head_err, "head_change": head_change,
+            json.dump({"world": world, "sharded_params": len(sharded), "max_err": max_err, "head_err": head_err,
+                       "head_change": head_change,
                        "base_err": base_err, "lora_change": lora_change}, fh)
     dist.destroy_process_group()
 

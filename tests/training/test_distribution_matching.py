@@ -10,7 +10,6 @@ import torch
 from diffusers_fastgen.models import Denoiser
 from diffusers_fastgen.parametrization import vp_from_betas
 from diffusers_fastgen.testing import tiny as T
-
 from diffusers_fastgen.training import distribution_matching as dmd2
 
 CASES = {
@@ -34,7 +33,8 @@ def _changed(before, model):
 def test_dmd2_steps_touch_only_their_player(kind):
     build, shape, kw = CASES[kind]
     teacher_model = build().requires_grad_(False)
-    student_model, fake_model = copy.deepcopy(teacher_model).requires_grad_(True), copy.deepcopy(teacher_model).requires_grad_(True)
+    student_model = copy.deepcopy(teacher_model).requires_grad_(True)
+    fake_model = copy.deepcopy(teacher_model).requires_grad_(True)
     teacher, student, fake = (Denoiser(m, **kw) for m in (teacher_model, student_model, fake_model))
     cond, uncond = T.tiny_cond(kind, 2, seed=1), T.tiny_cond(kind, 2, seed=2)
     opt_s = torch.optim.SGD(student_model.parameters(), lr=0.1)
@@ -72,7 +72,8 @@ def test_dmd2_gan_branch_steps(kind, module):
 
     build, shape, kw = CASES[kind]
     teacher_model = build().requires_grad_(False)
-    student_model, fake_model = copy.deepcopy(teacher_model).requires_grad_(True), copy.deepcopy(teacher_model).requires_grad_(True)
+    student_model = copy.deepcopy(teacher_model).requires_grad_(True)
+    fake_model = copy.deepcopy(teacher_model).requires_grad_(True)
     teacher, student, fake = (Denoiser(m, **kw) for m in (teacher_model, student_model, fake_model))
     cond, uncond = T.tiny_cond(kind, 2, seed=1), T.tiny_cond(kind, 2, seed=2)
     torch.manual_seed(0)

@@ -16,7 +16,7 @@ import torch
 
 from ..training.data import load_digits_arrays
 from .classifier import load_digits_classifier
-from .metrics import classify, evaluate_images, frechet_distance, within_class_diversity
+from .metrics import classify, evaluate_images, within_class_diversity
 
 
 class DigitsReference:

@@ -28,12 +28,12 @@ Metrics (`MovingDigitsReference.score`), from the shipped digits classifier:
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
 from ..training.data import load_digits_arrays
-
-import os
 
 NUM_FRAMES = 8
 CANVAS = 16

@@ -319,7 +319,8 @@ class CausalWan:
             if timestep.shape != (b, f):
                 raise ValueError(f"per-frame `timestep` must have shape {(b, f)}, got {tuple(timestep.shape)}.")
             timestep = timestep.repeat_interleave(p, dim=1)
-        st.tokens_per_frame, st.frame_offset, st.num_frames, st.cache, st.update_cache = p, frame_offset, f, kv_cache, update_cache
+        st.tokens_per_frame, st.frame_offset, st.num_frames = p, frame_offset, f
+        st.cache, st.update_cache = kv_cache, update_cache
         if kv_cache is not None:
             new_ids = torch.arange(frame_offset, frame_offset + f)  # CPU, like the cache's bookkeeping
             visible = _frame_visibility(new_ids, torch.cat([kv_cache.frame_ids, new_ids]), st.num_frames_per_block,

@@ -1,2 +1,2 @@
-from .digits import DigitsPipeline
 from .causal_wan import CausalWanPipeline
+from .digits import DigitsPipeline

@@ -1,4 +1,5 @@
 from .accelerate_setup import (
+    Accumulator,
     check_replicas_in_sync,
     make_optimizer,
     peak_rss_mb,
@@ -7,6 +8,6 @@ from .accelerate_setup import (
     update,
 )
 from .args import EMAArgs, OptimizerArgs, RunArgs, build, parse_args, save_config, to_flat_dict
-from .nonfinite import NonFiniteError, NonFiniteGuard, check_finite
 from .checkpoint import list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
+from .nonfinite import NonFiniteError, NonFiniteGuard, check_finite
 from .validation import log_image_grid, make_grid, save_image_grid

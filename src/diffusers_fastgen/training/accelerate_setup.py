@@ -33,7 +33,6 @@ def setup_accelerator(run: RunArgs, project_name: str, config=None, *, find_unus
         project_config=ProjectConfiguration(project_dir=run.output_dir, logging_dir=os.path.join(run.output_dir, "logs")),
         cpu=not torch.cuda.is_available(),
     )
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     if accelerator.device.type == "cpu" and retain_freed_memory():
         logger.info("CPU run: glibc keeps freed tensor memory for reuse (training.cpu_memory)")
     set_seed(run.seed, device_specific=True)
@@ -79,12 +78,37 @@ def check_replicas_in_sync(accelerator: Accelerator, params) -> float:
     return float(gathered[0])
 
 
+class Accumulator:
+    """Gradient accumulation that survives alternating players: each player's optimizer steps on every
+    `steps`-th call of `update` for that player (accelerate's `accumulate()` keeps one global count, which
+    alternating fake-score / student updates would interleave). The loss of each micro-batch is divided
+    by `steps` in `accelerator.backward`, so N micro-batches of B give the gradient of one batch of N * B.
+    Under DDP every micro-batch's gradient is all-reduced (averaging is linear, so the sum is the same)."""
+
+    def __init__(self, steps: int = 1):
+        if steps < 1:
+            raise ValueError(f"`gradient_accumulation_steps` must be >= 1, got {steps}.")
+        self.steps, self.counts = steps, {}
+
+    def is_last(self, player: str) -> bool:
+        """Count one micro-batch of `player`; True when it completes an optimizer step."""
+        self.counts[player] = self.counts.get(player, 0) + 1
+        return self.counts[player] % self.steps == 0
+
+
 def update(accelerator: Accelerator, loss, params, optimizer, lr_scheduler, max_grad_norm: float, *,
-           guard: NonFiniteGuard | None = None, player: str = "student", step: int | None = None) -> bool:
-    """backward, clip, step, zero_grad for one player. The update is applied only if the loss and the
-    gradient norm are finite (`guard`: stop, the default, or skip a bounded number); returns whether it
-    was applied. `player` and `step` name the update in the message."""
-    accelerator.backward(loss)
+           guard: NonFiniteGuard | None = None, accumulator: Accumulator | None = None, player: str = "student",
+           step: int | None = None) -> bool:
+    """backward, then (on the last micro-batch of `accumulator`) clip, step, zero_grad for one player.
+    The step is applied only if the loss and the gradient norm are finite (`guard`: stop, the default, or
+    skip a bounded number). Returns whether an optimizer step was applied (False: skipped, or a micro-batch
+    that is not the last). `player` and `step` name the update in messages."""
+    if (accumulator.steps if accumulator is not None else 1) != accelerator.gradient_accumulation_steps:
+        raise ValueError(f"gradient_accumulation_steps={accelerator.gradient_accumulation_steps} needs "
+                         "`accumulator=Accumulator(gradient_accumulation_steps)` (it counts each player's micro-batches).")
+    accelerator.backward(loss)  # divides by gradient_accumulation_steps
+    if accumulator is not None and not accumulator.is_last(player):
+        return False
     params = list(params)
     # max_norm inf: the total norm without clipping, for the finiteness check.
     grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))

@@ -76,8 +76,8 @@ def student_ema(accelerator, modules: dict, ema_args, batch_size: int):
         model = modules["base"]
         names = [n for n, _ in unwrap_model(model).named_parameters() if "lora_" in n and ".student" in n]
     return EMA(model, schedule=ema_args.ema_schedule, decay=ema_args.ema_decay, halflife_kimg=ema_args.ema_halflife_kimg,
-               batch_size=batch_size * accelerator.num_processes, gamma=ema_args.ema_gamma,
-               start_iter=ema_args.ema_start_iter, parameters=names)
+               batch_size=batch_size * accelerator.num_processes * accelerator.gradient_accumulation_steps,
+               gamma=ema_args.ema_gamma, start_iter=ema_args.ema_start_iter, parameters=names)
 
 
 def finish_digits_run(accelerator, modules: dict, params: dict, optimizers: dict, ema, scheduler, *, output_dir: str,
@@ -119,7 +119,7 @@ def digits_batches(accelerator, run, ema, logger):
     if checkpoint is not None:
         step = load_checkpoint(accelerator, checkpoint, emas={"student": ema})["step"]
         logger.info("resumed from %s at step %d", checkpoint, step)
-    batches.state_at(step)
+    batches.state_at(step * run.gradient_accumulation_steps)
     return batches, step
 
 

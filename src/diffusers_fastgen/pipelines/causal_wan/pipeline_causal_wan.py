@@ -20,7 +20,6 @@ optional UMT5 tokenizer/text encoder and AutoencoderKLWan (without a VAE the lat
 from __future__ import annotations
 
 import math
-
 from typing import Callable, Iterator
 
 import torch

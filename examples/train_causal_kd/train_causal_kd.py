@@ -45,13 +45,12 @@ from diffusers_fastgen.training import (
     make_optimizer,
     parse_args,
     resolve_checkpoint,
-    save_checkpoint,
     save_config,
     setup_accelerator,
     update,
 )
 from diffusers_fastgen.training.causal import block_step_indices, step_generator
-from diffusers_fastgen.training.players import prepare_players, student_ema
+from diffusers_fastgen.training.players import log_and_checkpoint, prepare_players, student_ema
 from diffusers_fastgen.training.video import (
     finish_video_run,
     load_video_transformer,
@@ -59,6 +58,7 @@ from diffusers_fastgen.training.video import (
     student_t_list,
     teacher_ode,
     timesteps_from_t_list,
+    validate_video_student,
 )
 
 logger = logging.getLogger("train_causal_kd")
@@ -148,7 +148,8 @@ def main(argv=None):
     teacher_model = load_video_transformer(args.teacher).requires_grad_(False)
     modules = {"teacher": teacher_model, "student": copy.deepcopy(teacher_model).requires_grad_(True)}
     params = {"student": list(modules["student"].parameters())}
-    optimizers = {"student": make_optimizer(params["student"], args.optimizer)}
+    schedule = {"num_training_steps": run.max_train_steps, "num_processes": accelerator.num_processes}  # LR schedule
+    optimizers = {"student": make_optimizer(params["student"], args.optimizer, **schedule)}
     modules, optimizers = prepare_players(accelerator, modules, optimizers, gradient_checkpointing=run.gradient_checkpointing)
     optimizer, lr_scheduler = optimizers["student"]
     rf = RectifiedFlow()
@@ -165,6 +166,10 @@ def main(argv=None):
         logger.info("resumed from %s at step %d", checkpoint, step)
 
     # 2. The loop: batch i on rank r is drawn by a generator seeded with (seed, r, i), so resume is exact.
+    def validate(s):  # sample videos of the EMA student every `validation_steps`
+        validate_video_student(accelerator, modules["student"], ema, num_frames_per_block=args.num_frames_per_block,
+                               denoising_timesteps=timesteps_from_t_list(t_list.tolist()), step=s, output_dir=run.output_dir)
+
     guard = NonFiniteGuard(run.max_nonfinite_skips)
     accumulator = Accumulator(run.gradient_accumulation_steps)  # per player
     progress = tqdm(range(run.max_train_steps), initial=step, disable=not accelerator.is_local_main_process)
@@ -182,13 +187,7 @@ def main(argv=None):
             continue  # a skipped non-finite update (--max_nonfinite_skips)
         ema.update(modules["student"])
         step += 1
-        progress.update(1)
-        if step % run.logging_steps == 0:
-            progress.set_postfix(loss=loss.detach().item())
-            accelerator.log({"loss": loss.detach().item()}, step=step)
-        if run.checkpointing_steps and step % run.checkpointing_steps == 0:
-            save_checkpoint(accelerator, run.output_dir, step, emas={"student": ema},
-                            total_limit=run.checkpoints_total_limit)
+        log_and_checkpoint(accelerator, run, step, {"loss": loss.detach()}, ema, progress, validate=validate)
 
     # 3. Save the EMA student with its few-step recipe; reload and benchmark.
     finish_video_run(accelerator, student.model, modules["student"], ema, output_dir=run.output_dir,

@@ -46,12 +46,12 @@ from diffusers_fastgen.training import (
     make_optimizer,
     parse_args,
     resolve_checkpoint,
-    save_checkpoint,
     save_config,
     setup_accelerator,
     update,
 )
-from diffusers_fastgen.training.video import VideoBatches, finish_video_run, sample_block_times
+from diffusers_fastgen.training.players import log_and_checkpoint
+from diffusers_fastgen.training.video import VideoBatches, finish_video_run, sample_block_times, validate_video_student
 
 logger = logging.getLogger("train_causal_sft")
 
@@ -122,7 +122,8 @@ def main(argv=None):
     if run.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     model.train()
-    optimizer, lr_scheduler = make_optimizer(model.parameters(), args.optimizer)
+    schedule = {"num_training_steps": run.max_train_steps, "num_processes": accelerator.num_processes}  # LR schedule
+    optimizer, lr_scheduler = make_optimizer(model.parameters(), args.optimizer, **schedule)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     ema = EMA(model, schedule=args.ema.ema_schedule, decay=args.ema.ema_decay, halflife_kimg=args.ema.ema_halflife_kimg,
               batch_size=run.train_batch_size * accelerator.num_processes * run.gradient_accumulation_steps,
@@ -133,11 +134,16 @@ def main(argv=None):
     step = 0
     checkpoint = resolve_checkpoint(run.output_dir, run.resume_from_checkpoint)
     if checkpoint is not None:
-        step = load_checkpoint(accelerator, checkpoint, emas={"model": ema})["step"]
+        step = load_checkpoint(accelerator, checkpoint, emas={"student": ema})["step"]
         logger.info("resumed from %s at step %d", checkpoint, step)
     batches.state_at(step * run.gradient_accumulation_steps)
 
     # 2. The loop.
+    def validate(s):  # sample videos of the EMA model every `validation_steps`
+        validate_video_student(accelerator, model, ema, num_frames_per_block=args.num_frames_per_block,
+                               denoising_timesteps=torch.linspace(1000, 0, args.sample_steps + 1)[:-1].tolist(),
+                               scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0), step=s, output_dir=run.output_dir)
+
     guard = NonFiniteGuard(run.max_nonfinite_skips)
     accumulator = Accumulator(run.gradient_accumulation_steps)  # per player
     progress = tqdm(range(run.max_train_steps), initial=step, disable=not accelerator.is_local_main_process)
@@ -154,13 +160,8 @@ def main(argv=None):
             continue  # a skipped non-finite update (--max_nonfinite_skips)
         ema.update(model)
         step += 1
-        progress.update(1)
-        if step % run.logging_steps == 0:
-            logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0]}
-            progress.set_postfix(**logs)
-            accelerator.log(logs, step=step)
-        if run.checkpointing_steps and step % run.checkpointing_steps == 0:
-            save_checkpoint(accelerator, run.output_dir, step, emas={"model": ema}, total_limit=run.checkpoints_total_limit)
+        log_and_checkpoint(accelerator, run, step, {"loss": loss.detach(), "lr": lr_scheduler.get_last_lr()[0]}, ema, progress,
+                           validate=validate)
 
     # 3. Save the EMA model with its Euler sampler; reload and benchmark.
     name = "bidirectional SFT (teacher)" if args.num_frames_per_block == NUM_FRAMES else "CausalSFT student"

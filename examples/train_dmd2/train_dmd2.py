@@ -35,7 +35,6 @@ from diffusers_fastgen.training import (
     make_optimizer,
     parse_args,
     resolve_checkpoint,
-    save_checkpoint,
     save_config,
     setup_accelerator,
     update,
@@ -52,6 +51,7 @@ from diffusers_fastgen.training.distribution_matching import (
     student_inputs,
     student_step,
 )
+from diffusers_fastgen.training.players import log_and_checkpoint, validate_digits_student
 
 logger = logging.getLogger("train_dmd2")
 
@@ -118,8 +118,10 @@ def main(argv=None):
         modules["head"] = make_heads(nets["fake_score"], [args.gan_feature_module], probe_cond, (1, 8, 8)).heads[0]
         params["fake_score"] = params["fake_score"] + list(modules["head"].parameters())
     fake_args = replace(args.optimizer, learning_rate=args.fake_score_learning_rate)
-    optimizers = {"student": make_optimizer(params["student"], args.optimizer),
-                  "fake_score": make_optimizer(params["fake_score"], fake_args)}
+    schedule = {"num_training_steps": run.max_train_steps, "num_processes": accelerator.num_processes}  # LR schedule
+    critic_schedule = {**schedule, "num_training_steps": run.max_train_steps * max(args.student_update_freq - 1, 1)}
+    optimizers = {"student": make_optimizer(params["student"], args.optimizer, **schedule),
+                  "fake_score": make_optimizer(params["fake_score"], fake_args, **critic_schedule)}
     modules, optimizers = prepare_players(accelerator, modules, optimizers, gradient_checkpointing=run.gradient_checkpointing)
     (student_opt, student_lr), (fake_opt, fake_lr) = optimizers["student"], optimizers["fake_score"]
     nets = player_denoisers(modules, process, prediction_type)  # over the prepared (DDP-wrapped) modules
@@ -141,6 +143,10 @@ def main(argv=None):
     batches.state_at(iteration)
 
     # 2. Alternating updates: fake score every iteration, student every `student_update_freq`.
+    def validate(s):  # a sample grid of the EMA student every `validation_steps`
+        validate_digits_student(accelerator, modules, ema, scheduler, num_steps=args.num_student_steps, step=s,
+                                output_dir=run.output_dir)
+
     guard = NonFiniteGuard(run.max_nonfinite_skips)
     accumulator = Accumulator(run.gradient_accumulation_steps)  # per player
     progress = tqdm(range(run.max_train_steps), initial=step, disable=not accelerator.is_local_main_process)
@@ -168,15 +174,8 @@ def main(argv=None):
             continue  # a skipped non-finite update (--max_nonfinite_skips)
         ema.update(student.model)
         step += 1
-        progress.update(1)
         logs["dmd_loss"] = loss.detach()
-        if step % run.logging_steps == 0:
-            scalars = {k: v.item() for k, v in logs.items()}
-            progress.set_postfix(**scalars)
-            accelerator.log(scalars, step=step)
-        if run.checkpointing_steps and step % run.checkpointing_steps == 0:
-            save_checkpoint(accelerator, run.output_dir, step, emas={"student": ema},
-                            total_limit=run.checkpoints_total_limit)
+        log_and_checkpoint(accelerator, run, step, logs, ema, progress, validate=validate)
 
     finish_digits_run(accelerator, modules, params, optimizers, ema, scheduler, output_dir=run.output_dir,
                       teacher_path=args.teacher, num_steps=args.num_student_steps, step=step,

@@ -43,13 +43,13 @@ from diffusers_fastgen.training import (
     make_optimizer,
     parse_args,
     resolve_checkpoint,
-    save_checkpoint,
     save_config,
     save_image_grid,
     setup_accelerator,
     update,
 )
 from diffusers_fastgen.training.data import InfiniteBatches
+from diffusers_fastgen.training.players import log_and_checkpoint, validate_digits_student
 
 logger = logging.getLogger("train_kd")
 
@@ -184,7 +184,8 @@ def main(argv=None):
     if run.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
-    optimizer, lr_scheduler = make_optimizer(unet.parameters(), args.optimizer)
+    schedule = {"num_training_steps": run.max_train_steps, "num_processes": accelerator.num_processes}  # LR schedule
+    optimizer, lr_scheduler = make_optimizer(unet.parameters(), args.optimizer, **schedule)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     ema = EMA(unet, schedule=args.ema.ema_schedule, decay=args.ema.ema_decay, halflife_kimg=args.ema.ema_halflife_kimg,
               batch_size=run.train_batch_size * accelerator.num_processes * run.gradient_accumulation_steps,
@@ -196,9 +197,13 @@ def main(argv=None):
     step = 0
     checkpoint = resolve_checkpoint(run.output_dir, run.resume_from_checkpoint)
     if checkpoint is not None:
-        step = load_checkpoint(accelerator, checkpoint, emas={"unet": ema})["step"]
+        step = load_checkpoint(accelerator, checkpoint, emas={"student": ema})["step"]
         logger.info("resumed from %s at step %d", checkpoint, step)
     batches.state_at(step * run.gradient_accumulation_steps)
+
+    def validate(s):  # a 1-step sample grid of the EMA student every `validation_steps`
+        validate_digits_student(accelerator, {"student": unet}, ema, scheduler, num_steps=1, step=s,
+                                output_dir=run.output_dir)
 
     guard = NonFiniteGuard(run.max_nonfinite_skips)
     accumulator = Accumulator(run.gradient_accumulation_steps)  # per player
@@ -212,13 +217,8 @@ def main(argv=None):
             continue
         ema.update(unet)
         step += 1
-        progress.update(1)
-        if step % run.logging_steps == 0:
-            logs = {"kd_loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0]}
-            progress.set_postfix(**logs)
-            accelerator.log(logs, step=step)
-        if run.checkpointing_steps and step % run.checkpointing_steps == 0:
-            save_checkpoint(accelerator, run.output_dir, step, emas={"unet": ema}, total_limit=run.checkpoints_total_limit)
+        log_and_checkpoint(accelerator, run, step, {"kd_loss": loss.detach(), "lr": lr_scheduler.get_last_lr()[0]}, ema, progress,
+                           validate=validate)
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

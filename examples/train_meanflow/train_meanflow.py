@@ -50,6 +50,7 @@ from diffusers_fastgen.training.players import (
     log_and_checkpoint,
     prepare_players,
     student_ema,
+    validate_digits_student,
 )
 
 logger = logging.getLogger("train_meanflow")
@@ -128,7 +129,8 @@ def main(argv=None):
     student_unet = add_interval_input(teacher_pipe.unet, dim=args.interval_dim).requires_grad_(True)
     modules = {"teacher": teacher_pipe.unet.requires_grad_(False), "student": student_unet}
     params = {"student": list(student_unet.parameters())}
-    optimizers = {"student": make_optimizer(params["student"], args.optimizer)}
+    schedule = {"num_training_steps": run.max_train_steps, "num_processes": accelerator.num_processes}  # LR schedule
+    optimizers = {"student": make_optimizer(params["student"], args.optimizer, **schedule)}
     modules, optimizers = prepare_players(accelerator, modules, optimizers, gradient_checkpointing=run.gradient_checkpointing)
     optimizer, lr_scheduler = optimizers["student"]
     teacher = Denoiser(modules["teacher"], process, prediction_type) if args.source == "teacher" else None
@@ -139,6 +141,9 @@ def main(argv=None):
     batches, step = digits_batches(accelerator, run, ema, logger)
 
     # 2. The loop: one MeanFlow step per iteration.
+    def validate(s):  # a 1-step sample grid of the EMA student every `validation_steps`
+        validate_digits_student(accelerator, modules, ema, scheduler, num_steps=1, step=s, output_dir=run.output_dir)
+
     guard = NonFiniteGuard(run.max_nonfinite_skips)
     accumulator = Accumulator(run.gradient_accumulation_steps)  # per player
     progress = tqdm(range(run.max_train_steps), initial=step, disable=not accelerator.is_local_main_process)
@@ -156,7 +161,7 @@ def main(argv=None):
             continue  # a skipped non-finite update (--max_nonfinite_skips)
         ema.update(student.model)
         step += 1
-        log_and_checkpoint(accelerator, run, step, {"loss": loss.detach(), **logs}, ema, progress)
+        log_and_checkpoint(accelerator, run, step, {"loss": loss.detach(), **logs}, ema, progress, validate=validate)
 
     # 3. Save the student with its sampler, reload it, benchmark 1 and 2 steps.
     name = "MeanFlow student" + (" (from data)" if args.source == "data" else "")

@@ -51,6 +51,7 @@ from diffusers_fastgen.training.players import (
     log_and_checkpoint,
     prepare_players,
     student_ema,
+    validate_digits_student,
 )
 
 logger = logging.getLogger("train_scm")
@@ -120,7 +121,8 @@ def main(argv=None):
         params["logvar"] = list(modules["logvar"].parameters())
     groups = [{"params": params["student"]}] + (
         [{"params": params["logvar"], "lr": args.logvar_learning_rate}] if args.adaptive_weighting else [])
-    optimizers = {"student": make_optimizer(groups, args.optimizer)}
+    schedule = {"num_training_steps": run.max_train_steps, "num_processes": accelerator.num_processes}  # LR schedule
+    optimizers = {"student": make_optimizer(groups, args.optimizer, **schedule)}
     modules, optimizers = prepare_players(accelerator, modules, optimizers, gradient_checkpointing=run.gradient_checkpointing)
     optimizer, lr_scheduler = optimizers["student"]
     teacher = Denoiser(modules["teacher"], process, prediction_type) if args.source == "teacher" else None
@@ -132,6 +134,9 @@ def main(argv=None):
     batches, step = digits_batches(accelerator, run, ema, logger)
 
     # 2. The loop: one sCM step per iteration.
+    def validate(s):  # a 1-step sample grid of the EMA student every `validation_steps`
+        validate_digits_student(accelerator, modules, ema, scheduler, num_steps=1, step=s, output_dir=run.output_dir)
+
     guard = NonFiniteGuard(run.max_nonfinite_skips)
     accumulator = Accumulator(run.gradient_accumulation_steps)  # per player
     progress = tqdm(range(run.max_train_steps), initial=step, disable=not accelerator.is_local_main_process)
@@ -150,7 +155,7 @@ def main(argv=None):
             continue  # a skipped non-finite update (--max_nonfinite_skips)
         ema.update(student.model)
         step += 1
-        log_and_checkpoint(accelerator, run, step, {"loss": loss.detach(), **logs}, ema, progress)
+        log_and_checkpoint(accelerator, run, step, {"loss": loss.detach(), **logs}, ema, progress, validate=validate)
 
     # 3. Save the student with its sampler, reload it, benchmark 1 and 2 steps.
     name = "sCD student" if args.source == "teacher" else "sCT student"

@@ -41,14 +41,13 @@ from diffusers_fastgen.training import (
     make_optimizer,
     parse_args,
     resolve_checkpoint,
-    save_checkpoint,
     save_config,
     setup_accelerator,
     update,
 )
 from diffusers_fastgen.training.causal import self_forcing_rollout, shared_exit_index
 from diffusers_fastgen.training.distribution_matching import dmd_sample_loss, fake_score_sample_loss
-from diffusers_fastgen.training.players import prepare_players, student_ema
+from diffusers_fastgen.training.players import log_and_checkpoint, prepare_players, student_ema
 from diffusers_fastgen.training.video import (
     VideoBatches,
     finish_video_run,
@@ -56,6 +55,7 @@ from diffusers_fastgen.training.video import (
     null_cond,
     student_t_list,
     timesteps_from_t_list,
+    validate_video_student,
 )
 
 logger = logging.getLogger("train_self_forcing")
@@ -115,9 +115,12 @@ def main(argv=None):
     modules = {"teacher": teacher_model, "student": student_model.requires_grad_(True),
                "fake_score": copy.deepcopy(teacher_model).requires_grad_(True)}
     params = {n: list(modules[n].parameters()) for n in ("student", "fake_score")}
-    optimizers = {"student": make_optimizer(params["student"], args.optimizer),
+    schedule = {"num_training_steps": run.max_train_steps, "num_processes": accelerator.num_processes}  # LR schedule
+    critic_schedule = {**schedule, "num_training_steps": run.max_train_steps * max(args.student_update_freq - 1, 1)}
+    optimizers = {"student": make_optimizer(params["student"], args.optimizer, **schedule),
                   "fake_score": make_optimizer(params["fake_score"],
-                                               replace(args.optimizer, learning_rate=args.fake_score_learning_rate))}
+                                               replace(args.optimizer, learning_rate=args.fake_score_learning_rate),
+                                               **critic_schedule)}
     modules, optimizers = prepare_players(accelerator, modules, optimizers)
     (student_opt, student_lr), (fake_opt, fake_lr) = optimizers["student"], optimizers["fake_score"]
     rf = RectifiedFlow()
@@ -137,6 +140,11 @@ def main(argv=None):
     batches.state_at(iteration)
 
     # 2. Alternating updates on the student's own rollouts.
+    def validate(s):  # sample videos of the EMA student every `validation_steps`
+        validate_video_student(accelerator, modules["student"], ema, num_frames_per_block=args.num_frames_per_block,
+                               denoising_timesteps=timesteps_from_t_list(t_list.tolist()), context_noise=args.context_noise,
+                               step=s, output_dir=run.output_dir)
+
     guard = NonFiniteGuard(run.max_nonfinite_skips)
     accumulator = Accumulator(run.gradient_accumulation_steps)  # per player
     progress = tqdm(range(run.max_train_steps), initial=step, disable=not accelerator.is_local_main_process)
@@ -165,15 +173,8 @@ def main(argv=None):
             continue  # a skipped non-finite update (--max_nonfinite_skips)
         ema.update(modules["student"])
         step += 1
-        progress.update(1)
         logs["dmd_loss"] = loss.detach()
-        if step % run.logging_steps == 0:
-            scalars = {k: v.item() for k, v in logs.items()}
-            progress.set_postfix(**scalars)
-            accelerator.log(scalars, step=step)
-        if run.checkpointing_steps and step % run.checkpointing_steps == 0:
-            save_checkpoint(accelerator, run.output_dir, step, emas={"student": ema},
-                            total_limit=run.checkpoints_total_limit)
+        log_and_checkpoint(accelerator, run, step, logs, ema, progress, validate=validate)
 
     # 3. Save the EMA student with the rollout's recipe; reload and benchmark.
     finish_video_run(accelerator, student.model, modules["student"], ema, output_dir=run.output_dir,

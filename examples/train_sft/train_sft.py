@@ -39,13 +39,13 @@ from diffusers_fastgen.training import (
     make_optimizer,
     parse_args,
     resolve_checkpoint,
-    save_checkpoint,
     save_config,
     save_image_grid,
     setup_accelerator,
     update,
 )
 from diffusers_fastgen.training.data import InfiniteBatches, load_digits_arrays, load_image_dataset
+from diffusers_fastgen.training.players import log_and_checkpoint
 
 logger = logging.getLogger("train_sft")
 
@@ -143,7 +143,8 @@ def main(argv=None):
     if run.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
-    optimizer, lr_scheduler = make_optimizer(unet.parameters(), args.optimizer)
+    schedule = {"num_training_steps": run.max_train_steps, "num_processes": accelerator.num_processes}  # LR schedule
+    optimizer, lr_scheduler = make_optimizer(unet.parameters(), args.optimizer, **schedule)
     images, labels = load_data(args)
     batches = InfiniteBatches(images, labels, batch_size=run.train_batch_size, seed=run.seed,
                               rank=accelerator.process_index, world_size=accelerator.num_processes)
@@ -156,7 +157,7 @@ def main(argv=None):
     step = 0
     checkpoint = resolve_checkpoint(run.output_dir, run.resume_from_checkpoint)
     if checkpoint is not None:
-        step = load_checkpoint(accelerator, checkpoint, emas={"unet": ema})["step"]
+        step = load_checkpoint(accelerator, checkpoint, emas={"student": ema})["step"]
         logger.info("resumed from %s at step %d", checkpoint, step)
     batches.state_at(step * run.gradient_accumulation_steps)
 
@@ -173,15 +174,8 @@ def main(argv=None):
             continue
         ema.update(unet)
         step += 1
-        progress.update(1)
-        if step % run.logging_steps == 0:
-            logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0]}
-            progress.set_postfix(**logs)
-            accelerator.log(logs, step=step)
-        if run.checkpointing_steps and step % run.checkpointing_steps == 0:
-            save_checkpoint(accelerator, run.output_dir, step, emas={"unet": ema}, total_limit=run.checkpoints_total_limit)
-        if accelerator.is_main_process and run.validation_steps and step % run.validation_steps == 0:
-            validate(accelerator, unet, ema, args, step, scheduler)
+        log_and_checkpoint(accelerator, run, step, {"loss": loss.detach(), "lr": lr_scheduler.get_last_lr()[0]}, ema, progress,
+                           validate=lambda s: validate(accelerator, unet, ema, args, s, scheduler))
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

@@ -52,6 +52,7 @@ from diffusers_fastgen.training.players import (
     log_and_checkpoint,
     prepare_players,
     student_ema,
+    validate_digits_student,
 )
 
 logger = logging.getLogger("train_tcm")
@@ -127,7 +128,8 @@ def main(argv=None):
     teacher_pipe = DigitsPipeline.from_pretrained(args.teacher) if args.source == "teacher" else None
     modules = {"student": DigitsPipeline.from_pretrained(args.stage1).unet.requires_grad_(True)}
     params = {"student": list(modules["student"].parameters())}
-    optimizers = {"student": make_optimizer(params["student"], args.optimizer)}
+    schedule = {"num_training_steps": run.max_train_steps, "num_processes": accelerator.num_processes}  # LR schedule
+    optimizers = {"student": make_optimizer(params["student"], args.optimizer, **schedule)}
     modules, optimizers = prepare_players(accelerator, modules, optimizers, gradient_checkpointing=run.gradient_checkpointing)
     optimizer, lr_scheduler = optimizers["student"]
     frozen = {"stage1": stage1_pipe.unet, **({"teacher": teacher_pipe.unet} if teacher_pipe else {})}
@@ -142,6 +144,9 @@ def main(argv=None):
     batches, step = digits_batches(accelerator, run, ema, logger)
 
     # 2. The loop: one truncated consistency step per iteration.
+    def validate(s):  # a 1-step sample grid of the EMA student every `validation_steps`
+        validate_digits_student(accelerator, modules, ema, scheduler, num_steps=1, step=s, output_dir=run.output_dir)
+
     guard = NonFiniteGuard(run.max_nonfinite_skips)
     accumulator = Accumulator(run.gradient_accumulation_steps)  # per player
     progress = tqdm(range(run.max_train_steps), initial=step, disable=not accelerator.is_local_main_process)
@@ -158,7 +163,7 @@ def main(argv=None):
             continue  # a skipped non-finite update (--max_nonfinite_skips)
         ema.update(student.model)
         step += 1
-        log_and_checkpoint(accelerator, run, step, {"loss": loss.detach(), **logs}, ema, progress)
+        log_and_checkpoint(accelerator, run, step, {"loss": loss.detach(), **logs}, ema, progress, validate=validate)
 
     # 3. Save the student with its sampler, reload it, benchmark 1 and 2 steps.
     finish_digits_run(accelerator, modules, params, optimizers, ema, scheduler, output_dir=run.output_dir,

@@ -44,9 +44,15 @@ def setup_accelerator(run: RunArgs, project_name: str, config=None, *, find_unus
     return accelerator
 
 
-def make_optimizer(params, opt: OptimizerArgs) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW + linear warm-up then constant learning rate. `params`: tensors, or torch param-group
-    dicts ({"params": [...], "lr": ...}) for players with their own learning rate."""
+def make_optimizer(params, opt: OptimizerArgs, *, num_training_steps: int | None = None, num_processes: int = 1):
+    """AdamW and the learning-rate schedule `opt.lr_scheduler` from diffusers' `get_scheduler` (warm-up
+    `opt.lr_warmup_steps`; the decaying ones end at `num_training_steps`, this player's optimizer steps).
+    Returns (optimizer, lr_scheduler). `params`: tensors, or torch param-group dicts ({"params": [...],
+    "lr": ...}) for players with their own learning rate. `num_processes`: accelerate steps a prepared
+    scheduler once per process per optimizer step, so both step counts are scaled by it, as in the diffusers
+    training examples."""
+    from diffusers.optimization import get_scheduler
+
     params = list(params)
     if params and isinstance(params[0], dict):
         params = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in params]
@@ -55,10 +61,12 @@ def make_optimizer(params, opt: OptimizerArgs) -> tuple[torch.optim.Optimizer, t
         params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError("no trainable parameters were given to the optimizer.")
+    if opt.lr_scheduler not in ("constant", "constant_with_warmup") and not num_training_steps:
+        raise ValueError(f"`lr_scheduler` {opt.lr_scheduler!r} decays over the run: pass num_training_steps.")
     optimizer = torch.optim.AdamW(params, lr=opt.learning_rate, betas=(opt.adam_beta1, opt.adam_beta2),
                                   weight_decay=opt.adam_weight_decay, eps=opt.adam_epsilon)
-    warmup = opt.lr_warmup_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+    scheduler = get_scheduler(opt.lr_scheduler, optimizer, num_warmup_steps=opt.lr_warmup_steps * num_processes,
+                              num_training_steps=(num_training_steps or 0) * num_processes)
     return optimizer, scheduler
 
 

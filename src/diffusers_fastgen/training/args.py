@@ -72,7 +72,9 @@ class OptimizerArgs:
     adam_weight_decay: float = 0.0  # AdamW decoupled weight decay
     adam_epsilon: float = 1e-8  # AdamW epsilon
     max_grad_norm: float = 1.0  # gradient clipping (0 disables)
-    lr_warmup_steps: int = 0  # linear warm-up steps
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
+                          "polynomial"] = "constant_with_warmup"  # diffusers get_scheduler name
+    lr_warmup_steps: int = 0  # linear warm-up steps (optimizer steps)
 
     def __post_init__(self):
         _check(self.learning_rate > 0, f"`learning_rate` must be > 0, got {self.learning_rate}.")
@@ -80,6 +82,8 @@ class OptimizerArgs:
                f"`adam_beta1`/`adam_beta2` must be in [0, 1), got {self.adam_beta1}, {self.adam_beta2}.")
         _check(self.max_grad_norm >= 0, f"`max_grad_norm` must be >= 0, got {self.max_grad_norm}.")
         _check(self.lr_warmup_steps >= 0, f"`lr_warmup_steps` must be >= 0, got {self.lr_warmup_steps}.")
+        allowed = typing.get_args(typing.get_type_hints(OptimizerArgs)["lr_scheduler"])
+        _check(self.lr_scheduler in allowed, f"`lr_scheduler` must be one of {list(allowed)}, got {self.lr_scheduler!r}.")
 
 
 @dataclass

@@ -123,9 +123,10 @@ def digits_batches(accelerator, run, ema, logger):
     return batches, step
 
 
-def log_and_checkpoint(accelerator, run, step: int, scalars: dict, ema, progress) -> None:
-    """After an optimizer step: log `scalars` (tensors, read only every `logging_steps`) and save an
-    atomic checkpoint every `checkpointing_steps`."""
+def log_and_checkpoint(accelerator, run, step: int, scalars: dict, ema, progress, *, validate=None) -> None:
+    """After an optimizer step: log `scalars` (tensors, read only every `logging_steps`), call
+    `validate(step)` on the main process every `validation_steps`, and save an atomic checkpoint every
+    `checkpointing_steps` (the trained network's EMA as `ema_student.safetensors` in every script)."""
     from .checkpoint import save_checkpoint
 
     progress.update(1)
@@ -133,5 +134,34 @@ def log_and_checkpoint(accelerator, run, step: int, scalars: dict, ema, progress
         values = {k: float(v) for k, v in scalars.items()}
         progress.set_postfix(**values)
         accelerator.log(values, step=step)
+    if validate is not None and run.validation_steps and step % run.validation_steps == 0 and accelerator.is_main_process:
+        validate(step)
     if run.checkpointing_steps and step % run.checkpointing_steps == 0:
         save_checkpoint(accelerator, run.output_dir, step, emas={"student": ema}, total_limit=run.checkpoints_total_limit)
+
+
+@torch.no_grad()
+def validate_digits_student(accelerator, modules: dict, ema, scheduler, *, num_steps: int, step: int, output_dir: str):
+    """A 10x10 sample grid (one column per class) of the EMA student with `scheduler` at `num_steps`:
+    samples/step_<step>.png and the trackers. The EMA weights are swapped in and the training weights
+    restored after; in LoRA mode the student adapter is active for the sampling."""
+    from .lora import activate_adapter
+
+    model = accelerator.unwrap_model(modules["base"] if "base" in modules else modules["student"])
+    backup = {n: p.detach().clone() for n, p in model.named_parameters() if n in ema.shadow}
+    was_training = model.training
+    try:
+        ema.copy_to(model)
+        if "base" in modules:
+            activate_adapter(model, "student")
+        pipe = DigitsPipeline(unet=model.eval(), scheduler=scheduler)
+        pipe.set_progress_bar_config(disable=True)
+        images = pipe(torch.arange(10).repeat(10), num_inference_steps=num_steps, output_type="latent",
+                      generator=torch.Generator().manual_seed(0)).images
+    finally:
+        for n, p in model.named_parameters():
+            if n in backup:
+                p.copy_(backup[n])
+        model.train(was_training)
+    save_image_grid(images, os.path.join(output_dir, "samples", f"step_{step:06d}.png"), nrow=10, upscale=4)
+    log_image_grid(accelerator, images, step, tag="student", nrow=10)

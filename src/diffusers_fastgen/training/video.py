@@ -107,6 +107,35 @@ def benchmark_video_folder(output_dir: str, *, name: str, num_videos: int, logge
     return table
 
 
+@torch.no_grad()
+def validate_video_student(accelerator, model, ema, *, num_frames_per_block: int, denoising_timesteps, step: int,
+                           output_dir: str, context_noise: int = 0, scheduler=None) -> None:
+    """Four moving-digits videos (classes 0-3, one row of frames each) of the EMA student with its
+    recipe: samples/step_<step>.png and the trackers. Sampled from a fresh WanTransformer3DModel holding the
+    EMA weights, so the training model (its causal processors, its weights) is not touched."""
+    from diffusers import WanTransformer3DModel
+
+    from ..evaluation.moving_digits import CANVAS, NUM_FRAMES, moving_digits_cond, sample_motion
+    from .validation import log_image_grid, save_image_grid
+
+    trained = accelerator.unwrap_model(model)
+    fresh = WanTransformer3DModel.from_config(trained.config).to(trained.device)
+    fresh.load_state_dict(trained.state_dict())
+    ema.copy_to(fresh)
+    pipe = CausalWanPipeline(transformer=fresh.eval(), scheduler=scheduler or FlowMatchFewStepScheduler(),
+                             num_frames_per_block=num_frames_per_block, denoising_timesteps=list(denoising_timesteps),
+                             context_noise=context_noise)
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(0)
+    _, v = sample_motion(4, g)
+    noise = torch.randn(4, 1, NUM_FRAMES, CANVAS, CANVAS, generator=g)
+    videos = pipe(prompt_embeds=moving_digits_cond(torch.arange(4), v), latents=noise, height=CANVAS, width=CANVAS,
+                  output_type="latent", generator=g).frames  # (4, 1, F, H, W)
+    frames = videos.transpose(1, 2).flatten(0, 1)  # (4 * F, 1, H, W), one video per row
+    save_image_grid(frames, os.path.join(output_dir, "samples", f"step_{step:06d}.png"), nrow=NUM_FRAMES, upscale=4)
+    log_image_grid(accelerator, frames, step, tag="student", nrow=NUM_FRAMES)
+
+
 def load_video_transformer(path: str):
     """The stock WanTransformer3DModel of a CausalWanPipeline folder (no causal processors installed)."""
     from diffusers import WanTransformer3DModel

@@ -5,7 +5,7 @@ network evaluations it needs, each timed alone on the same nets and batch (1.00 
 
 Networks: the digits teacher UNet (teacher, frozen) and a trainable copy (student; for MeanFlow with the
 interval input of models.interval). Parts timed alone:
-  jvp+bwd      exact JVP (torch.func.jvp under forward_ad_compatible) whose primal output carries the
+  jvp+bwd      exact JVP (dual tensors, jvp.jvp(method="exact")) whose primal output carries the
                graph, then backward through it — how our sCM / MeanFlow steps run the student
   fd_jvp+bwd   finite-difference JVP: student fwd with graph + 2 fwds without, then backward
   teacher fwd  frozen teacher forward (no grad); with CFG one batched 2B call

@@ -4,7 +4,7 @@
 
 The digits teacher with the interval input of MeanFlow students (models.interval), batch B, one
 thread, interleaved rounds, medians. Measured: forward (no grad), forward + backward, exact JVP
-(torch.func.jvp, forward-mode AD, under forward_ad_compatible), exact JVP + backward through its
+(forward-mode AD on dual tensors, jvp.jvp(method="exact") under forward_ad_compatible), exact JVP + backward through its
 primal output (the MeanFlow / sCM training step without the loss), and the finite-difference JVP
 (3 forwards, one with grad) + backward.
 """

@@ -42,6 +42,7 @@ from diffusers_fastgen.training import (
     NonFiniteGuard,
     OptimizerArgs,
     RunArgs,
+    check_pipeline_folder,
     load_checkpoint,
     make_optimizer,
     parse_args,
@@ -79,6 +80,7 @@ class CausalSFTArgs:
     eval_num_videos: int = 500  # videos for the final benchmark (0 skips)
 
     def __post_init__(self):
+        check_pipeline_folder(self.init_from, "CausalWanPipeline", "init_from")
         if self.num_frames_per_block < 1 or NUM_FRAMES % self.num_frames_per_block:
             raise ValueError(f"`num_frames_per_block` must divide the {NUM_FRAMES} frames, got {self.num_frames_per_block}.")
         if not 0 <= self.cond_dropout < 1:

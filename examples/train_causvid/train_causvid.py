@@ -36,6 +36,7 @@ from diffusers_fastgen.training import (
     NonFiniteGuard,
     OptimizerArgs,
     RunArgs,
+    check_pipeline_folder,
     load_checkpoint,
     make_optimizer,
     parse_args,
@@ -83,6 +84,8 @@ class CausVidArgs:
     eval_num_videos: int = 500  # videos for the final benchmark (0 skips)
 
     def __post_init__(self):
+        check_pipeline_folder(self.teacher, "CausalWanPipeline", "teacher")
+        check_pipeline_folder(self.student_init, "CausalWanPipeline", "student_init")
         if not os.path.isdir(self.teacher):
             raise ValueError(f"`teacher` {self.teacher!r} is not a CausalWanPipeline folder; train one with "
                              "examples/train_causal_sft/train_causal_sft.py --num_frames_per_block 8 and pass --teacher.")

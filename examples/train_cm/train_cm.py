@@ -37,6 +37,7 @@ from diffusers_fastgen.training import (
     NonFiniteGuard,
     OptimizerArgs,
     RunArgs,
+    check_pipeline_folder,
     make_optimizer,
     parse_args,
     save_config,
@@ -77,6 +78,7 @@ class CMArgs:
     eval_num_samples: int = 1000  # samples for the final benchmark rows (0 skips)
 
     def __post_init__(self):
+        check_pipeline_folder(self.teacher, "DigitsPipeline", "teacher")
         if self.source not in SOURCES:
             raise ValueError(f"`source` must be one of {SOURCES}, got {self.source!r}.")
         if self.num_stages < 1 or self.t_std <= 0 or self.shift <= 0:

@@ -38,6 +38,7 @@ from diffusers_fastgen.training import (
     OptimizerArgs,
     RunArgs,
     check_finite,
+    check_pipeline_folder,
     load_checkpoint,
     log_image_grid,
     make_optimizer,
@@ -74,6 +75,7 @@ class KDArgs:
     eval_num_samples: int = 1000  # samples for the final benchmark rows (0 skips)
 
     def __post_init__(self):
+        check_pipeline_folder(self.teacher, "DigitsPipeline", "teacher")
         if self.num_student_steps < 1:
             raise ValueError(f"`num_student_steps` must be >= 1, got {self.num_student_steps}.")
         if self.teacher_steps < self.num_student_steps or self.teacher_steps % self.num_student_steps:

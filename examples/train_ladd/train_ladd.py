@@ -35,6 +35,7 @@ from diffusers_fastgen.training import (
     NonFiniteGuard,
     OptimizerArgs,
     RunArgs,
+    check_pipeline_folder,
     load_checkpoint,
     make_optimizer,
     parse_args,
@@ -83,6 +84,7 @@ class LADDArgs:
     eval_num_samples: int = 1000  # samples for the final benchmark rows (0 skips)
 
     def __post_init__(self):
+        check_pipeline_folder(self.teacher, "DigitsPipeline", "teacher")
         if self.num_student_steps < 1:
             raise ValueError(f"`num_student_steps` must be >= 1, got {self.num_student_steps}.")
         if self.student_update_freq < 2:

@@ -37,6 +37,7 @@ from diffusers_fastgen.training import (
     NonFiniteGuard,
     OptimizerArgs,
     RunArgs,
+    check_pipeline_folder,
     make_optimizer,
     parse_args,
     save_config,
@@ -81,15 +82,16 @@ class MeanFlowArgs:
     eval_num_samples: int = 1000  # samples for the final benchmark rows (0 skips)
 
     def __post_init__(self):
+        check_pipeline_folder(self.teacher, "DigitsPipeline", "teacher")
         if self.source not in SOURCES:
             raise ValueError(f"`source` must be one of {SOURCES}, got {self.source!r}.")
         if self.jvp_method not in JVP_METHODS:
             raise ValueError(f"`jvp_method` must be one of {JVP_METHODS}, got {self.jvp_method!r}.")
         if self.run.mixed_precision != "no":
             raise ValueError(f"`mixed_precision` must be 'no' for this JVP-based method, got {self.run.mixed_precision!r}: "
-                             "the finite-difference JVP's step (3e-5) is below fp16/bf16 resolution, and the exact "
-                             "JVP (forward AD) failed under accelerate's CPU autocast (a conv received an uncast "
-                             "fp32 dual input) with torch 2.13.")
+                             "the exact JVP (forward AD) failed under accelerate's CPU autocast (a conv received an uncast "
+                             f"fp32 dual input) with torch 2.13, and the finite-difference JVP (fd_eps={self.fd_eps}) "
+                             "has only been validated in fp32.")
         if self.guidance_scale < 0:
             raise ValueError(f"`guidance_scale` must be >= 0, got {self.guidance_scale}.")
         if not 0.0 <= self.ratio_r_neq_t <= 1.0 or not 0.0 <= self.endpoint_fraction <= 1.0:

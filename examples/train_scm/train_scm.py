@@ -38,6 +38,7 @@ from diffusers_fastgen.training import (
     NonFiniteGuard,
     OptimizerArgs,
     RunArgs,
+    check_pipeline_folder,
     make_optimizer,
     parse_args,
     save_config,
@@ -82,6 +83,7 @@ class SCMArgs:
     eval_num_samples: int = 1000  # samples for the final benchmark rows (0 skips)
 
     def __post_init__(self):
+        check_pipeline_folder(self.teacher, "DigitsPipeline", "teacher")
         if self.source not in SOURCES:
             raise ValueError(f"`source` must be one of {SOURCES}, got {self.source!r}.")
         if self.jvp_method not in JVP_METHODS:

@@ -34,6 +34,7 @@ from diffusers_fastgen.training import (
     OptimizerArgs,
     RunArgs,
     check_finite,
+    check_pipeline_folder,
     load_checkpoint,
     log_image_grid,
     make_optimizer,
@@ -72,6 +73,7 @@ class SFTArgs:
     validation_guidance_scale: float = 1.0  # CFG of the validation grid
 
     def __post_init__(self):
+        check_pipeline_folder(self.pretrained_model_name_or_path, "DigitsPipeline", "pretrained_model_name_or_path")
         if not 0.0 <= self.cond_dropout < 1.0:
             raise ValueError(f"`cond_dropout` must be in [0, 1), got {self.cond_dropout}.")
         if self.logit_std <= 0:

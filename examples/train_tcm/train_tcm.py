@@ -39,6 +39,7 @@ from diffusers_fastgen.training import (
     NonFiniteGuard,
     OptimizerArgs,
     RunArgs,
+    check_pipeline_folder,
     make_optimizer,
     parse_args,
     save_config,
@@ -84,6 +85,8 @@ class TCMArgs:
     eval_num_samples: int = 1000  # samples for the final benchmark rows (0 skips)
 
     def __post_init__(self):
+        check_pipeline_folder(self.teacher, "DigitsPipeline", "teacher")
+        check_pipeline_folder(self.stage1, "DigitsPipeline", "stage1")
         if self.stage1 is None:
             raise ValueError("`stage1` is required: the folder of a stage-1 consistency model (e.g. from train_cm).")
         if self.source not in SOURCES:

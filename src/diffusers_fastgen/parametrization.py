@@ -332,16 +332,6 @@ def change_process(x_t: torch.Tensor, t, source: Process, target: Process):
     return x, t_target, scale
 
 
-def edm_preconditioning(sigma, sigma_data: float = 0.5):
-    """EDM's (c_skip, c_out, c_in, c_noise) (Karras et al. 2022, Table 1): D = c_skip x + c_out F(c_in x, c_noise)."""
-    sigma = torch.as_tensor(sigma, dtype=torch.float32)
-    c_skip = sigma_data**2 / (sigma**2 + sigma_data**2)
-    c_out = sigma * sigma_data / (sigma**2 + sigma_data**2).sqrt()
-    c_in = 1 / (sigma**2 + sigma_data**2).sqrt()
-    c_noise = 0.25 * sigma.log()
-    return c_skip, c_out, c_in, c_noise
-
-
 def trigflow_x0(x_t, flow, t):
     """TrigFlow x0 from the velocity dx_t/dt: x0 = cos(t) x_t - sin(t) dx_t/dt (sCM eq. 6, where the
     velocity is sigma_d * F_theta; this is what diffusers' SCMScheduler receives as model_output)."""

@@ -5,8 +5,6 @@ Every sampler takes (shape, device, dtype, generator) and returns a tensor of `s
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 
@@ -102,12 +100,6 @@ def sample_t_r_ect(shape, *, iteration: int, total_iterations: int, num_stages: 
     t = sample_log_normal(shape, mean=mean, std=std, device=device, dtype=torch.float64, generator=generator)
     n = ect_ratio(iteration, total_iterations=total_iterations, num_stages=num_stages, q=q)
     return t.to(dtype), (t * (1 - n)).to(dtype)
-
-
-def logit_normal_cdf(t, mean: float = 0.0, std: float = 1.0):
-    """CDF of the logit-normal distribution (for tests and diagnostics)."""
-    z = (torch.logit(torch.as_tensor(t, dtype=torch.float64)) - mean) / (std * math.sqrt(2))
-    return 0.5 * (1 + torch.erf(z))
 
 
 def sample_trigflow_time(shape, *, sigma_d: float = 0.5, mean: float = -1.0, std: float = 1.4, device=None,

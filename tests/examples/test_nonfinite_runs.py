@@ -105,3 +105,13 @@ def test_kd_never_deletes_a_user_pairs_folder(tiny_teacher, tmp_path):
     run_script("kd", [*argv, "--num_pairs", "24"])  # another recipe: a second owned folder beside the first
     assert len([n for n in os.listdir(user) if n.startswith("pairs-")]) == 2
     assert (user / "precious.txt").read_text() == "keep me"
+
+
+def test_a_teacher_folder_of_the_wrong_pipeline_names_its_class(tiny_teacher, video_teacher, tmp_path):
+    with pytest.raises(ValueError, match="holds a CausalWanPipeline; this script needs a DigitsPipeline"):
+        run_script("dmd2", ["--teacher", video_teacher, "--output_dir", str(tmp_path / "a")])
+    with pytest.raises(ValueError, match="holds a DigitsPipeline; this script needs a CausalWanPipeline"):
+        run_script("self_forcing", ["--teacher", tiny_teacher, "--output_dir", str(tmp_path / "b")])
+    with pytest.raises(ValueError, match="no model_index.json"):
+        run_script("kd", ["--teacher", str(tmp_path), "--output_dir", str(tmp_path / "c")])
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -26,6 +26,23 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 REPORT_TO = ("tensorboard", "wandb", "none")
 
 
+def check_pipeline_folder(path: str | None, expected: str, argument: str) -> None:
+    """ValueError, before any work, unless `path` is a saved diffusers pipeline folder of class `expected`
+    (read from its model_index.json): a wrong folder names its class rather than a missing file."""
+    if path is None:
+        return
+    if not os.path.isdir(path):
+        raise ValueError(f"`{argument}` {path!r} is not a folder; pass a saved {expected} folder.")
+    index = os.path.join(path, "model_index.json")
+    if not os.path.isfile(index):
+        raise ValueError(f"`{argument}` {path!r} has no model_index.json, so it is not a saved diffusers pipeline; "
+                         f"pass a {expected} folder.")
+    with open(index, encoding="utf-8") as fh:
+        found = json.load(fh).get("_class_name")
+    if found != expected:
+        raise ValueError(f"`{argument}` {path!r} holds a {found}; this script needs a {expected} folder.")
+
+
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
@@ -329,4 +346,14 @@ def save_config(args, path: str) -> None:
         yaml.safe_dump(json.loads(json.dumps(to_flat_dict(args))), fh, sort_keys=False)
 
 
-__all__ = ["RunArgs", "OptimizerArgs", "EMAArgs", "parse_args", "build", "save_config", "to_flat_dict", "field"]
+__all__ = [
+    "check_pipeline_folder",
+    "RunArgs",
+    "OptimizerArgs",
+    "EMAArgs",
+    "parse_args",
+    "build",
+    "save_config",
+    "to_flat_dict",
+    "field",
+]

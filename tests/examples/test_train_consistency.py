@@ -75,11 +75,13 @@ def test_tcm_two_steps_from_a_stage1_model(tiny_teacher, tmp_path):
     assert torch.isfinite(pipe([3], num_inference_steps=2, output_type="latent").images).all()
 
 
-def test_tcm_needs_a_stage1_model_and_a_midpoint_above_t_boundary(tmp_path):
+def test_tcm_needs_a_stage1_model_and_a_midpoint_above_t_boundary(tiny_teacher, tmp_path):
     with pytest.raises(ValueError, match="stage1"):
         run_script("tcm", ["--output_dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="`stage1` 'x' is not a folder"):
+        run_script("tcm", ["--stage1", "x", "--output_dir", str(tmp_path)])
     with pytest.raises(ValueError, match="shift"):
-        run_script("tcm", ["--stage1", "x", "--output_dir", str(tmp_path), "--t_boundary", "0.6", "--shift", "1.0"])
+        run_script("tcm", ["--stage1", tiny_teacher, "--output_dir", str(tmp_path), "--t_boundary", "0.6", "--shift", "1.0"])
 
 
 def test_meanflow_folder_samples_with_the_training_time_sampler(tiny_teacher, tmp_path):

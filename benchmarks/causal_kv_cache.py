@@ -56,14 +56,13 @@ def main():
                              num_frames_per_block=args.frames_per_block, denoising_timesteps=args.steps)
     f, s = args.blocks * args.frames_per_block, args.size
     noise, text = torch.randn(1, 16, f, s, s), torch.randn(1, 8, 32)
-    causal = pipe.causal
 
     def cached():
         return pipe(prompt_embeds=text, latents=noise, height=s, width=s, output_type="latent",
                     generator=torch.Generator().manual_seed(0)).frames
 
     def recompute():
-        with torch.no_grad():
+        with torch.no_grad(), pipe.causal_transformer() as causal:
             return recompute_rollout(causal, noise, text, args.steps, args.frames_per_block,
                                      torch.Generator().manual_seed(0))
 

@@ -33,7 +33,7 @@ from diffusers_fastgen.models.logvar import LogVarHead
 from diffusers_fastgen.models.trigflow import trigflow_network
 from diffusers_fastgen.parametrization import RectifiedFlow
 from diffusers_fastgen.pipelines import DigitsPipeline
-from diffusers_fastgen.training import consistency as steps
+from diffusers_fastgen.training import consistency_steps as steps
 from diffusers_fastgen.training.cpu_memory import retain_freed_memory
 
 

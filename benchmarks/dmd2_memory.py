@@ -20,7 +20,7 @@ import json, sys, time, torch
 from diffusers import UNet2DConditionModel
 from diffusers_fastgen.parametrization import vp_from_betas
 from diffusers_fastgen.training import OptimizerArgs, make_optimizer, peak_rss_mb, training_state_mb
-from diffusers_fastgen.training.distribution_matching import build_players, fake_score_step, player_denoisers, student_step
+from diffusers_fastgen.training.distribution_matching_steps import build_players, fake_score_step, player_denoisers, student_step
 
 width, lora_rank, batch, res = float(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 torch.manual_seed(0)

@@ -30,7 +30,7 @@ from diffusers_fastgen.models.discriminator import head_for_features
 from diffusers_fastgen.models.features import forward_with_tap_grad, frozen, run_until_tap, tap_features
 from diffusers_fastgen.parametrization import RectifiedFlow
 from diffusers_fastgen.pipelines import DigitsPipeline
-from diffusers_fastgen.training import distribution_matching as dmd2
+from diffusers_fastgen.training import distribution_matching_steps as dmd2
 from diffusers_fastgen.training.cpu_memory import retain_freed_memory
 
 

@@ -116,7 +116,6 @@ def main(argv=None):
     # 1. Model, optimizer, data.
     if args.init_from:
         model = CausalWanPipeline.from_pretrained(args.init_from).transformer
-        CausalWan(model).remove()  # the loaded pipeline made it causal for its own block size
     else:
         torch.manual_seed(run.seed)
         model = moving_digits_transformer(args.num_layers, args.num_attention_heads, args.attention_head_dim,

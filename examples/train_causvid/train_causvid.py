@@ -12,7 +12,7 @@ on diffusion-forcing inputs (Yin et al. arXiv:2412.07772).
    which Self-Forcing removes).
 3. Fake score: denoising loss on the student's x0 (every iteration); student: DMD loss (teacher vs fake
    score at a fresh noise level) every `student_update_freq` iterations — the DMD2 step functions of
-   training.distribution_matching, unchanged, with per-frame times.
+   training.distribution_matching_steps, unchanged, with per-frame times.
 4. The EMA student is saved as a CausalWanPipeline (its few-step schedule per block), reloaded and
    benchmarked on moving digits.
 """
@@ -46,7 +46,7 @@ from diffusers_fastgen.training import (
     update,
 )
 from diffusers_fastgen.training.causal import diffusion_forcing_inputs
-from diffusers_fastgen.training.distribution_matching import fake_score_step, student_step
+from diffusers_fastgen.training.distribution_matching_steps import fake_score_step, student_step
 from diffusers_fastgen.training.players import log_and_checkpoint, prepare_players, student_ema
 from diffusers_fastgen.training.video import (
     VideoBatches,

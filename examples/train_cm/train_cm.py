@@ -44,7 +44,7 @@ from diffusers_fastgen.training import (
     setup_accelerator,
     update,
 )
-from diffusers_fastgen.training.consistency import SOURCES, cm_step
+from diffusers_fastgen.training.consistency_steps import SOURCES, cm_step
 from diffusers_fastgen.training.players import (
     digits_batches,
     finish_digits_run,

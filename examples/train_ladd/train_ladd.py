@@ -45,7 +45,7 @@ from diffusers_fastgen.training import (
     update,
 )
 from diffusers_fastgen.training.data import InfiniteBatches, load_digits_arrays
-from diffusers_fastgen.training.distribution_matching import (
+from diffusers_fastgen.training.distribution_matching_steps import (
     build_players,
     finish_digits_run,
     ladd_discriminator_step,

@@ -11,7 +11,7 @@ is trained on its own KV-cached rollouts (Huang et al. arXiv:2506.08009).
    context it attends to is its own output, as at inference. One random exit step per iteration
    (the same on every rank) carries the gradient (each block's forward at that step).
 3. Fake score: denoising loss on detached rollouts (every iteration); student: DMD loss of the rollout
-   (teacher vs fake score at a fresh noise level, training.distribution_matching.dmd_sample_loss)
+   (teacher vs fake score at a fresh noise level, training.distribution_matching_steps.dmd_sample_loss)
    every `student_update_freq` iterations.
 4. The EMA student is saved as a CausalWanPipeline whose config is the rollout's recipe, reloaded and
    benchmarked on moving digits.
@@ -47,7 +47,7 @@ from diffusers_fastgen.training import (
     update,
 )
 from diffusers_fastgen.training.causal import self_forcing_rollout, shared_exit_index
-from diffusers_fastgen.training.distribution_matching import dmd_sample_loss, fake_score_sample_loss
+from diffusers_fastgen.training.distribution_matching_steps import dmd_sample_loss, fake_score_sample_loss
 from diffusers_fastgen.training.players import log_and_checkpoint, prepare_players, student_ema
 from diffusers_fastgen.training.video import (
     VideoBatches,

@@ -46,7 +46,7 @@ from diffusers_fastgen.training import (
     setup_accelerator,
     update,
 )
-from diffusers_fastgen.training.consistency import SOURCES, tcm_step
+from diffusers_fastgen.training.consistency_steps import SOURCES, tcm_step
 from diffusers_fastgen.training.players import (
     digits_batches,
     finish_digits_run,

@@ -20,32 +20,32 @@ import contextlib
 
 import torch
 import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
+from diffusers.models.attention_dispatch import attention_backend
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.overrides import TorchFunctionMode
 
 JVP_METHODS = ("exact", "finite_difference")
 
 
+class _ContiguousGroupNorm(TorchFunctionMode):
+    """Hands group_norm contiguous inputs: UNet attention blocks pass it transposed views, which its
+    forward-AD rule cannot `view` (seen with torch 2.13 on UNet2DModel). A torch-function mode applies to
+    the current thread inside its `with` block only; nothing global is patched."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.group_norm:
+            args = (args[0].contiguous(), *args[1:])
+        return func(*args, **(kwargs or {}))
+
+
 @contextlib.contextmanager
 def forward_ad_compatible():
-    """Make diffusers models forward-mode differentiable on CPU, for the duration of the block:
-
-    1. every attention call goes through the math kernel (diffusers' dispatcher and plain SDPA);
-    2. group_norm receives contiguous inputs (UNet attention blocks hand it transposed views, which
-       its forward-AD rule cannot `view`).
-    """
-    from diffusers.models.attention_dispatch import attention_backend
-
-    group_norm = torch.nn.functional.group_norm
-
-    def contiguous_group_norm(input, *args, **kwargs):
-        return group_norm(input.contiguous(), *args, **kwargs)
-
-    torch.nn.functional.group_norm = contiguous_group_norm
-    try:
-        with sdpa_kernel(SDPBackend.MATH), attention_backend("_native_math"):
-            yield
-    finally:
-        torch.nn.functional.group_norm = group_norm
+    """Make diffusers models forward-mode differentiable on CPU, for the duration of the block (this
+    thread only): every attention call goes through the math kernel (diffusers' dispatcher and plain
+    SDPA), and group_norm receives contiguous inputs."""
+    with sdpa_kernel(SDPBackend.MATH), attention_backend("_native_math"), _ContiguousGroupNorm():
+        yield
 
 
 def _contiguous(xs):

@@ -146,3 +146,33 @@ def test_peft_adapters_bf16_autocast_and_checkpointing(kind):
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
     for n in grads[0]:
         torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-5)
+
+
+def test_adapter_is_active_for_the_call_only():
+    """A Denoiser bound to one adapter runs it and leaves the adapter that was active before (or the
+    disabled state) as it was, also when the forward raises."""
+    from diffusers_fastgen.training.lora import BASE, activate_adapter, active_adapter, add_lora_adapters
+
+    model = add_lora_adapters(T.tiny_unet2d_condition(), ["student", "fake"], rank=2)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+    x, t, cond = _x((2, 4, 8, 8)), torch.tensor([0.3, 0.6]), T.tiny_cond("sd", 2)
+    dens = {n: Denoiser(model, VP, "epsilon", adapter=n) for n in ("student", "fake", BASE)}
+    activate_adapter(model, "fake")
+    with torch.no_grad():
+        outs = {n: d(x, t, cond) for n, d in dens.items()}
+        assert active_adapter(model) == "fake"
+        activate_adapter(model, "student")
+        torch.testing.assert_close(Denoiser(model, VP, "epsilon")(x, t, cond), outs["student"])
+        activate_adapter(model, BASE)
+        assert active_adapter(model) == BASE
+        torch.testing.assert_close(dens["fake"](x, t, cond), outs["fake"])
+        assert active_adapter(model) == BASE
+        torch.testing.assert_close(Denoiser(model, VP, "epsilon")(x, t, cond), outs[BASE])
+        activate_adapter(model, "fake")
+        with pytest.raises(RuntimeError):
+            dens["student"](x, t, {"encoder_hidden_states": torch.randn(2, 5, 3)})  # raises inside the forward
+        assert active_adapter(model) == "fake"
+    assert (outs["student"] - outs["fake"]).abs().max() > 1e-4 and (outs["student"] - outs[BASE]).abs().max() > 1e-4
+    assert all(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)

@@ -77,3 +77,20 @@ def test_multi_tap_returns_in_given_order_and_stops_after_last():
         torch.testing.assert_close(a, b)
     with pytest.raises(ValueError, match="at least one"):
         run_until_tap(den, x, t, cond, [])
+
+
+def test_tap_features_gives_back_grad_mode_on_exit_even_after_an_error():
+    """no_grad_after switches grad mode off inside the forward; the block, not the caller, restores it."""
+    model, den, x, t, cond = _unet_case()
+    with tap_features(model, "mid_block", no_grad_after=True) as captured:
+        den(x, t, cond)
+        assert not torch.is_grad_enabled()  # the blocks after the tap ran without recording
+    assert captured[0] is not None and torch.is_grad_enabled()
+    with pytest.raises(RuntimeError, match="boom"):
+        with tap_features(model, "mid_block", no_grad_after=True):
+            den(x, t, cond)
+            raise RuntimeError("boom")
+    assert torch.is_grad_enabled()
+    with torch.no_grad(), tap_features(model, "mid_block", no_grad_after=True):
+        den(x, t, cond)
+    assert torch.is_grad_enabled()

@@ -75,6 +75,44 @@ def test_stream_yields_blocks_of_the_video_in_order():
     torch.testing.assert_close(torch.cat(streamed, 2), video)
 
 
+def test_the_registered_transformer_keeps_its_own_processors():
+    """The pipeline makes its transformer block-causal only while it generates: after construction,
+    a call, a stream stopped after one block, and a call that raises, the transformer runs bidirectionally
+    (its output equals a fresh copy's) and has its own processors."""
+    pipe = _pipe()
+    model = pipe.transformer
+    fresh = tiny_wan_transformer(num_layers=2)
+    x, t, text = torch.randn(B, C, F_, H, W), torch.full((B,), 500.0), _text()
+
+    def bidirectional():
+        assert {type(p).__name__ for p in model.attn_processors.values()} == {"WanAttnProcessor"}
+        with torch.no_grad():
+            torch.testing.assert_close(model(x, t, text).sample, fresh(x, t, text).sample)
+
+    bidirectional()
+    pipe(prompt_embeds=text, num_frames=F_, height=H, width=W, output_type="latent")
+    bidirectional()
+    stream = pipe.stream(prompt_embeds=text, num_frames=F_, height=H, width=W)
+    next(stream)
+    assert {type(p).__name__ for p in model.attn_processors.values()} != {"WanAttnProcessor"}  # mid-stream
+    stream.close()
+    bidirectional()
+    with pytest.raises(ValueError, match="latents"):
+        pipe(prompt_embeds=text, latents=torch.randn(B + 1, C, F_, H, W), height=H, width=W)
+    bidirectional()
+
+
+def test_causal_wan_remove_restores_the_previous_processors():
+    model = tiny_wan_transformer(num_layers=1)
+    outer = CausalWan(model, 2)
+    before = dict(model.attn_processors)
+    with CausalWan(model, 1, local_attn_size=2):
+        assert all(model.attn_processors[k] is not v for k, v in before.items())
+    assert all(model.attn_processors[k] is v for k, v in before.items())  # nested: the outer one is back
+    outer.remove()
+    assert {type(p).__name__ for p in model.attn_processors.values()} == {"WanAttnProcessor"}
+
+
 def test_save_and_reload_round_trip(tmp_path):
     pipe = _pipe(context_noise=50, local_attn_size=4, sink_size=1)
     pipe.save_pretrained(tmp_path)

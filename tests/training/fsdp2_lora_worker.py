@@ -17,7 +17,7 @@ from diffusers_fastgen.models import Denoiser
 from diffusers_fastgen.models.digits import digits_cond, digits_unet
 from diffusers_fastgen.models.discriminator import conv_head
 from diffusers_fastgen.parametrization import RectifiedFlow
-from diffusers_fastgen.training.distribution_matching import fake_score_step, student_step
+from diffusers_fastgen.training.distribution_matching_steps import fake_score_step, student_step
 from diffusers_fastgen.training.lora import BASE, adapter_parameters, add_lora_adapters
 
 

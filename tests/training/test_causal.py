@@ -24,7 +24,6 @@ def test_self_forcing_rollout_is_the_pipeline_sampler():
     noise, text = torch.randn(2, 16, 6, 4, 4), torch.randn(2, 5, 32)
     torch.manual_seed(7)
     ref = pipe(prompt_embeds=text, latents=noise, height=4, width=4, output_type="latent").frames
-    pipe.causal.remove()
     student = Denoiser(CausalWan(model, 2))
     torch.manual_seed(7)
     with torch.no_grad():

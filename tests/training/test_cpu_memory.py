@@ -29,7 +29,7 @@ from diffusers_fastgen.models import Denoiser
 from diffusers_fastgen.models.digits import NULL_CLASS, digits_cond
 from diffusers_fastgen.parametrization import RectifiedFlow
 from diffusers_fastgen.pipelines import DigitsPipeline
-from diffusers_fastgen.training.distribution_matching import fake_score_step, student_step
+from diffusers_fastgen.training.distribution_matching_steps import fake_score_step, student_step
 base = DigitsPipeline.from_pretrained(DIGITS_TEACHER_PATH).unet.requires_grad_(False)
 teacher, student, fake = (Denoiser(m, RectifiedFlow(), "flow") for m in
                           (base, copy.deepcopy(base).requires_grad_(True), copy.deepcopy(base).requires_grad_(True)))

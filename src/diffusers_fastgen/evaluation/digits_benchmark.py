@@ -14,8 +14,8 @@ import time
 import numpy as np
 import torch
 
-from ..training.data import load_digits_arrays
 from .classifier import load_digits_classifier
+from .digits_data import load_digits_arrays
 from .metrics import classify, evaluate_images, within_class_diversity
 
 

@@ -29,11 +29,14 @@ Metrics (`MovingDigitsReference.score`), from the shipped digits classifier:
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import torch
 
-from ..training.data import load_digits_arrays
+from .classifier import load_digits_classifier
+from .digits_data import load_digits_arrays
+from .metrics import classify, frechet_distance
 
 NUM_FRAMES = 8
 CANVAS = 16
@@ -187,9 +190,6 @@ class MovingDigitsReference:
     """Held-out real digits' classifier features and mean ink centroid, computed once; scores videos."""
 
     def __init__(self):
-        from .classifier import load_digits_classifier
-        from .metrics import classify
-
         self.classifier = load_digits_classifier()
         held_x, _ = load_digits_arrays("held_out")
         held = torch.from_numpy(held_x)
@@ -199,8 +199,6 @@ class MovingDigitsReference:
     @torch.no_grad()
     def score(self, videos: torch.Tensor, labels, v) -> dict:
         """videos (B, 1, T, 16, 16) in [-1, 1] with the (B,) classes and (B, 2) velocities they were asked for."""
-        from .metrics import classify, frechet_distance
-
         videos = torch.as_tensor(videos).float().cpu().clamp(-1, 1)
         v = torch.as_tensor(v).long().cpu()
         if videos.ndim != 5 or videos.shape[1] != 1 or videos.shape[3:] != (CANVAS, CANVAS):
@@ -243,8 +241,6 @@ def benchmark_video_pipeline(pipe, reference: MovingDigitsReference, *, num_vide
     """Sample `num_videos` videos from a CausalWanPipeline for held-out conditions (classes 0-9 in turn,
     seeded velocities), score them, and time the sampling (seconds per video). guidance_scale > 1 uses
     classifier-free guidance against `moving_digits_null_cond`."""
-    import time
-
     g = torch.Generator().manual_seed(seed)
     labels = torch.arange(num_videos) % 10
     _, v = sample_motion(num_videos, g)

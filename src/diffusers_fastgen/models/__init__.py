@@ -1,1 +1,2 @@
-from .denoiser import Denoiser, unwrap_model
+from .denoiser import Denoiser
+from .unwrap import unwrap_model

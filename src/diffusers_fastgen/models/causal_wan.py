@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from diffusers import WanTransformer3DModel
 
+from .unwrap import unwrap_model
+
 
 def _frame_visibility(q_frames: torch.Tensor, k_frames: torch.Tensor, num_frames_per_block: int,
                       local_attn_size: int, sink_size: int) -> torch.Tensor:
@@ -238,8 +240,6 @@ class CausalWan:
     """
 
     def __init__(self, model, num_frames_per_block: int = 1, *, local_attn_size: int = -1, sink_size: int = 0):
-        from .denoiser import unwrap_model
-
         inner = unwrap_model(model)
         if not isinstance(inner, WanTransformer3DModel):
             raise TypeError(f"`model` must be a WanTransformer3DModel, got {type(inner).__name__}.")
@@ -258,6 +258,7 @@ class CausalWan:
                              "first frame through the KV cache instead (CausalWanPipeline(image=...)).")
         self.model = model
         self.state = _State(num_frames_per_block, local_attn_size, sink_size)
+        self._previous = inner.attn_processors  # restored by remove()
         processors = {}
         for i, _ in enumerate(inner.blocks):
             processors[f"blocks.{i}.attn1.processor"] = CausalSelfAttnProcessor(self.state, i)
@@ -268,8 +269,6 @@ class CausalWan:
 
     @property
     def unwrapped(self) -> WanTransformer3DModel:
-        from .denoiser import unwrap_model
-
         return unwrap_model(self.model)
 
     @property
@@ -292,11 +291,15 @@ class CausalWan:
                        device=device, dtype=dtype)
 
     def remove(self) -> None:
-        """Restore Wan's own (bidirectional) processors."""
-        from diffusers.models.transformers.transformer_wan import WanAttnProcessor
-
-        self.unwrapped.set_attn_processor(WanAttnProcessor())
+        """Put back the attention processors the model had before and drop the RoPE hook."""
+        self.unwrapped.set_attn_processor(dict(self._previous))
         self._hook.remove()
+
+    def __enter__(self) -> CausalWan:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
 
     def __call__(self, hidden_states: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor, *,
                  kv_cache: KVCache | None = None, frame_offset: int | None = None, update_cache: bool = False):

@@ -42,21 +42,10 @@ from ..parametrization import (
     convert_prediction,
     process_from_scheduler,
 )
-
-
-def unwrap_model(model):
-    """The diffusers model inside DDP / FSDP / torch.compile wrappers (and inside a causal_wan.CausalWan)."""
-    from .causal_wan import CausalWan
-
-    while True:
-        if isinstance(model, CausalWan):
-            model = model.model
-        elif hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
+from .adapters import use_adapter
+from .causal_wan import CausalWan
+from .interval import interval_embedding
+from .unwrap import unwrap_model
 
 
 def _call_unet2d(model, x, timestep, cond):
@@ -139,8 +128,6 @@ _ARCHITECTURES = (
 
 
 def _architecture(model):
-    from .causal_wan import CausalWan
-
     if isinstance(model, CausalWan):
         return _call_causal_wan, RectifiedFlow(), "flow"
     inner = unwrap_model(model)
@@ -162,13 +149,14 @@ class Denoiser:
         prediction_type: the model's native output: one of x0/eps/v/flow or diffusers' names
             (epsilon, v_prediction, sample).
         adapter: for several peft adapters on one base (LoRA distillation): the adapter this denoiser
-            runs, or `training.lora.BASE` for the base with adapters disabled. None: leave as is.
+            runs, or `training.lora.BASE` for the base with adapters disabled; active for the call only
+            (the adapter active before is restored after it). None: run whatever is active.
     """
 
     def __init__(self, model, process: Process | None = None, prediction_type: str | None = None, *,
                  adapter: str | None = None):
         self.model = model
-        self.adapter = adapter  # peft adapter to activate before each call (training.lora.BASE = adapters off)
+        self.adapter = adapter  # peft adapter active during each call (training.lora.BASE = adapters off)
         self._call, default_process, default_prediction = _architecture(model)
         self.process = process if process is not None else default_process
         prediction_type = prediction_type if prediction_type is not None else default_prediction
@@ -197,8 +185,6 @@ class Denoiser:
         if not isinstance(inner, UNet2DConditionModel) or dim is None:
             raise ValueError("`r` needs a UNet2DConditionModel with time_cond_proj_dim set "
                              "(models.interval.add_interval_input); got " + type(inner).__name__ + ".")
-        from .interval import interval_embedding
-
         r = torch.as_tensor(r, device=t.device, dtype=t.dtype).expand_as(t)
         return interval_embedding(self.native_timestep(t), self.native_timestep(r), dim).to(inner.dtype)
 
@@ -216,9 +202,6 @@ class Denoiser:
             t = t.expand(x_t.shape[0])
         if r is not None:
             cond = {**(cond or {}), "timestep_cond": self._interval_cond(t, r)}
-        if self.adapter is not None:
-            from ..training.lora import activate_adapter
-
-            activate_adapter(unwrap_model(self.model), self.adapter)
-        out = self._call(self.model, x_t, self.native_timestep(t), cond or {})
+        with use_adapter(unwrap_model(self.model), self.adapter):  # the previous adapter is active again after
+            out = self._call(self.model, x_t, self.native_timestep(t), cond or {})
         return convert_prediction(self.process, out, x_t, t, self.prediction_type, target).to(x_t.dtype)

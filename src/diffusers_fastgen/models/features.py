@@ -37,7 +37,7 @@ def tap_features(model, module_name, *, stop: bool = False, no_grad_after: bool 
     """Within the block, a forward of `model` stores the outputs of `module_name` (one name or a list) in
     the yielded list, in the order given. stop=True cuts the forward after the last of them has run
     (call it through `run_until_tap`); no_grad_after=True runs the rest without autograd recording
-    (use `forward_with_tap_grad`, which restores the grad mode)."""
+    (the grad mode is restored when the block exits, whatever happened inside it)."""
     inner = unwrap_model(model)
     names = _names(module_name)
     modules = []
@@ -61,9 +61,11 @@ def tap_features(model, module_name, *, stop: bool = False, no_grad_after: bool 
                 torch.set_grad_enabled(False)
 
     handles = [m.register_forward_hook(hook) for m in {id(m): m for m in modules}.values()]
+    grad_mode = torch.is_grad_enabled()
     try:
         yield captured
     finally:
+        torch.set_grad_enabled(grad_mode)
         for handle in handles:
             handle.remove()
 
@@ -90,12 +92,8 @@ def forward_with_tap_grad(denoiser, x_t, t, cond, module_name, *, target: str = 
     """(prediction, features) from one forward: the features of `module_name` carry the autograd graph
     back to the inputs (and to parameters that require grad); everything after the last tap runs
     without recording, so `prediction` has no graph."""
-    grad_mode = torch.is_grad_enabled()
-    try:
-        with tap_features(denoiser.model, module_name, no_grad_after=True) as captured:
-            prediction = denoiser(x_t, t, cond, target=target)
-    finally:
-        torch.set_grad_enabled(grad_mode)
+    with tap_features(denoiser.model, module_name, no_grad_after=True) as captured:
+        prediction = denoiser(x_t, t, cond, target=target)
     _check_reached(captured, module_name)
     return prediction.detach(), captured[0] if isinstance(module_name, str) else list(captured)
 

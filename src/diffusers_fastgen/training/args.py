@@ -22,6 +22,8 @@ from typing import Literal
 
 import yaml
 
+from ..ema import EMA_SCHEDULES
+
 MIXED_PRECISION = ("no", "fp16", "bf16")
 REPORT_TO = ("tensorboard", "wandb", "none")
 
@@ -112,8 +114,6 @@ class EMAArgs:
     ema_start_iter: int = 0  # copy weights (no averaging) up to this step
 
     def __post_init__(self):
-        from ..ema import EMA_SCHEDULES
-
         _check(self.ema_schedule in EMA_SCHEDULES,
                f"`ema_schedule` must be one of {EMA_SCHEDULES}, got {self.ema_schedule!r}.")
         _check(0 <= self.ema_decay < 1, f"`ema_decay` must be in [0, 1), got {self.ema_decay}.")

@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 from peft import LoraConfig
 
-BASE = "__base__"  # pseudo adapter name: run the frozen base (the teacher)
+from ..models.adapters import BASE, activate_adapter, active_adapter, use_adapter  # noqa: F401 (re-exported)
+
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "proj_in", "proj_out", "time_emb_proj")
 
 
@@ -32,15 +33,3 @@ def adapter_parameters(model, names) -> list[torch.nn.Parameter]:
     return [p for n, p in model.named_parameters() if "lora_" in n and any(f".{a}." in n or n.endswith(f".{a}") for a in names)]
 
 
-def activate_adapter(model, name: str) -> None:
-    """Make `name` the active adapter (or BASE: adapters off) without changing requires_grad, so the set
-    of trainable parameters DDP/FSDP registered stays fixed (peft's set_adapter would toggle it)."""
-    flags = {n: p.requires_grad for n, p in model.named_parameters() if "lora_" in n}
-    if name == BASE:
-        model.disable_adapters()
-    else:
-        model.enable_adapters()
-        model.set_adapter(name)
-    for n, p in model.named_parameters():
-        if n in flags:
-            p.requires_grad_(flags[n])

@@ -12,8 +12,14 @@ import os
 import torch
 from peft.utils import get_peft_model_state_dict
 
+from ..ema import EMA
+from ..evaluation.digits_benchmark import write_benchmark
 from ..models import unwrap_model
 from ..pipelines import DigitsPipeline
+from .accelerate_setup import check_replicas_in_sync, peak_rss_mb, training_state_mb
+from .checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from .data import InfiniteBatches, load_digits_arrays
+from .lora import use_adapter
 from .nonfinite import check_finite
 from .validation import log_image_grid, save_image_grid
 
@@ -69,8 +75,6 @@ def prepare_players(accelerator, modules: dict, optimizers: dict, *, gradient_ch
 
 def student_ema(accelerator, modules: dict, ema_args, batch_size: int):
     """EMA of the student: the whole student module, or (LoRA mode) only the student adapter's weights."""
-    from ..ema import EMA
-
     model, names = modules.get("student"), None
     if "base" in modules:
         model = modules["base"]
@@ -86,9 +90,6 @@ def finish_digits_run(accelerator, modules: dict, params: dict, optimizers: dict
     """End of a digits distillation run: check that DDP replicas agree, log memory, save the student
     folder (rank 0), write its benchmark rows (at `step_counts`, default [num_steps]), and tear the process
     group down on all ranks together."""
-    from ..evaluation.digits_benchmark import write_benchmark
-    from .accelerate_setup import check_replicas_in_sync, peak_rss_mb, training_state_mb
-
     accelerator.wait_for_everyone()
     check_replicas_in_sync(accelerator, [p for ps in params.values() for p in ps])
     if accelerator.is_main_process:
@@ -108,9 +109,6 @@ def finish_digits_run(accelerator, modules: dict, params: dict, optimizers: dict
 def digits_batches(accelerator, run, ema, logger):
     """(batches over the digits train split, first step): resumes from `run.resume_from_checkpoint`
     (accelerate state + the student EMA) and moves the data order to that step. One batch per step."""
-    from .checkpoint import load_checkpoint, resolve_checkpoint
-    from .data import InfiniteBatches, load_digits_arrays
-
     images, labels = (torch.from_numpy(a) for a in load_digits_arrays("train"))
     batches = InfiniteBatches(images, labels, batch_size=run.train_batch_size, seed=run.seed,
                               rank=accelerator.process_index, world_size=accelerator.num_processes)
@@ -127,8 +125,6 @@ def log_and_checkpoint(accelerator, run, step: int, scalars: dict, ema, progress
     """After an optimizer step: log `scalars` (tensors, read only every `logging_steps`), call
     `validate(step)` on the main process every `validation_steps`, and save an atomic checkpoint every
     `checkpointing_steps` (the trained network's EMA as `ema_student.safetensors` in every script)."""
-    from .checkpoint import save_checkpoint
-
     progress.update(1)
     if step % run.logging_steps == 0:
         values = {k: float(v) for k, v in scalars.items()}
@@ -145,19 +141,16 @@ def validate_digits_student(accelerator, modules: dict, ema, scheduler, *, num_s
     """A 10x10 sample grid (one column per class) of the EMA student with `scheduler` at `num_steps`:
     samples/step_<step>.png and the trackers. The EMA weights are swapped in and the training weights
     restored after; in LoRA mode the student adapter is active for the sampling."""
-    from .lora import activate_adapter
-
     model = accelerator.unwrap_model(modules["base"] if "base" in modules else modules["student"])
     backup = {n: p.detach().clone() for n, p in model.named_parameters() if n in ema.shadow}
     was_training = model.training
     try:
         ema.copy_to(model)
-        if "base" in modules:
-            activate_adapter(model, "student")
         pipe = DigitsPipeline(unet=model.eval(), scheduler=scheduler)
         pipe.set_progress_bar_config(disable=True)
-        images = pipe(torch.arange(10).repeat(10), num_inference_steps=num_steps, output_type="latent",
-                      generator=torch.Generator().manual_seed(0)).images
+        with use_adapter(model, "student" if "base" in modules else None):
+            images = pipe(torch.arange(10).repeat(10), num_inference_steps=num_steps, output_type="latent",
+                          generator=torch.Generator().manual_seed(0)).images
     finally:
         for n, p in model.named_parameters():
             if n in backup:

@@ -8,11 +8,15 @@ import os
 import torch
 
 from ..evaluation.moving_digits import (
+    CANVAS,
+    NUM_FRAMES,
     MovingDigits,
     MovingDigitsReference,
     benchmark_video_pipeline,
     markdown_rows,
+    moving_digits_cond,
     moving_digits_null_cond,
+    sample_motion,
 )
 from ..guidance import guided_prediction
 from ..pipelines import CausalWanPipeline
@@ -21,6 +25,7 @@ from ..timesteps import sample_logit_normal
 from .accelerate_setup import check_replicas_in_sync
 from .causal import step_generator
 from .nonfinite import check_finite
+from .validation import log_image_grid, save_image_grid
 
 
 class VideoBatches:
@@ -87,7 +92,6 @@ def save_video_student(model, output_dir: str, *, num_frames_per_block: int, den
                              num_frames_per_block=num_frames_per_block, denoising_timesteps=list(denoising_timesteps),
                              context_noise=context_noise, local_attn_size=local_attn_size, sink_size=sink_size)
     pipe.save_pretrained(output_dir)
-    pipe.causal.remove()  # the training model goes back to Wan's own processors
     return pipe
 
 
@@ -114,9 +118,6 @@ def validate_video_student(accelerator, model, ema, *, num_frames_per_block: int
     recipe: samples/step_<step>.png and the trackers. Sampled from a fresh WanTransformer3DModel holding the
     EMA weights, so the training model (its causal processors, its weights) is not touched."""
     from diffusers import WanTransformer3DModel
-
-    from ..evaluation.moving_digits import CANVAS, NUM_FRAMES, moving_digits_cond, sample_motion
-    from .validation import log_image_grid, save_image_grid
 
     trained = accelerator.unwrap_model(model)
     fresh = WanTransformer3DModel.from_config(trained.config).to(trained.device)

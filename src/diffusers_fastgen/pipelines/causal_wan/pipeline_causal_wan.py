@@ -60,7 +60,15 @@ class CausalWanPipeline(DiffusionPipeline):
                               text_encoder=text_encoder, vae=vae)
         self.register_to_config(num_frames_per_block=num_frames_per_block, denoising_timesteps=denoising_timesteps,
                                 context_noise=context_noise, local_attn_size=local_attn_size, sink_size=sink_size)
-        self.causal = CausalWan(transformer, num_frames_per_block, local_attn_size=local_attn_size, sink_size=sink_size)
+        CausalWan(transformer, num_frames_per_block, local_attn_size=local_attn_size, sink_size=sink_size).remove()
+
+    def causal_transformer(self) -> CausalWan:
+        """The transformer made block-causal for this pipeline's recipe (its attention processors swapped
+        until `.remove()` or the end of a `with` block; weights untouched). `stream`/`__call__` use one for
+        the duration of a generation, so the registered transformer keeps its own processors otherwise."""
+        cfg = self.config
+        return CausalWan(self.transformer, cfg.num_frames_per_block, local_attn_size=cfg.local_attn_size,
+                         sink_size=cfg.sink_size)
 
     # --- conditioning -------------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | list[str], max_sequence_length: int = 512, device=None) -> torch.Tensor:
@@ -138,8 +146,15 @@ class CausalWanPipeline(DiffusionPipeline):
                 mean, std = self._latent_norm(encoded)
                 image = (encoded - mean) / std
             first = image.to(device=device, dtype=torch.float32)
+        with self.causal_transformer() as causal:  # also restored when the consumer stops early (close())
+            yield from self._blocks(causal, latents, first, text, b, num_frames, height, width, guidance_scale,
+                                    use_cfg, dtype, generator, device)
+
+    def _blocks(self, causal, latents, first, text, b, num_frames, height, width, guidance_scale, use_cfg, dtype,
+                generator, device):
+        cfg = self.config
         n = cfg.num_frames_per_block
-        cache = self.causal.new_cache(text.shape[0], num_frames, height, width, device=device, dtype=dtype)
+        cache = causal.new_cache(text.shape[0], num_frames, height, width, device=device, dtype=dtype)
         for start in range(0, num_frames, n):
             self.scheduler.set_timesteps(sigmas=[t / self.scheduler.config.num_train_timesteps
                                                  for t in cfg.denoising_timesteps], device=device)
@@ -152,7 +167,7 @@ class CausalWanPipeline(DiffusionPipeline):
                 if fixed:  # I2V: frame 0 stays at timestep 0 -> per-frame timesteps
                     frame_t = timestep.expand(b, n).clone()
                     frame_t[:, 0] = 0
-                v = self._velocity(x, frame_t, text, cache, guidance_scale, use_cfg, dtype)
+                v = self._velocity(causal, x, frame_t, text, cache, guidance_scale, use_cfg, dtype)
                 x = self.scheduler.step(v, timestep, x, generator=generator).prev_sample
             if fixed:
                 x = torch.cat([first, x[:, :, 1:]], 2)
@@ -163,15 +178,16 @@ class CausalWanPipeline(DiffusionPipeline):
                 ctx = (1 - s) * x + s * randn_tensor(x.shape, generator=generator, device=device, dtype=x.dtype)
             ctx = torch.cat([ctx, ctx]) if use_cfg else ctx
             ctx_t = torch.full((text.shape[0],), float(cfg.context_noise), device=device)
-            self.causal(ctx.to(dtype), ctx_t, text, kv_cache=cache, update_cache=True)
+            causal(ctx.to(dtype), ctx_t, text, kv_cache=cache, update_cache=True)
             yield x
 
-    def _velocity(self, x, frame_t, text, cache, guidance_scale, use_cfg, dtype):
+    @staticmethod
+    def _velocity(causal, x, frame_t, text, cache, guidance_scale, use_cfg, dtype):
         if use_cfg:
-            v_u, v_c = self.causal(torch.cat([x, x]).to(dtype), torch.cat([frame_t, frame_t]), text,
+            v_u, v_c = causal(torch.cat([x, x]).to(dtype), torch.cat([frame_t, frame_t]), text,
                                    kv_cache=cache).float().chunk(2)
             return v_u + guidance_scale * (v_c - v_u)
-        return self.causal(x.to(dtype), frame_t, text, kv_cache=cache).float()
+        return causal(x.to(dtype), frame_t, text, kv_cache=cache).float()
 
     @torch.no_grad()
     def __call__(self, prompt=None, *, prompt_embeds: torch.Tensor | None = None, negative_prompt: str | list[str] = "",

@@ -11,6 +11,7 @@ from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.utils.torch_utils import randn_tensor
 
 from ...models.digits import NULL_CLASS
+from ...models.interval import interval_embedding
 
 
 class DigitsPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
@@ -43,8 +44,6 @@ class DigitsPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         return timesteps[i + 1] if i + 1 < len(timesteps) else torch.zeros_like(timesteps[0])
 
     def _interval_cond(self, timestep: torch.Tensor, r_timestep: torch.Tensor) -> torch.Tensor:
-        from ...models.interval import interval_embedding
-
         config = self.unet.config
         r = r_timestep.to(device=timestep.device, dtype=timestep.dtype).expand_as(timestep)
         return interval_embedding(timestep.float(), r.float(), config.time_cond_proj_dim).to(self.unet.dtype)

@@ -10,7 +10,7 @@ import torch
 from diffusers_fastgen.models import Denoiser
 from diffusers_fastgen.parametrization import vp_from_betas
 from diffusers_fastgen.testing import tiny as T
-from diffusers_fastgen.training import distribution_matching as dmd2
+from diffusers_fastgen.training import distribution_matching_steps as dmd2
 
 CASES = {
     "unet2d": (lambda: T.tiny_unet2d(), (2, 1, 8, 8), dict(process=vp_from_betas(), prediction_type="epsilon")),
@@ -154,7 +154,7 @@ def test_one_pass_student_step_equals_two_forward_reference(divergence, gan_weig
 
 
 def test_ladd_steps_train_only_their_player():
-    from diffusers_fastgen.training.distribution_matching import make_heads
+    from diffusers_fastgen.training.distribution_matching_steps import make_heads
 
     (teacher_model, student_model, _), (teacher, student, _), shape = _unet_players()
     cond = T.tiny_cond("unet2d", 2, seed=1)
@@ -182,7 +182,7 @@ def test_ladd_steps_train_only_their_player():
 def _lora_players(checkpointing: bool):
     from diffusers_fastgen.models.digits import digits_unet
     from diffusers_fastgen.parametrization import RectifiedFlow
-    from diffusers_fastgen.training.distribution_matching import build_players, player_denoisers
+    from diffusers_fastgen.training.distribution_matching_steps import build_players, player_denoisers
 
     torch.manual_seed(0)
     modules, params = build_players(digits_unet((16, 32), layers_per_block=1), lora_rank=4)
@@ -203,7 +203,7 @@ def test_lora_gradient_checkpointing_gives_the_same_student_gradients(step):
     critics must not be recomputed after their requires_grad was restored."""
     from diffusers_fastgen.models.digits import NULL_CLASS, digits_cond
     from diffusers_fastgen.models.discriminator import conv_head
-    from diffusers_fastgen.training.distribution_matching import make_heads
+    from diffusers_fastgen.training.distribution_matching_steps import make_heads
 
     grads = []
     for checkpointing in (False, True):

@@ -21,8 +21,8 @@ import os
 from dataclasses import dataclass, field
 
 import torch
+from accelerate.logging import get_logger
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from diffusers_fastgen.evaluation.moving_digits import (
     CANVAS,
@@ -52,6 +52,7 @@ from diffusers_fastgen.training import (
 )
 from diffusers_fastgen.training.causal import block_step_indices, step_generator
 from diffusers_fastgen.training.players import log_and_checkpoint, prepare_players, student_ema
+from diffusers_fastgen.training.progress import TrainingProgress
 from diffusers_fastgen.training.video import (
     finish_video_run,
     load_video_transformer,
@@ -62,7 +63,7 @@ from diffusers_fastgen.training.video import (
     validate_video_student,
 )
 
-logger = logging.getLogger("train_causal_kd")
+logger = get_logger("train_causal_kd", log_level="INFO")
 
 
 @dataclass
@@ -174,7 +175,7 @@ def main(argv=None):
 
     guard = NonFiniteGuard(run.max_nonfinite_skips)
     accumulator = Accumulator(run.gradient_accumulation_steps)  # per player
-    progress = tqdm(range(run.max_train_steps), initial=step, disable=not accelerator.is_local_main_process)
+    progress = TrainingProgress(accelerator, run, step, guard)
     micro = step * run.gradient_accumulation_steps  # micro-batch index: the draws of each are a function of it
     while step < run.max_train_steps:
         g = step_generator(run.seed, micro, accelerator.process_index)
@@ -196,6 +197,7 @@ def main(argv=None):
                      num_frames_per_block=args.num_frames_per_block,
                      denoising_timesteps=timesteps_from_t_list(t_list.tolist()),
                      eval_num_videos=args.eval_num_videos, name="CausalKD student", logger=logger)
+    progress.summary("train_causal_kd", logger)
 
 if __name__ == "__main__":
     main()

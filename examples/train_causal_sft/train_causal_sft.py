@@ -26,8 +26,8 @@ import os
 from dataclasses import dataclass, field
 
 import torch
+from accelerate.logging import get_logger
 from diffusers import FlowMatchEulerDiscreteScheduler
-from tqdm.auto import tqdm
 
 from diffusers_fastgen.ema import EMA
 from diffusers_fastgen.evaluation.moving_digits import NUM_FRAMES, drop_cond, moving_digits_transformer
@@ -52,9 +52,10 @@ from diffusers_fastgen.training import (
     update,
 )
 from diffusers_fastgen.training.players import log_and_checkpoint
+from diffusers_fastgen.training.progress import TrainingProgress
 from diffusers_fastgen.training.video import VideoBatches, finish_video_run, sample_block_times, validate_video_student
 
-logger = logging.getLogger("train_causal_sft")
+logger = get_logger("train_causal_sft", log_level="INFO")
 
 
 @dataclass
@@ -147,7 +148,7 @@ def main(argv=None):
 
     guard = NonFiniteGuard(run.max_nonfinite_skips)
     accumulator = Accumulator(run.gradient_accumulation_steps)  # per player
-    progress = tqdm(range(run.max_train_steps), initial=step, disable=not accelerator.is_local_main_process)
+    progress = TrainingProgress(accelerator, run, step, guard)
     while step < run.max_train_steps:
         batch = next(batches)
         x0 = batch["video"].to(accelerator.device)
@@ -172,6 +173,7 @@ def main(argv=None):
                      scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0), eval_num_videos=args.eval_num_videos,
                      name=name, logger=logger)
 
+    progress.summary("train_causal_sft", logger)
 
 if __name__ == "__main__":
     main()

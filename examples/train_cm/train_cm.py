@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from tqdm.auto import tqdm
+from accelerate.logging import get_logger
 
 from diffusers_fastgen.evaluation import DIGITS_TEACHER_PATH
 from diffusers_fastgen.models import Denoiser
@@ -53,8 +53,9 @@ from diffusers_fastgen.training.players import (
     student_ema,
     validate_digits_student,
 )
+from diffusers_fastgen.training.progress import TrainingProgress
 
-logger = logging.getLogger("train_cm")
+logger = get_logger("train_cm", log_level="INFO")
 
 
 @dataclass
@@ -128,7 +129,7 @@ def main(argv=None):
 
     guard = NonFiniteGuard(run.max_nonfinite_skips)
     accumulator = Accumulator(run.gradient_accumulation_steps)  # per player
-    progress = tqdm(range(run.max_train_steps), initial=step, disable=not accelerator.is_local_main_process)
+    progress = TrainingProgress(accelerator, run, step, guard)
     while step < run.max_train_steps:
         x0, y = (v.to(accelerator.device) for v in next(batches))
         eps = torch.randn_like(x0)
@@ -149,6 +150,7 @@ def main(argv=None):
                       teacher_path=args.teacher, num_steps=1, step=step, eval_num_samples=args.eval_num_samples,
                       name=name, logger=logger, step_counts=[1, 2])
 
+    progress.summary("train_cm", logger)
 
 if __name__ == "__main__":
     main()

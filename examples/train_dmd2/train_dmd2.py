@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass, field, replace
 
 import torch
-from tqdm.auto import tqdm
+from accelerate.logging import get_logger
 
 from diffusers_fastgen.evaluation import DIGITS_TEACHER_PATH
 from diffusers_fastgen.models.digits import NULL_CLASS, digits_cond
@@ -53,8 +53,9 @@ from diffusers_fastgen.training.distribution_matching_steps import (
     student_step,
 )
 from diffusers_fastgen.training.players import log_and_checkpoint, validate_digits_student
+from diffusers_fastgen.training.progress import TrainingProgress
 
-logger = logging.getLogger("train_dmd2")
+logger = get_logger("train_dmd2", log_level="INFO")
 
 
 @dataclass
@@ -151,7 +152,7 @@ def main(argv=None):
 
     guard = NonFiniteGuard(run.max_nonfinite_skips)
     accumulator = Accumulator(run.gradient_accumulation_steps)  # per player
-    progress = tqdm(range(run.max_train_steps), initial=step, disable=not accelerator.is_local_main_process)
+    progress = TrainingProgress(accelerator, run, step, guard)
     logs = {}
     while step < run.max_train_steps:
         real_x0, y = (t.to(accelerator.device) for t in next(batches))
@@ -183,6 +184,7 @@ def main(argv=None):
                       teacher_path=args.teacher, num_steps=args.num_student_steps, step=step,
                       eval_num_samples=args.eval_num_samples, name="DMD2 student", logger=logger)
 
+    progress.summary("train_dmd2", logger)
 
 if __name__ == "__main__":
     main()

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
-from tqdm.auto import tqdm
+from accelerate.logging import get_logger
 
 from diffusers_fastgen.evaluation import DIGITS_TEACHER_PATH
 from diffusers_fastgen.losses.distribution_matching import F_DIVERGENCES
@@ -57,8 +57,9 @@ from diffusers_fastgen.training.distribution_matching_steps import (
     student_step,
 )
 from diffusers_fastgen.training.players import log_and_checkpoint, validate_digits_student
+from diffusers_fastgen.training.progress import TrainingProgress
 
-logger = logging.getLogger("train_fdistill")
+logger = get_logger("train_fdistill", log_level="INFO")
 
 
 @dataclass
@@ -159,7 +160,7 @@ def main(argv=None):
 
     guard = NonFiniteGuard(run.max_nonfinite_skips)
     accumulator = Accumulator(run.gradient_accumulation_steps)  # per player
-    progress = tqdm(range(run.max_train_steps), initial=step, disable=not accelerator.is_local_main_process)
+    progress = TrainingProgress(accelerator, run, step, guard)
     logs = {}
     while step < run.max_train_steps:
         real_x0, y = (t.to(accelerator.device) for t in next(batches))
@@ -191,6 +192,7 @@ def main(argv=None):
                       teacher_path=args.teacher, num_steps=args.num_student_steps, step=step,
                       eval_num_samples=args.eval_num_samples, name=f"f-distill ({args.divergence}) student", logger=logger)
 
+    progress.summary("train_fdistill", logger)
 
 if __name__ == "__main__":
     main()

@@ -18,6 +18,7 @@ import os
 from dataclasses import dataclass, field
 
 import torch
+from accelerate.logging import get_logger
 from tqdm.auto import tqdm
 
 from diffusers_fastgen.ema import EMA
@@ -51,8 +52,9 @@ from diffusers_fastgen.training import (
 )
 from diffusers_fastgen.training.data import InfiniteBatches
 from diffusers_fastgen.training.players import log_and_checkpoint, validate_digits_student
+from diffusers_fastgen.training.progress import TrainingProgress
 
-logger = logging.getLogger("train_kd")
+logger = get_logger("train_kd", log_level="INFO")
 
 
 @dataclass
@@ -209,7 +211,7 @@ def main(argv=None):
 
     guard = NonFiniteGuard(run.max_nonfinite_skips)
     accumulator = Accumulator(run.gradient_accumulation_steps)  # per player
-    progress = tqdm(range(run.max_train_steps), initial=step, disable=not accelerator.is_local_main_process)
+    progress = TrainingProgress(accelerator, run, step, guard)
     while step < run.max_train_steps:
         x, y = (t.to(accelerator.device) for t in next(batches))
         loss = student_step(student, x, y, t_list)
@@ -232,6 +234,7 @@ def main(argv=None):
     accelerator.wait_for_everyone()  # ranks tear the process group down together (a lone gloo rank can hang)
     accelerator.end_training()
 
+    progress.summary("train_kd", logger)
 
 if __name__ == "__main__":
     main()

@@ -25,7 +25,7 @@ import os
 from dataclasses import dataclass, field, replace
 
 import torch
-from tqdm.auto import tqdm
+from accelerate.logging import get_logger
 
 from diffusers_fastgen.evaluation.moving_digits import MOVING_DIGITS_TEACHER_PATH
 from diffusers_fastgen.models import Denoiser
@@ -49,6 +49,7 @@ from diffusers_fastgen.training import (
 from diffusers_fastgen.training.causal import self_forcing_rollout, shared_exit_index
 from diffusers_fastgen.training.distribution_matching_steps import dmd_sample_loss, fake_score_sample_loss
 from diffusers_fastgen.training.players import log_and_checkpoint, prepare_players, student_ema
+from diffusers_fastgen.training.progress import TrainingProgress
 from diffusers_fastgen.training.video import (
     VideoBatches,
     finish_video_run,
@@ -59,7 +60,7 @@ from diffusers_fastgen.training.video import (
     validate_video_student,
 )
 
-logger = logging.getLogger("train_self_forcing")
+logger = get_logger("train_self_forcing", log_level="INFO")
 
 
 @dataclass
@@ -150,7 +151,7 @@ def main(argv=None):
 
     guard = NonFiniteGuard(run.max_nonfinite_skips)
     accumulator = Accumulator(run.gradient_accumulation_steps)  # per player
-    progress = tqdm(range(run.max_train_steps), initial=step, disable=not accelerator.is_local_main_process)
+    progress = TrainingProgress(accelerator, run, step, guard)
     logs = {}
     while step < run.max_train_steps:
         batch = next(batches)
@@ -184,6 +185,7 @@ def main(argv=None):
                      num_frames_per_block=args.num_frames_per_block,
                      denoising_timesteps=timesteps_from_t_list(t_list.tolist()), context_noise=args.context_noise,
                      eval_num_videos=args.eval_num_videos, name="Self-Forcing student", logger=logger)
+    progress.summary("train_self_forcing", logger)
 
 if __name__ == "__main__":
     main()

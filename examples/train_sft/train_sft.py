@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass, field
 
 import torch
-from tqdm.auto import tqdm
+from accelerate.logging import get_logger
 
 from diffusers_fastgen.ema import EMA
 from diffusers_fastgen.losses import denoising_loss
@@ -47,8 +47,9 @@ from diffusers_fastgen.training import (
 )
 from diffusers_fastgen.training.data import InfiniteBatches, load_digits_arrays, load_image_dataset
 from diffusers_fastgen.training.players import log_and_checkpoint
+from diffusers_fastgen.training.progress import TrainingProgress
 
-logger = logging.getLogger("train_sft")
+logger = get_logger("train_sft", log_level="INFO")
 
 
 @dataclass
@@ -165,7 +166,7 @@ def main(argv=None):
 
     guard = NonFiniteGuard(run.max_nonfinite_skips)
     accumulator = Accumulator(run.gradient_accumulation_steps)  # per player
-    progress = tqdm(range(run.max_train_steps), initial=step, disable=not accelerator.is_local_main_process)
+    progress = TrainingProgress(accelerator, run, step, guard)
     while step < run.max_train_steps:
         x0, y = (t.to(accelerator.device) for t in next(batches))
         loss = sft_step(denoiser, x0, y, cond_dropout=args.cond_dropout, logit_mean=args.logit_mean,
@@ -190,6 +191,7 @@ def main(argv=None):
     accelerator.wait_for_everyone()  # ranks tear the process group down together (a lone gloo rank can hang)
     accelerator.end_training()
 
+    progress.summary("train_sft", logger)
 
 if __name__ == "__main__":
     main()

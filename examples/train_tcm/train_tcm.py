@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from tqdm.auto import tqdm
+from accelerate.logging import get_logger
 
 from diffusers_fastgen.evaluation import DIGITS_TEACHER_PATH
 from diffusers_fastgen.models import Denoiser
@@ -55,8 +55,9 @@ from diffusers_fastgen.training.players import (
     student_ema,
     validate_digits_student,
 )
+from diffusers_fastgen.training.progress import TrainingProgress
 
-logger = logging.getLogger("train_tcm")
+logger = get_logger("train_tcm", log_level="INFO")
 
 
 @dataclass
@@ -152,7 +153,7 @@ def main(argv=None):
 
     guard = NonFiniteGuard(run.max_nonfinite_skips)
     accumulator = Accumulator(run.gradient_accumulation_steps)  # per player
-    progress = tqdm(range(run.max_train_steps), initial=step, disable=not accelerator.is_local_main_process)
+    progress = TrainingProgress(accelerator, run, step, guard)
     while step < run.max_train_steps:
         x0, y = (v.to(accelerator.device) for v in next(batches))
         eps = torch.randn_like(x0)
@@ -173,6 +174,7 @@ def main(argv=None):
                       teacher_path=args.stage1, num_steps=1, step=step, eval_num_samples=args.eval_num_samples,
                       name="TCM student", logger=logger, step_counts=[1, 2])
 
+    progress.summary("train_tcm", logger)
 
 if __name__ == "__main__":
     main()

@@ -3,6 +3,7 @@ a random moment) and resumed with `--resume_from_checkpoint latest` ends with th
 uninterrupted run, bit for bit; every listed checkpoint stays loadable."""
 
 import glob
+import json
 import os
 import random
 import signal
@@ -71,3 +72,7 @@ def test_sigkill_during_a_save_and_at_a_random_step_then_resume_is_exact(tiny_te
     got = _weights(out)
     for k in expected:
         assert torch.equal(got[k], expected[k]), k
+    with open(os.path.join(out, "run_summary.json")) as f:
+        summary = json.load(f)  # the last (resumed) run's summary
+    assert summary["steps"] == STEPS and 0 < summary["started_at_step"] <= STEPS
+    assert summary["steps_this_run"] == STEPS - summary["started_at_step"]

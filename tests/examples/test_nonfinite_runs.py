@@ -2,6 +2,7 @@
 step and the player; the finite checkpoints before it stay, nothing non-finite is written; a teacher
 with NaN weights stops at the first update; a user's pairs folder is never deleted."""
 
+import json
 import os
 import shutil
 
@@ -57,6 +58,12 @@ def test_dmd2_skips_a_bounded_number_of_nan_updates_when_asked(tiny_teacher, tmp
         "--eval_num_samples", "0", "--report_to", "none"])
     weights = load_file(os.path.join(out, "unet", "diffusion_pytorch_model.safetensors"))
     assert all(torch.isfinite(t).all() for t in weights.values())
+    # The run summary counts the skip and the steps actually applied.
+    with open(os.path.join(out, "run_summary.json")) as f:
+        summary = json.load(f)
+    assert (summary["script"], summary["steps"], summary["started_at_step"]) == ("train_dmd2", 3, 0)
+    assert summary["skipped_nonfinite_updates"] == 1 and summary["output_dir"] == out
+    assert summary["training_seconds"] <= summary["wall_seconds"]
 
 
 def test_kd_with_a_nan_teacher_saves_nothing(tiny_teacher, tmp_path):

@@ -125,7 +125,7 @@ def log_and_checkpoint(accelerator, run, step: int, scalars: dict, ema, progress
     """After an optimizer step: log `scalars` (tensors, read only every `logging_steps`), call
     `validate(step)` on the main process every `validation_steps`, and save an atomic checkpoint every
     `checkpointing_steps` (the trained network's EMA as `ema_student.safetensors` in every script)."""
-    progress.update(1)
+    progress.update(1, scalars)
     if step % run.logging_steps == 0:
         values = {k: float(v) for k, v in scalars.items()}
         progress.set_postfix(**values)

@@ -30,5 +30,6 @@ setup(
         "tensorboard",
         "sentencepiece",
     ],
+    entry_points={"console_scripts": ["diffusers-fastgen = diffusers_fastgen.cli:main"]},
     extras_require={"test": ["pytest>=8", "ruff>=0.6"], "wandb": ["wandb"]},
 )

@@ -243,14 +243,7 @@ class CausalWan:
         inner = unwrap_model(model)
         if not isinstance(inner, WanTransformer3DModel):
             raise TypeError(f"`model` must be a WanTransformer3DModel, got {type(inner).__name__}.")
-        if num_frames_per_block < 1:
-            raise ValueError(f"`num_frames_per_block` must be >= 1, got {num_frames_per_block}.")
-        if local_attn_size != -1 and local_attn_size < num_frames_per_block:
-            raise ValueError(f"`local_attn_size` must be -1 (global) or >= num_frames_per_block "
-                             f"({num_frames_per_block}), got {local_attn_size}.")
-        if sink_size < 0 or (sink_size and local_attn_size == -1):
-            raise ValueError(f"`sink_size` must be >= 0 and needs a local window (local_attn_size != -1), got "
-                             f"sink_size={sink_size}, local_attn_size={local_attn_size}.")
+        self.check_layout(num_frames_per_block, local_attn_size, sink_size)
         if inner.config.patch_size[0] != 1:
             raise ValueError(f"causal blocks need a temporal patch size of 1, got patch_size={inner.config.patch_size}.")
         if any(block.attn2.add_k_proj is not None for block in inner.blocks):
@@ -266,6 +259,22 @@ class CausalWan:
         inner.set_attn_processor(processors)
         self._hook = inner.rope.register_forward_hook(
             lambda rope, args, out: _rope_from_offset(rope, args[0], self.state.frame_offset) if self.state.frame_offset else out)
+
+    @staticmethod
+    def check_layout(num_frames_per_block, local_attn_size, sink_size) -> None:
+        """ValueError naming the setting unless the block / window / sink sizes fit together."""
+        for name, value in (("num_frames_per_block", num_frames_per_block), ("local_attn_size", local_attn_size),
+                            ("sink_size", sink_size)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"`{name}` must be an integer, got {value!r}.")
+        if num_frames_per_block < 1:
+            raise ValueError(f"`num_frames_per_block` must be >= 1, got {num_frames_per_block}.")
+        if local_attn_size != -1 and local_attn_size < num_frames_per_block:
+            raise ValueError(f"`local_attn_size` must be -1 (global) or >= num_frames_per_block "
+                             f"({num_frames_per_block}), got {local_attn_size}.")
+        if sink_size < 0 or (sink_size and local_attn_size == -1):
+            raise ValueError(f"`sink_size` must be >= 0 and needs a local window (local_attn_size != -1), got "
+                             f"sink_size={sink_size}, local_attn_size={local_attn_size}.")
 
     @property
     def unwrapped(self) -> WanTransformer3DModel:

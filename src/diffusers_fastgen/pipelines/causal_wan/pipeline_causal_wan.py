@@ -50,17 +50,23 @@ class CausalWanPipeline(DiffusionPipeline):
                  context_noise: int = 0, local_attn_size: int = -1, sink_size: int = 0):
         super().__init__()
         denoising_timesteps = [1000, 750, 500, 250] if denoising_timesteps is None else list(denoising_timesteps)
-        if not denoising_timesteps or any(not 0 < t <= 1000 for t in denoising_timesteps) or any(
-                a <= b for a, b in zip(denoising_timesteps, denoising_timesteps[1:])):
-            raise ValueError(f"`denoising_timesteps` must be a non-empty decreasing list in (0, 1000], got "
-                             f"{denoising_timesteps}.")
-        if not 0 <= context_noise < 1000:
-            raise ValueError(f"`context_noise` must be in [0, 1000), got {context_noise}.")
+        self.check_recipe(num_frames_per_block=num_frames_per_block, denoising_timesteps=denoising_timesteps,
+                          context_noise=context_noise, local_attn_size=local_attn_size, sink_size=sink_size)
         self.register_modules(transformer=transformer, scheduler=scheduler, tokenizer=tokenizer,
                               text_encoder=text_encoder, vae=vae)
         self.register_to_config(num_frames_per_block=num_frames_per_block, denoising_timesteps=denoising_timesteps,
                                 context_noise=context_noise, local_attn_size=local_attn_size, sink_size=sink_size)
-        CausalWan(transformer, num_frames_per_block, local_attn_size=local_attn_size, sink_size=sink_size).remove()
+
+    @staticmethod
+    def check_recipe(*, num_frames_per_block, denoising_timesteps, context_noise, local_attn_size, sink_size) -> None:
+        """ValueError naming the field unless the sampling recipe is one this pipeline can run."""
+        steps = list(denoising_timesteps)
+        if not steps or any(not isinstance(t, (int, float)) or not 0 < t <= 1000 for t in steps) or any(
+                a <= b for a, b in zip(steps, steps[1:])):
+            raise ValueError(f"`denoising_timesteps` must be a non-empty decreasing list in (0, 1000], got {steps}.")
+        if not isinstance(context_noise, (int, float)) or not 0 <= context_noise < 1000:
+            raise ValueError(f"`context_noise` must be in [0, 1000), got {context_noise!r}.")
+        CausalWan.check_layout(num_frames_per_block, local_attn_size, sink_size)
 
     def causal_transformer(self) -> CausalWan:
         """The transformer made block-causal for this pipeline's recipe (its attention processors swapped

@@ -18,6 +18,7 @@ from diffusers_fastgen.conversion import (
     infer_transformer_config,
     load_causal_transformer,
     strip_prefixes,
+    table_sigmas,
     to_diffusers_names,
     warp_timesteps,
 )
@@ -75,6 +76,20 @@ def test_the_parity_test_can_fail(tmp_path):
 def test_warped_timesteps_are_self_forcings():
     assert warp_timesteps([1000, 750, 500, 250], 5.0) == load_file(
         os.path.join(FIXTURE, "expected.safetensors"))["timesteps"].tolist()
+
+
+def test_causvid_recipe_feeds_its_timesteps_at_table_noise_levels(tmp_path):
+    """CausVid's 3-step recipe: timesteps [1000, 757, 522] at noise levels 1, 0.7568, 0.5217 (nearest entries of
+    the shift-8 table: closed form 8u / (1 + 7u) at u = 1 - k/1000)."""
+    sigmas = table_sigmas([1000, 757, 522], 8.0)
+    assert [round(x, 4) for x in sigmas] == [1.0, 0.7568, 0.5217]
+    u = 1 - 720 / 1000  # the table entry nearest 757: 8 * 0.28 / (1 + 7 * 0.28) = 0.756757
+    assert abs(sigmas[1] - 8 * u / (1 + 7 * u)) < 1e-6
+    out = str(tmp_path / "causvid")
+    convert_causal_checkpoint(CKPT, out, recipe="causvid_3step", attention_head_dim=16)
+    config = CausalWanPipeline.from_pretrained(out).config
+    assert config.denoising_timesteps == [1000.0, 757.0, 522.0]
+    assert [round(x, 4) for x in config.denoising_sigmas] == [1.0, 0.7568, 0.5217]
 
 
 def test_fastgen_and_plain_layouts_load_the_same_weights(tmp_path):

@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("checkpoint", help=".pt / .pth (read with torch.load(weights_only=True)) or .safetensors")
     convert.add_argument("output_dir", help="a new (or empty) folder; nothing already there is replaced")
     convert.add_argument("--recipe", choices=sorted(RECIPES) + ["none"], default="self_forcing",
-                         help="sampling recipe preset (default: self_forcing); 'none' needs every recipe field below")
+                         help="sampling recipe preset (default: self_forcing); 'none' needs every recipe field below "
+             "(denoising_sigmas optional)")
     convert.add_argument("--use_ema", action="store_true", help="take the EMA generator (Self-Forcing: generator_ema)")
     convert.add_argument("--base_pipeline", default=None,
                          help="a WanPipeline folder: its transformer config, tokenizer, text encoder and VAE are used")
@@ -48,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--num_frames_per_block", type=int, default=None, help="latent frames per causal block")
     convert.add_argument("--denoising_timesteps", type=_timesteps, default=None,
                          help="per-block model timesteps, decreasing in (0, 1000], e.g. '1000,937.5,833.33,625'")
+    convert.add_argument("--denoising_sigmas", type=_timesteps, default=None,
+                         help="noise level of each step when it is not timestep / 1000 (decreasing in (0, 1])")
     convert.add_argument("--context_noise", type=int, default=None, help="timestep at which finished blocks are cached")
     convert.add_argument("--local_attn_size", type=int, default=None, help="attention window in frames (-1 = global)")
     convert.add_argument("--sink_size", type=int, default=None, help="sink frames kept with a local window")
@@ -62,13 +65,14 @@ def main(argv: list[str] | None = None) -> int:
             use_ema=args.use_ema, transformer_config=args.transformer_config,
             attention_head_dim=args.attention_head_dim, base_pipeline=args.base_pipeline,
             dtype=DTYPES[args.dtype] if args.dtype else None, num_frames_per_block=args.num_frames_per_block,
-            denoising_timesteps=args.denoising_timesteps, context_noise=args.context_noise,
+            denoising_timesteps=args.denoising_timesteps, denoising_sigmas=args.denoising_sigmas,
+            context_noise=args.context_noise,
             local_attn_size=args.local_attn_size, sink_size=args.sink_size)
     except (ValueError, TypeError, OSError) as err:
         print(f"diffusers-fastgen convert: error: {err}", file=sys.stderr)
         return 2
-    recipe = {k: pipe.config[k] for k in ("num_frames_per_block", "denoising_timesteps", "context_noise",
-                                          "local_attn_size", "sink_size")}
+    recipe = {k: pipe.config[k] for k in ("num_frames_per_block", "denoising_timesteps", "denoising_sigmas",
+                                          "context_noise", "local_attn_size", "sink_size")}
     params = sum(p.numel() for p in pipe.transformer.parameters())
     print(f"wrote {args.output_dir}: CausalWanPipeline, transformer {params:,} parameters, recipe {json.dumps(recipe)}")
     return 0

@@ -13,7 +13,9 @@ Original Wan names are mapped with diffusers' own single-file converter
 folder, or is read off the tensor shapes (only the head dimension cannot be: every released Wan 2.1 uses
 128). Keys are checked strictly: a missing or unexpected key is a ValueError listing them.
 
-Recipes (`RECIPES`): `self_forcing` is the released Self-Forcing sampler (3 latent frames per block, model
+Recipes (`RECIPES`): `causvid_3step` feeds model timesteps [1000, 757, 522] and re-noises at their noise
+levels on CausVid's discrete shift-8 table ([1, 0.7568, 0.5217]; built from the recipe's description, with
+no reference outputs to check against). `self_forcing` is the released Self-Forcing sampler (3 latent frames per block, model
 timesteps [1000, 750, 500, 250] warped by shift 5 -> [1000, 937.5, 833.33, 625], x0 re-noised with fresh
 noise, clean context, global attention); its parity with Self-Forcing's own inference code is tested on
 a tiny checkpoint in its exact format (tests/fixtures/self_forcing_tiny). Any other recipe is given
@@ -45,10 +47,25 @@ def warp_timesteps(timesteps, shift: float) -> list[float]:
     return (1000 * shift * u / (1 + (shift - 1) * u)).tolist()
 
 
-RECIPE_FIELDS = ("num_frames_per_block", "denoising_timesteps", "context_noise", "local_attn_size", "sink_size")
+def table_sigmas(timesteps, shift: float, num_train_timesteps: int = 1000) -> list[float]:
+    """Noise levels of model timesteps on a discrete shifted flow-matching table (CausVid's scheduler):
+    u_k = 1 - k / N (k < N), sigma_k = s u_k / (1 + (s - 1) u_k), timestep_k = N sigma_k; each timestep takes
+    the sigma of the nearest table entry (757 -> 0.7568 and 522 -> 0.5217 at shift 8)."""
+    u = torch.linspace(1, 0, num_train_timesteps + 1)[:-1]
+    table = shift * u / (1 + (shift - 1) * u)
+    return [float(table[(table * num_train_timesteps - t).abs().argmin()]) for t in timesteps]
+
+
+RECIPE_FIELDS = ("num_frames_per_block", "denoising_timesteps", "context_noise", "local_attn_size", "sink_size",
+                 "denoising_sigmas")
+_OPTIONAL_FIELDS = ("denoising_sigmas",)
 RECIPES = {
     "self_forcing": dict(num_frames_per_block=3, denoising_timesteps=warp_timesteps([1000, 750, 500, 250], 5.0),
                          context_noise=0, local_attn_size=-1, sink_size=0),
+    # Model timesteps [1000, 757, 522] fed as they are, re-noised at their table noise levels (shift 8).
+    "causvid_3step": dict(num_frames_per_block=3, denoising_timesteps=[1000.0, 757.0, 522.0],
+                          denoising_sigmas=table_sigmas([1000, 757, 522], 8.0), context_noise=0, local_attn_size=-1,
+                          sink_size=0),
 }
 
 _PREFIXES = ("model.", "transformer.", "net.", "module.", "_orig_mod.", "generator.")
@@ -186,7 +203,7 @@ def resolve_recipe(recipe: str | None = None, **overrides) -> dict:
         raise ValueError(f"unknown recipe field(s) {sorted(unknown)}; the fields are {RECIPE_FIELDS}.")
     out = dict(RECIPES[recipe]) if recipe is not None else {}
     out.update({k: v for k, v in overrides.items() if v is not None})
-    missing = [f for f in RECIPE_FIELDS if f not in out]
+    missing = [f for f in RECIPE_FIELDS if f not in out and f not in _OPTIONAL_FIELDS]
     if missing:
         raise ValueError(f"the recipe lacks {missing}: pick `recipe` from {sorted(RECIPES)} or give them.")
     CausalWanPipeline.check_recipe(**out)

@@ -60,6 +60,33 @@ def test_cached_generation_equals_recomputing_the_prefix(context_noise):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
+def test_separate_noise_levels_feed_the_recipe_timesteps_and_renoise_at_the_sigmas():
+    """denoising_sigmas (CausVid's 3-step recipe): the model sees the recipe's timesteps, x0 = x - sigma_i v and
+    the re-noising uses sigma_{i+1}; checked against the formulas over a recomputed prefix."""
+    steps, sigmas = [1000, 757, 522], [1.0, 0.7568, 0.5217]
+    pipe = _pipe(denoising_timesteps=steps, denoising_sigmas=sigmas)
+    noise = torch.randn(B, C, F_, H, W, generator=torch.Generator().manual_seed(1))
+    text = _text()
+    out = pipe(prompt_embeds=text, latents=noise, height=H, width=W, output_type="latent",
+               generator=torch.Generator().manual_seed(2)).frames
+    causal = CausalWan(tiny_wan_transformer(num_layers=2), 2)
+    g = torch.Generator().manual_seed(2)
+    done = []
+    with torch.no_grad():
+        for start in range(0, F_, 2):
+            x = noise[:, :, start:start + 2]
+            for i, (t, sigma) in enumerate(zip(steps, sigmas)):
+                frame_t = torch.cat([torch.zeros(B, start), torch.full((B, 2), float(t))], 1)
+                v = causal(torch.cat(done + [x], 2), frame_t, text)[:, :, start:]
+                x0 = x - sigma * v
+                x = (1 - sigmas[i + 1]) * x0 + sigmas[i + 1] * torch.randn(x.shape, generator=g) if i + 1 < 3 else x0
+            done.append(x)
+    torch.testing.assert_close(out, torch.cat(done, 2), atol=1e-5, rtol=1e-5)
+    default = _pipe(denoising_timesteps=steps)(prompt_embeds=text, latents=noise, height=H, width=W, output_type="latent",
+                                               generator=torch.Generator().manual_seed(2)).frames
+    assert (default - out).abs().max() > 1e-3  # t / 1000 noise levels give another video
+
+
 def test_stream_yields_blocks_of_the_video_in_order():
     pipe = _pipe()
     noise = torch.randn(B, C, F_, H, W, generator=torch.Generator().manual_seed(1))
@@ -157,7 +184,10 @@ def test_text_encoder_vae_cfg_path():
 
 @pytest.mark.parametrize("config,match", [({"denoising_timesteps": [250, 500]}, "denoising_timesteps"),
                                           ({"context_noise": 1000}, "context_noise"),
-                                          ({"local_attn_size": 1}, "local_attn_size")])
+                                          ({"local_attn_size": 1}, "local_attn_size"),
+                                          ({"denoising_sigmas": [1.0, 0.5]}, "denoising_sigmas"),
+                                          ({"denoising_sigmas": [1.0, 0.7, 0.8]}, "denoising_sigmas"),
+                                          ({"num_frames_per_block": 2.5}, "num_frames_per_block")])
 def test_bad_config_names_the_setting(config, match):
     with pytest.raises(ValueError, match=match):
         _pipe(**config)

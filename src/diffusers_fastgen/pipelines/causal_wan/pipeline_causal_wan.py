@@ -37,6 +37,9 @@ class CausalWanPipeline(DiffusionPipeline):
     Config (saved in model_index.json):
         num_frames_per_block: latent frames per causal block.
         denoising_timesteps: the per-block few-step schedule in model timesteps, e.g. [1000, 750, 500, 250].
+        denoising_sigmas: the noise level of each of those steps, when it is not timestep / 1000 (CausVid's
+            3-step student is fed timesteps [1000, 757, 522] at noise levels [1, 0.7568, 0.5217], read off a
+            discrete shifted table); None: timestep / num_train_timesteps.
         context_noise: timestep at which finished blocks are written into the cache (0 = clean).
         local_attn_size: attention window in latent frames (-1 = every earlier frame).
         sink_size: frames at the start that stay visible with a local window.
@@ -47,23 +50,34 @@ class CausalWanPipeline(DiffusionPipeline):
 
     def __init__(self, transformer, scheduler, tokenizer=None, text_encoder=None, vae=None,
                  num_frames_per_block: int = 3, denoising_timesteps: list[float] | None = None,
-                 context_noise: int = 0, local_attn_size: int = -1, sink_size: int = 0):
+                 context_noise: int = 0, local_attn_size: int = -1, sink_size: int = 0,
+                 denoising_sigmas: list[float] | None = None):
         super().__init__()
         denoising_timesteps = [1000, 750, 500, 250] if denoising_timesteps is None else list(denoising_timesteps)
+        denoising_sigmas = None if denoising_sigmas is None else [float(s) for s in denoising_sigmas]
         self.check_recipe(num_frames_per_block=num_frames_per_block, denoising_timesteps=denoising_timesteps,
-                          context_noise=context_noise, local_attn_size=local_attn_size, sink_size=sink_size)
+                          context_noise=context_noise, local_attn_size=local_attn_size, sink_size=sink_size,
+                          denoising_sigmas=denoising_sigmas)
         self.register_modules(transformer=transformer, scheduler=scheduler, tokenizer=tokenizer,
                               text_encoder=text_encoder, vae=vae)
         self.register_to_config(num_frames_per_block=num_frames_per_block, denoising_timesteps=denoising_timesteps,
-                                context_noise=context_noise, local_attn_size=local_attn_size, sink_size=sink_size)
+                                context_noise=context_noise, local_attn_size=local_attn_size, sink_size=sink_size,
+                                denoising_sigmas=denoising_sigmas)
 
     @staticmethod
-    def check_recipe(*, num_frames_per_block, denoising_timesteps, context_noise, local_attn_size, sink_size) -> None:
+    def check_recipe(*, num_frames_per_block, denoising_timesteps, context_noise, local_attn_size, sink_size,
+                     denoising_sigmas=None) -> None:
         """ValueError naming the field unless the sampling recipe is one this pipeline can run."""
         steps = list(denoising_timesteps)
         if not steps or any(not isinstance(t, (int, float)) or not 0 < t <= 1000 for t in steps) or any(
                 a <= b for a, b in zip(steps, steps[1:])):
             raise ValueError(f"`denoising_timesteps` must be a non-empty decreasing list in (0, 1000], got {steps}.")
+        if denoising_sigmas is not None:
+            sigmas = list(denoising_sigmas)
+            if len(sigmas) != len(steps) or any(not isinstance(s, (int, float)) or not 0 < s <= 1 for s in sigmas) or any(
+                    a <= b for a, b in zip(sigmas, sigmas[1:])):
+                raise ValueError(f"`denoising_sigmas` must be None or a decreasing list in (0, 1] with one noise level "
+                                 f"per timestep ({len(steps)}), got {sigmas}.")
         if not isinstance(context_noise, (int, float)) or not 0 <= context_noise < 1000:
             raise ValueError(f"`context_noise` must be in [0, 1000), got {context_noise!r}.")
         CausalWan.check_layout(num_frames_per_block, local_attn_size, sink_size)
@@ -161,17 +175,22 @@ class CausalWanPipeline(DiffusionPipeline):
         cfg = self.config
         n = cfg.num_frames_per_block
         cache = causal.new_cache(text.shape[0], num_frames, height, width, device=device, dtype=dtype)
+        sigmas = [t / self.scheduler.config.num_train_timesteps for t in cfg.denoising_timesteps]
+        model_timesteps = None  # the model sees the scheduler's timesteps (sigma * num_train_timesteps)
+        if getattr(cfg, "denoising_sigmas", None) is not None:  # separate noise levels: the model sees the recipe's
+            sigmas = list(cfg.denoising_sigmas)
+            model_timesteps = torch.tensor(cfg.denoising_timesteps, dtype=torch.float32, device=device)
         for start in range(0, num_frames, n):
-            self.scheduler.set_timesteps(sigmas=[t / self.scheduler.config.num_train_timesteps
-                                                 for t in cfg.denoising_timesteps], device=device)
+            self.scheduler.set_timesteps(sigmas=sigmas, device=device)
             x = latents[:, :, start:start + n]  # (B, C, N, h, w)
             fixed = first is not None and start == 0
-            for timestep in self.scheduler.timesteps:
+            for i, timestep in enumerate(self.scheduler.timesteps):
                 if fixed:
                     x = torch.cat([first, x[:, :, 1:]], 2)
-                frame_t = timestep.expand(b)  # one level for the block: Wan's shared (cheaper) modulation
+                model_t = timestep if model_timesteps is None else model_timesteps[i]
+                frame_t = model_t.expand(b)  # one level for the block: Wan's shared (cheaper) modulation
                 if fixed:  # I2V: frame 0 stays at timestep 0 -> per-frame timesteps
-                    frame_t = timestep.expand(b, n).clone()
+                    frame_t = model_t.expand(b, n).clone()
                     frame_t[:, 0] = 0
                 v = self._velocity(causal, x, frame_t, text, cache, guidance_scale, use_cfg, dtype)
                 x = self.scheduler.step(v, timestep, x, generator=generator).prev_sample

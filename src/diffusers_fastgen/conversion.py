@@ -70,7 +70,8 @@ RECIPES = {
 
 _PREFIXES = ("model.", "transformer.", "net.", "module.", "_orig_mod.", "generator.")
 # Names only the original Wan code uses (diffusers kept `patch_embedding`, so it tells nothing).
-_ORIGINAL_WAN = re.compile(r"^(blocks\.\d+\.(self_attn|cross_attn|modulation)|text_embedding|time_embedding|time_projection|head\.)")
+_ORIGINAL_WAN = re.compile(r"^(blocks\.\d+\.(self_attn|cross_attn|modulation)|text_embedding|time_embedding|"
+                           r"time_projection|head\.)")
 
 
 def load_checkpoint_state(path: str, *, use_ema: bool = False) -> dict[str, torch.Tensor]:

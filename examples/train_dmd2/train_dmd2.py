@@ -9,6 +9,15 @@ The student's inputs are its schedule's points: pure noise at t_list[0], and for
 students the state reached by running itself (backward simulation) or noised real data.
 
     accelerate launch examples/train_dmd2/train_dmd2.py --output_dir outputs/dmd2
+
+On a stock text-to-image pipeline (Stable Diffusion 1.x/2.x, SDXL, SD3, Flux; the process, prediction
+type and guidance handling come from the teacher) with a prompt file:
+
+    accelerate launch examples/train_dmd2/train_dmd2.py --pretrained_model_name_or_path <pipeline> \
+        --prompts prompts.txt --output_dir outputs/dmd2_sdxl --lora_rank 64 --guidance_scale 8 --weight_dtype bf16
+
+writes the teacher's pipeline class holding the student (or `pytorch_lora_weights.safetensors` for
+`load_lora_weights`) with its sampling recipe as a stock scheduler and a model card.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ from diffusers_fastgen.training import (
     NonFiniteGuard,
     OptimizerArgs,
     RunArgs,
+    TextToImageArgs,
     check_pipeline_folder,
     load_checkpoint,
     make_optimizer,
@@ -52,8 +62,9 @@ from diffusers_fastgen.training.distribution_matching_steps import (
     student_inputs,
     student_step,
 )
-from diffusers_fastgen.training.players import log_and_checkpoint, validate_digits_student
+from diffusers_fastgen.training.players import finish_text_to_image_run, log_and_checkpoint, validate_digits_student
 from diffusers_fastgen.training.progress import TrainingProgress
+from diffusers_fastgen.training.teachers import PromptBatches, TextToImageTeacher, load_prompts
 
 logger = get_logger("train_dmd2", log_level="INFO")
 
@@ -68,9 +79,10 @@ class DMD2Args:
     optimizer: OptimizerArgs = field(default_factory=lambda: OptimizerArgs(learning_rate=1e-4, adam_beta1=0.0,
                                                                            adam_beta2=0.999, max_grad_norm=10.0))
     ema: EMAArgs = field(default_factory=lambda: EMAArgs(ema_schedule="halflife", ema_halflife_kimg=2.0))
-    teacher: str = DIGITS_TEACHER_PATH  # teacher pipeline folder (default: the shipped digits teacher)
+    text: TextToImageArgs = field(default_factory=TextToImageArgs)  # a stock text-to-image teacher instead
+    teacher: str = DIGITS_TEACHER_PATH  # digits teacher folder (default: the shipped one)
     num_student_steps: int = 1  # the student's step count (t_list length - 1)
-    shift: float = 1.0  # student schedule: sigmas = shift(linspace(1, 0, N + 1)), fresh-noise re-noising
+    shift: float | None = None  # student schedule shift (default: 1 on digits, the teacher's on flow-matching pipelines)
     guidance_scale: float = 1.0  # teacher CFG in the real score
     fake_score_learning_rate: float = 1e-4  # AdamW learning rate of the fake score
     student_update_freq: int = 5  # student step every N iterations (fake score every iteration)
@@ -87,6 +99,16 @@ class DMD2Args:
 
     def __post_init__(self):
         check_pipeline_folder(self.teacher, "DigitsPipeline", "teacher")
+        if self.text.pretrained_model_name_or_path is not None:  # no real images on this path (yet)
+            if self.gan_generator_weight > 0 or self.r1_weight > 0:
+                raise ValueError("`gan_generator_weight` / `r1_weight` need real images, which the text-to-image path "
+                                 "(`pretrained_model_name_or_path`) does not read yet; leave them at 0.")
+            if not self.backward_simulation and self.num_student_steps > 1:
+                raise ValueError("`backward_simulation` false noises real images, which the text-to-image path does "
+                                 "not read yet; keep it true.")
+            if self.run.validation_steps:
+                raise ValueError("`validation_steps` is not available with `pretrained_model_name_or_path` yet (the "
+                                 "text encoders are released after the prompts are embedded); set it to 0.")
         if self.num_student_steps < 1:
             raise ValueError(f"`num_student_steps` must be >= 1, got {self.num_student_steps}.")
         if self.student_update_freq < 1:
@@ -112,9 +134,22 @@ def main(argv=None):
         save_config(args, os.path.join(run.output_dir, "train_config.yaml"))
 
     # 1. Players (teacher, student, fake score [+ discriminator head]), one optimizer per trained player.
-    teacher_pipe = DigitsPipeline.from_pretrained(args.teacher)
-    process, prediction_type = process_from_scheduler(teacher_pipe.scheduler)
-    modules, params = build_players(teacher_pipe.unet, lora_rank=args.lora_rank)
+    t2i = None  # a stock text-to-image teacher (--pretrained_model_name_or_path), else the digits teacher
+    if args.text.pretrained_model_name_or_path is not None:
+        text = args.text
+        t2i = TextToImageTeacher(text.pretrained_model_name_or_path, revision=text.revision, variant=text.variant,
+                                 cache_dir=text.cache_dir, weight_dtype=text.weight_dtype, resolution=text.resolution,
+                                 guidance_scale=args.guidance_scale, max_sequence_length=text.max_sequence_length)
+        prompts = load_prompts(text.prompts, text.caption_column)
+        embeddings, negative = t2i.embed_prompts(prompts, negative_prompt=text.negative_prompt,
+                                                 batch_size=text.encode_batch_size, cache_dir=text.embeddings_cache)
+        t2i.release_text_encoders()
+        teacher_model, process, prediction_type = t2i.model, t2i.process, t2i.prediction_type
+    else:
+        teacher_pipe = DigitsPipeline.from_pretrained(args.teacher)
+        process, prediction_type = process_from_scheduler(teacher_pipe.scheduler)
+        teacher_model = teacher_pipe.unet
+    modules, params = build_players(teacher_model, lora_rank=args.lora_rank)
     nets = player_denoisers(modules, process, prediction_type)
     if args.gan_generator_weight > 0:  # discriminator head on the fake score's features, trained with it
         probe_cond = digits_cond(torch.zeros(1, dtype=torch.long))
@@ -130,12 +165,16 @@ def main(argv=None):
     nets = player_denoisers(modules, process, prediction_type)  # over the prepared (DDP-wrapped) modules
     teacher, student, fake_score = nets["teacher"], nets["student"], nets["fake_score"]
     ema = student_ema(accelerator, modules, args.ema, run.train_batch_size)
-    scheduler = flow_match_sde_scheduler(shift=args.shift)
-    t_list = t_list_from_scheduler(scheduler, args.num_student_steps)
-
-    images, labels = (torch.from_numpy(a) for a in load_digits_arrays("train"))
-    batches = InfiniteBatches(images, labels, batch_size=run.train_batch_size, seed=run.seed,
-                              rank=accelerator.process_index, world_size=accelerator.num_processes)
+    if t2i is not None:  # the stock scheduler the saved pipeline samples with, and its t_list
+        scheduler = t2i.student_scheduler(shift=args.shift)
+        t_list = t2i.student_t_list(scheduler, args.num_student_steps)
+        batches = PromptBatches(len(prompts), run.train_batch_size, seed=run.seed, rank=accelerator.process_index)
+    else:
+        scheduler = flow_match_sde_scheduler(shift=1.0 if args.shift is None else args.shift)
+        t_list = t_list_from_scheduler(scheduler, args.num_student_steps)
+        images, labels = (torch.from_numpy(a) for a in load_digits_arrays("train"))
+        batches = InfiniteBatches(images, labels, batch_size=run.train_batch_size, seed=run.seed,
+                                  rank=accelerator.process_index, world_size=accelerator.num_processes)
 
     step = 0  # counts student updates
     checkpoint = resolve_checkpoint(run.output_dir, run.resume_from_checkpoint)
@@ -155,9 +194,16 @@ def main(argv=None):
     progress = TrainingProgress(accelerator, run, step, guard)
     logs = {}
     while step < run.max_train_steps:
-        real_x0, y = (t.to(accelerator.device) for t in next(batches))
-        noise = torch.randn_like(real_x0)
-        cond, uncond = digits_cond(y), digits_cond(torch.full_like(y, NULL_CLASS))
+        if t2i is not None:
+            index = next(batches)
+            real_x0 = None
+            noise = torch.randn(len(index), *t2i.latent_shape, device=accelerator.device)
+            cond = t2i.cond(embeddings, index, accelerator.device)
+            uncond = t2i.cond(negative, torch.zeros_like(index), accelerator.device)
+        else:
+            real_x0, y = (t.to(accelerator.device) for t in next(batches))
+            noise = torch.randn_like(real_x0)
+            cond, uncond = digits_cond(y), digits_cond(torch.full_like(y, NULL_CLASS))
         x_t, t = student_inputs(student, noise, cond, t_list, real_x0, backward_simulation=args.backward_simulation)
         iteration += 1
         if ((iteration - 1) // run.gradient_accumulation_steps + 1) % args.student_update_freq:  # fake-score update
@@ -168,7 +214,8 @@ def main(argv=None):
                    guard=guard, accumulator=accumulator, player="fake_score", step=step)
             logs["fake_score_loss"] = loss.detach()
             continue
-        loss = student_step(student, teacher, fake_score, x_t, t, cond, uncond, guidance_scale=args.guidance_scale,
+        cfg_scale = t2i.cfg_scale if t2i is not None else args.guidance_scale  # guidance-distilled Flux: no CFG
+        loss = student_step(student, teacher, fake_score, x_t, t, cond, uncond, guidance_scale=cfg_scale,
                             t_min=args.dmd_t_min, t_max=args.dmd_t_max, head=modules.get("head"),
                             gan_weight=args.gan_generator_weight, feature_module=args.gan_feature_module,
                             critic_params=params["fake_score"])
@@ -180,9 +227,13 @@ def main(argv=None):
         logs["dmd_loss"] = loss.detach()
         log_and_checkpoint(accelerator, run, step, logs, ema, progress, validate=validate)
 
-    finish_digits_run(accelerator, modules, params, optimizers, ema, scheduler, output_dir=run.output_dir,
-                      teacher_path=args.teacher, num_steps=args.num_student_steps, step=step,
-                      eval_num_samples=args.eval_num_samples, name="DMD2 student", logger=logger)
+    if t2i is not None:
+        finish_text_to_image_run(accelerator, modules, params, optimizers, ema, t2i, scheduler, output_dir=run.output_dir,
+                                 num_steps=args.num_student_steps, method="DMD2", prompts=prompts, logger=logger)
+    else:
+        finish_digits_run(accelerator, modules, params, optimizers, ema, scheduler, output_dir=run.output_dir,
+                          teacher_path=args.teacher, num_steps=args.num_student_steps, step=step,
+                          eval_num_samples=args.eval_num_samples, name="DMD2 student", logger=logger)
 
     progress.summary("train_dmd2", logger)
 

@@ -12,10 +12,15 @@ from diffusers import (
     AutoencoderKL,
     AutoencoderKLWan,
     CogVideoXTransformer3DModel,
+    FluxPipeline,
     FluxTransformer2DModel,
     SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
     UNet2DConditionModel,
     UNet2DModel,
+    WanPipeline,
     WanTransformer3DModel,
 )
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -79,15 +84,16 @@ def tiny_unet2d(*, seed: int = 0, num_class_embeds: int | None = 10, in_channels
                        attention_head_dim=8, num_class_embeds=num_class_embeds)
 
 
-def tiny_unet2d_condition(*, seed: int = 0, sdxl: bool = False, num_class_embeds: int | None = None):
+def tiny_unet2d_condition(*, seed: int = 0, sdxl: bool = False, num_class_embeds: int | None = None,
+                          cross_attention_dim: int = TEXT_DIM, **config):
     """SD1.5-style (cross-attention on 32-d text) or SDXL-style (+ text_time added conditioning)."""
     _seeded(seed)
-    extra = {}
+    extra = dict(config)
     if sdxl:
-        extra = dict(addition_embed_type="text_time", addition_time_embed_dim=8,
+        extra.update(addition_embed_type="text_time", addition_time_embed_dim=8,
                      projection_class_embeddings_input_dim=TEXT_DIM + 6 * 8)
     return UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
-                                layers_per_block=1, norm_num_groups=4, cross_attention_dim=TEXT_DIM,
+                                layers_per_block=1, norm_num_groups=4, cross_attention_dim=cross_attention_dim,
                                 attention_head_dim=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
                                 num_class_embeds=num_class_embeds, **extra)
@@ -161,14 +167,21 @@ def tiny_cond(kind: str, batch_size: int, *, seed: int = 0, seq_len: int = 5) ->
     raise ValueError(f"`kind` must be one of unet2d, sd, sdxl, sd3, flux, flux_guidance, wan, cogvideox; got {kind!r}.")
 
 
-def tiny_pipeline(kind: str, scheduler, *, seed: int = 0):
-    """A complete tiny stock pipeline: 'sd' (StableDiffusionPipeline), 'sd3', 'flux' or 'wan'."""
-    from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, WanPipeline
-
+def tiny_pipeline(kind: str, scheduler, *, seed: int = 0, **model_config):
+    """A complete tiny stock pipeline: 'sd' (StableDiffusionPipeline), 'sdxl', 'sd3', 'flux' or 'wan'
+    (`model_config`: extra config of the UNet / transformer, e.g. guidance_embeds=True for Flux)."""
+    if kind == "sdxl":  # two CLIP encoders: hidden states concatenated (2 x 32 = 64-d cross-attention)
+        tok = tiny_tokenizer(model_max_length=8)
+        return StableDiffusionXLPipeline(
+            vae=tiny_vae(seed=seed), text_encoder=tiny_clip_text_encoder(tok, seed=seed), tokenizer=tok,
+            text_encoder_2=tiny_clip_text_encoder(tok, with_projection=True, seed=seed + 1), tokenizer_2=tok,
+            unet=tiny_unet2d_condition(seed=seed, sdxl=True, cross_attention_dim=2 * TEXT_DIM, **model_config),
+            scheduler=scheduler)
     if kind == "sd":
         tok = tiny_tokenizer(model_max_length=8)
         return StableDiffusionPipeline(vae=tiny_vae(seed=seed), text_encoder=tiny_clip_text_encoder(tok, seed=seed),
-                                       tokenizer=tok, unet=tiny_unet2d_condition(seed=seed), scheduler=scheduler,
+                                       tokenizer=tok, unet=tiny_unet2d_condition(seed=seed, **model_config),
+                                       scheduler=scheduler,
                                        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     if kind == "sd3":
         tok = tiny_tokenizer(model_max_length=8)
@@ -183,9 +196,9 @@ def tiny_pipeline(kind: str, scheduler, *, seed: int = 0):
         return FluxPipeline(scheduler=scheduler, vae=tiny_vae(seed=seed, shift_factor=0.1159, scaling_factor=0.3611),
                             text_encoder=tiny_clip_text_encoder(tok, seed=seed), tokenizer=tok,
                             text_encoder_2=tiny_t5_text_encoder(tok, seed=seed), tokenizer_2=tok,
-                            transformer=tiny_flux_transformer(seed=seed))
+                            transformer=tiny_flux_transformer(seed=seed, **model_config))
     if kind == "wan":
         tok = tiny_tokenizer(model_max_length=8)
         return WanPipeline(tokenizer=tok, text_encoder=tiny_t5_text_encoder(tok, seed=seed, umt5=True),
                            vae=tiny_wan_vae(seed=seed), scheduler=scheduler, transformer=tiny_wan_transformer(seed=seed))
-    raise ValueError(f"`kind` must be one of 'sd', 'sd3', 'flux', 'wan'; got {kind!r}.")
+    raise ValueError(f"`kind` must be one of 'sd', 'sdxl', 'sd3', 'flux', 'wan'; got {kind!r}.")

@@ -7,7 +7,17 @@ from .accelerate_setup import (
     training_state_mb,
     update,
 )
-from .args import EMAArgs, OptimizerArgs, RunArgs, build, check_pipeline_folder, parse_args, save_config, to_flat_dict
+from .args import (
+    EMAArgs,
+    OptimizerArgs,
+    RunArgs,
+    TextToImageArgs,
+    build,
+    check_pipeline_folder,
+    parse_args,
+    save_config,
+    to_flat_dict,
+)
 from .checkpoint import list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
 from .nonfinite import NonFiniteError, NonFiniteGuard, check_finite
 from .validation import log_image_grid, make_grid, save_image_grid

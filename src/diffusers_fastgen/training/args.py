@@ -20,9 +20,11 @@ import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
+import torch
 import yaml
 
 from ..ema import EMA_SCHEDULES
+from .teachers import WEIGHT_DTYPES, check_text_to_image_teacher, load_prompts
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 REPORT_TO = ("tensorboard", "wandb", "none")
@@ -120,6 +122,39 @@ class EMAArgs:
         _check(self.ema_halflife_kimg > 0, f"`ema_halflife_kimg` must be > 0, got {self.ema_halflife_kimg}.")
         _check(self.ema_gamma > 0, f"`ema_gamma` must be > 0, got {self.ema_gamma}.")
         _check(self.ema_start_iter >= 0, f"`ema_start_iter` must be >= 0, got {self.ema_start_iter}.")
+
+
+@dataclass
+class TextToImageArgs:
+    pretrained_model_name_or_path: str | None = None  # SD 1.x/2.x, SDXL, SD3 or Flux pipeline (folder or Hub id) as teacher
+    revision: str | None = None  # Hub revision of that pipeline
+    variant: str | None = None  # weight variant to load (e.g. fp16)
+    cache_dir: str | None = None  # Hub download cache
+    prompts: str | None = None  # training prompts: .txt (one per line), .jsonl or .csv (--caption_column)
+    caption_column: str = "text"  # the prompt column of a .jsonl / .csv prompts file
+    negative_prompt: str = ""  # the unconditional branch of CFG
+    resolution: int | None = None  # image side in pixels (default: the model's sample size x the VAE factor)
+    weight_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # dtype of the frozen teacher, VAE and text encoders
+    max_sequence_length: int | None = None  # T5 tokens (SD3 / Flux; default: the pipeline's, capped by the tokenizer)
+    embeddings_cache: str | None = None  # keep prompt embeddings here (safetensors shards, reused by later runs)
+    encode_batch_size: int = 16  # prompts per text-encoder batch
+
+    def __post_init__(self):
+        if self.pretrained_model_name_or_path is None:
+            _check(self.prompts is None, "`prompts` needs `pretrained_model_name_or_path` (a text-to-image teacher).")
+            return
+        _check(self.prompts is not None, "`pretrained_model_name_or_path` needs `prompts` (a .txt/.jsonl/.csv file).")
+        load_prompts(self.prompts, self.caption_column)  # missing, empty or without the column: ValueError now
+        _check(self.weight_dtype in WEIGHT_DTYPES,
+               f"`weight_dtype` must be one of {sorted(WEIGHT_DTYPES)}, got {self.weight_dtype!r}.")
+        _check(self.weight_dtype != "fp16" or torch.cuda.is_available(),
+               "`weight_dtype` fp16 needs a GPU (CPU fp16 kernels are missing or slow): use bf16 or fp32.")
+        _check(self.resolution is None or self.resolution >= 1, f"`resolution` must be >= 1, got {self.resolution}.")
+        _check(self.encode_batch_size >= 1, f"`encode_batch_size` must be >= 1, got {self.encode_batch_size}.")
+        _check(self.max_sequence_length is None or self.max_sequence_length >= 1,
+               f"`max_sequence_length` must be >= 1, got {self.max_sequence_length}.")
+        check_text_to_image_teacher(self.pretrained_model_name_or_path, self.resolution, revision=self.revision,
+                                    cache_dir=self.cache_dir)
 
 
 # ------------------------------------------------------------------------------------------------

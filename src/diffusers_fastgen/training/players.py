@@ -21,6 +21,7 @@ from .checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from .data import InfiniteBatches, load_digits_arrays
 from .lora import use_adapter
 from .nonfinite import check_finite
+from .teachers import lora_state
 from .validation import log_image_grid, save_image_grid
 
 
@@ -102,6 +103,37 @@ def finish_digits_run(accelerator, modules: dict, params: dict, optimizers: dict
         if eval_num_samples:
             print(write_benchmark(pipe, output_dir, name=name + (" (LoRA)" if "base" in modules else ""),
                                   num_samples=eval_num_samples, step_counts=step_counts or [num_steps]))
+    accelerator.wait_for_everyone()  # ranks tear the process group down together (a lone gloo rank can hang)
+    accelerator.end_training()
+
+
+def finish_text_to_image_run(accelerator, modules: dict, params: dict, optimizers: dict, ema, teacher, scheduler, *,
+                             output_dir: str, num_steps: int, method: str, prompts: list[str], logger) -> None:
+    """End of a run on a stock text-to-image teacher (`training.teachers.TextToImageTeacher`): check that DDP
+    replicas agree, save the EMA student as the teacher's pipeline class with its recipe scheduler (or, in
+    LoRA mode, the teacher's `save_lora_weights` file + scheduler) and a model card, reload it with stock
+    diffusers, and save a grid of its samples for the first prompts (rank 0)."""
+    accelerator.wait_for_everyone()
+    check_replicas_in_sync(accelerator, [p for ps in params.values() for p in ps])
+    if accelerator.is_main_process:
+        counts = ", ".join(f"{n} {sum(p.numel() for p in ps)}" for n, ps in params.items())
+        logger.info("peak RSS %.1f MB; weights + grads + optimizer state %.1f MB; trainable parameters: %s",
+                    peak_rss_mb(), training_state_mb(modules.values(), [o for o, _ in optimizers.values()]), counts)
+        if "base" in modules:
+            base = accelerator.unwrap_model(modules["base"])
+            ema.copy_to(base)
+            pipe = teacher.save_student(output_dir, None, scheduler, num_steps=num_steps, method=method,
+                                        lora_layers=lora_state(base, "student"))
+        else:
+            student = accelerator.unwrap_model(modules["student"])
+            ema.copy_to(student)
+            pipe = teacher.save_student(output_dir, student, scheduler, num_steps=num_steps, method=method)
+        logger.info("saved the student to %s", output_dir)
+        pipe.set_progress_bar_config(disable=True)
+        torch.manual_seed(0)  # SD3 / Flux draw the re-noising noise from the global generator
+        images = pipe(prompts[:8], height=teacher.resolution, width=teacher.resolution, output_type="pt",
+                      generator=torch.Generator().manual_seed(0), **teacher.sampling_kwargs(num_steps)).images
+        save_image_grid(images * 2 - 1, os.path.join(output_dir, "samples.png"), nrow=min(8, len(images)), upscale=1)
     accelerator.wait_for_everyone()  # ranks tear the process group down together (a lone gloo rank can hang)
     accelerator.end_training()
 

@@ -1,0 +1,344 @@
+"""Stock text-to-image pipelines as teachers: SD1.5 (eps / v), SDXL, SD3 and Flux.
+
+`TextToImageTeacher(path)` loads the pipeline named by the folder's (or Hub repo's) model_index.json and
+exposes what a distillation script needs, all read from the teacher itself:
+
+- `model` (the UNet or transformer) with its `process` and native `prediction_type` (from its scheduler);
+- `latent_shape` for `--resolution` (the VAE factor and, for Flux, the 2x2 packing);
+- prompt embeddings through the pipeline's own `encode_prompt` (`embed_prompts`), turned into the
+  `Denoiser` conditioning of a batch by `cond`; CFG or, for guidance-distilled Flux, the guidance
+  embedding;
+- the student's sampling recipe as a stock scheduler (`student_scheduler`): LCMScheduler for VP teachers,
+  FlowMatchEulerDiscreteScheduler with stochastic sampling (x0, then fresh noise) for flow-matching ones,
+  with the t_list the stock pipeline will sample at (`student_t_list`);
+- `save_student`: the teacher's own pipeline class holding the student (or a LoRA file that stock
+  `load_lora_weights` applies to the teacher) and a model card.
+
+The digits pipeline is the other teacher kind; the scripts pick one by the folder's pipeline class.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+
+import numpy as np
+import torch
+from diffusers import (
+    DiffusionPipeline,
+    FlowMatchEulerDiscreteScheduler,
+    LCMScheduler,
+)
+from diffusers.utils.hub_utils import MODEL_CARD_TEMPLATE_PATH, populate_model_card
+from huggingface_hub import ModelCard, ModelCardData, hf_hub_download
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+
+from ..parametrization import process_from_scheduler
+from ..schedulers import lcm_scheduler
+from .nonfinite import check_finite
+
+TEXT_TO_IMAGE = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl",
+                 "StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
+WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_DEFAULT_MAX_SEQUENCE_LENGTH = {"sd3": 256, "flux": 512}
+
+
+def _read_json(path: str, filename: str, *, revision=None, cache_dir=None, argument: str) -> dict:
+    """A JSON file of a pipeline folder or Hub repo (ValueError naming `argument` if it cannot be read)."""
+    if os.path.isdir(path):
+        file = os.path.join(path, filename)
+        if not os.path.isfile(file):
+            raise ValueError(f"`{argument}` {path!r} is a folder without {filename} (not a diffusers pipeline).")
+    else:
+        try:
+            file = hf_hub_download(path, filename, revision=revision, cache_dir=cache_dir)
+        except Exception as err:  # offline, no such repo, no such revision
+            raise ValueError(f"`{argument}` {path!r} is not a local folder and its {filename} could not be fetched "
+                             f"from the Hub ({type(err).__name__}: {err}).") from None
+    with open(file) as f:
+        return json.load(f)
+
+
+def read_pipeline_class(path: str, *, revision: str | None = None, cache_dir: str | None = None,
+                        argument: str = "pretrained_model_name_or_path") -> str:
+    """`_class_name` of a pipeline folder's or Hub repo's model_index.json (ValueError naming `argument`)."""
+    return _read_json(path, "model_index.json", revision=revision, cache_dir=cache_dir,
+                      argument=argument).get("_class_name", "?")
+
+
+def check_text_to_image_teacher(path: str, resolution: int | None, *, revision=None, cache_dir=None) -> str:
+    """Before any weights load: the pipeline class is supported and `resolution` fits its VAE factor x patch
+    size (both read from the config files). Returns the class name."""
+    name = read_pipeline_class(path, revision=revision, cache_dir=cache_dir)
+    if name not in TEXT_TO_IMAGE:
+        raise ValueError(f"`pretrained_model_name_or_path` {path!r} is a {name}; supported: {sorted(TEXT_TO_IMAGE)} "
+                         "(the digits teacher goes through `--teacher`).")
+    if resolution is not None:
+        kind = TEXT_TO_IMAGE[name]
+        vae = _read_json(path, "vae/config.json", revision=revision, cache_dir=cache_dir,
+                         argument="pretrained_model_name_or_path")
+        factor = 2 ** (len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1)
+        patch = 2 if kind == "flux" else 1
+        if kind == "sd3":
+            patch = _read_json(path, "transformer/config.json", revision=revision, cache_dir=cache_dir,
+                               argument="pretrained_model_name_or_path").get("patch_size", 2)
+        if resolution < factor * patch or resolution % (factor * patch):
+            raise ValueError(f"`resolution` must be a positive multiple of {factor * patch} (VAE factor {factor} x patch "
+                             f"{patch}) for this {name}, got {resolution}.")
+    return name
+
+
+def load_prompts(path: str, caption_column: str = "text") -> list[str]:
+    """Prompts from a .txt (one per line), .jsonl or .csv (`caption_column`) file; empty lines are skipped."""
+    if not os.path.isfile(path):
+        raise ValueError(f"`prompts` {path!r} is not a file (.txt, .jsonl or .csv).")
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".txt":
+        with open(path, encoding="utf-8") as f:
+            prompts = [line.strip() for line in f]
+    elif ext in (".jsonl", ".csv"):
+        with open(path, encoding="utf-8", newline="") as f:
+            rows = [json.loads(line) for line in f if line.strip()] if ext == ".jsonl" else list(csv.DictReader(f))
+        columns = sorted({k for row in rows for k in row})
+        if rows and caption_column not in columns:
+            raise ValueError(f"`caption_column` {caption_column!r} is not in {path!r}; its columns: {columns}.")
+        prompts = [str(row.get(caption_column) or "").strip() for row in rows]
+    else:
+        raise ValueError(f"`prompts` must be a .txt, .jsonl or .csv file, got {path!r}.")
+    prompts = [p for p in prompts if p]
+    if not prompts:
+        raise ValueError(f"`prompts` {path!r} holds no prompt.")
+    return prompts
+
+
+class TextToImageTeacher:
+    """A stock text-to-image pipeline as teacher (see the module docstring)."""
+
+    def __init__(self, path: str, *, revision: str | None = None, variant: str | None = None,
+                 cache_dir: str | None = None, weight_dtype: str = "fp32", resolution: int | None = None,
+                 guidance_scale: float = 1.0, max_sequence_length: int | None = None):
+        name = read_pipeline_class(path, revision=revision, cache_dir=cache_dir)
+        if name not in TEXT_TO_IMAGE:
+            raise ValueError(f"`pretrained_model_name_or_path` {path!r} is a {name}; supported: "
+                             f"{sorted(TEXT_TO_IMAGE)} (and DigitsPipeline through `--teacher`).")
+        if weight_dtype not in WEIGHT_DTYPES:
+            raise ValueError(f"`weight_dtype` must be one of {sorted(WEIGHT_DTYPES)}, got {weight_dtype!r}.")
+        if weight_dtype == "fp16" and not torch.cuda.is_available():
+            raise ValueError("`weight_dtype` fp16 needs a GPU (CPU fp16 kernels are missing or slow): use bf16 or fp32.")
+        self.path, self.kind, self.class_name = path, TEXT_TO_IMAGE[name], name
+        self.load_kwargs = dict(revision=revision, variant=variant, cache_dir=cache_dir)
+        self.weight_dtype = WEIGHT_DTYPES[weight_dtype]
+        self.pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=self.weight_dtype, **self.load_kwargs)
+        self.component = "unet" if self.kind in ("sd", "sdxl") else "transformer"
+        self.model = getattr(self.pipe, self.component)
+        self.process, self.prediction_type = process_from_scheduler(self.pipe.scheduler)
+        self.flux_guidance = self.kind == "flux" and bool(self.model.config.guidance_embeds)
+        self.guidance_scale = guidance_scale
+        self.vae_scale_factor = self.pipe.vae_scale_factor
+        patch = 2 if self.kind == "flux" else getattr(self.model.config, "patch_size", 1) or 1
+        multiple = self.vae_scale_factor * patch
+        sample_size = self.model.config.get("sample_size") or 64
+        self.resolution = resolution if resolution is not None else int(sample_size) * self.vae_scale_factor
+        if self.resolution < multiple or self.resolution % multiple:
+            raise ValueError(f"`resolution` must be a positive multiple of {multiple} (VAE factor "
+                             f"{self.vae_scale_factor} x patch {patch}) for this {name}, got {self.resolution}.")
+        channels = self.model.config.in_channels // (4 if self.kind == "flux" else 1)
+        side = self.resolution // self.vae_scale_factor
+        self.latent_shape = (channels, side, side)
+        default_len = _DEFAULT_MAX_SEQUENCE_LENGTH.get(self.kind)
+        if default_len is not None:
+            t5 = self.pipe.tokenizer_3 if self.kind == "sd3" else self.pipe.tokenizer_2
+            limit = getattr(t5, "model_max_length", default_len) or default_len
+            self.max_sequence_length = max_sequence_length or min(default_len, limit)
+        else:
+            self.max_sequence_length = None
+
+    # --- prompts ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        pipe, device = self.pipe, self.model.device
+        if self.kind == "sd":
+            embeds, _ = pipe.encode_prompt(prompts, device, 1, False)
+            return {"encoder_hidden_states": embeds}
+        if self.kind == "sdxl":
+            embeds, _, pooled, _ = pipe.encode_prompt(prompts, device=device, num_images_per_prompt=1,
+                                                      do_classifier_free_guidance=False)
+            return {"encoder_hidden_states": embeds, "text_embeds": pooled}
+        if self.kind == "sd3":
+            embeds, _, pooled, _ = pipe.encode_prompt(prompts, prompts, prompts, device=device, num_images_per_prompt=1,
+                                                      do_classifier_free_guidance=False,
+                                                      max_sequence_length=self.max_sequence_length)
+            return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+        embeds, pooled, _ = pipe.encode_prompt(prompts, prompts, device=device, num_images_per_prompt=1,
+                                               max_sequence_length=self.max_sequence_length)
+        return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+
+    def embed_prompts(self, prompts: list[str], *, negative_prompt: str = "", batch_size: int = 16,
+                      cache_dir: str | None = None) -> tuple[dict, dict]:
+        """({name: (N, ...)} for `prompts}, {name: (1, ...)} for `negative_prompt`), encoded by the pipeline's
+        own encode_prompt in batches. cache_dir: kept as safetensors shards under a folder named by a hash
+        of the teacher, the prompts and the settings (each shard written atomically; a rerun reads the
+        finished shards and encodes only the rest)."""
+        if batch_size < 1:
+            raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
+        folder = None
+        if cache_dir is not None:
+            key = json.dumps([self.path, self.class_name, self.load_kwargs, str(self.weight_dtype),
+                              self.max_sequence_length, negative_prompt, prompts])
+            folder = os.path.join(cache_dir, "embeddings-" + hashlib.sha1(key.encode()).hexdigest()[:12])
+            os.makedirs(folder, exist_ok=True)
+
+        def encoded(name: str, chunk: list[str]) -> dict:
+            path = os.path.join(folder, name + ".safetensors") if folder else None
+            if path and os.path.isfile(path):
+                return load_file(path)
+            out = {k: v.detach().cpu().contiguous() for k, v in self._encode(chunk).items()}
+            if path:
+                save_file(out, path + ".tmp")
+                os.replace(path + ".tmp", path)
+            return out
+
+        shards = [encoded(f"shard-{i // batch_size:05d}", prompts[i:i + batch_size])
+                  for i in range(0, len(prompts), batch_size)]
+        embeddings = {k: torch.cat([s[k] for s in shards]) for k in shards[0]}
+        return embeddings, encoded("negative", [negative_prompt])
+
+    def release_text_encoders(self) -> None:
+        """Drop the text encoders and tokenizers from memory (the embeddings are computed)."""
+        for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3"):
+            if getattr(self.pipe, name, None) is not None:
+                setattr(self.pipe, name, None)
+
+    def cond(self, embeddings: dict, index: torch.Tensor | None, device) -> dict:
+        """Denoiser conditioning for rows `index` of `embeddings` (None: the single row, e.g. the negative)."""
+        rows = {k: (v if index is None else v[index]).to(device) for k, v in embeddings.items()}
+        b = next(iter(rows.values())).shape[0]
+        if self.kind == "sdxl":
+            side = self.resolution
+            time_ids = torch.tensor([[side, side, 0, 0, side, side]], dtype=rows["text_embeds"].dtype, device=device)
+            return {"encoder_hidden_states": rows["encoder_hidden_states"],
+                    "added_cond_kwargs": {"text_embeds": rows["text_embeds"], "time_ids": time_ids.repeat(b, 1)}}
+        if self.flux_guidance:
+            rows["guidance"] = torch.full((b,), float(self.guidance_scale), device=device)
+        return rows
+
+    @property
+    def cfg_scale(self) -> float:
+        """Guidance applied as CFG in the real score: 1 (none) for guidance-distilled Flux, whose guidance
+        embedding carries it."""
+        return 1.0 if self.flux_guidance else self.guidance_scale
+
+    # --- the student's sampling recipe --------------------------------------------------------------
+    def student_scheduler(self, shift: float | None = None):
+        """LCMScheduler (VP teachers: x0 then fresh noise at the next timestep, the boundary condition made
+        exact) or FlowMatchEulerDiscreteScheduler(stochastic_sampling=True) at the teacher's shift."""
+        if self.kind in ("sd", "sdxl"):
+            return lcm_scheduler(self.pipe.scheduler)
+        config = {k: v for k, v in self.pipe.scheduler.config.items() if not k.startswith("_")}
+        config.update(stochastic_sampling=True, use_dynamic_shifting=False)
+        if shift is not None:
+            config["shift"] = shift
+        return FlowMatchEulerDiscreteScheduler.from_config(config)
+
+    def student_t_list(self, scheduler, num_steps: int) -> torch.Tensor:
+        """The continuous times (ending at 0) the stock pipeline samples at with `num_steps` steps."""
+        if isinstance(scheduler, LCMScheduler):
+            scheduler.set_timesteps(num_steps)
+            t = scheduler.timesteps.double() / (scheduler.config.num_train_timesteps - 1)
+            return torch.cat([t, t.new_zeros(1)]).float()
+        # FluxPipeline passes sigmas = linspace(1, 1/N, N) itself; SD3 gets them in the call (`sampling_kwargs`),
+        # since its default grid ends at sigma 1/1000 (a 2-step schedule would spend its second step at ~0.009).
+        scheduler.set_timesteps(sigmas=self._sigmas(num_steps), mu=0.0)
+        return scheduler.sigmas.float().clone()
+
+    @staticmethod
+    def _sigmas(num_steps: int) -> list[float]:
+        return np.linspace(1.0, 1 / num_steps, num_steps).tolist()
+
+    def sampling_kwargs(self, num_steps: int) -> dict:
+        """The stock pipeline call that samples the student with its recipe."""
+        kwargs = {"num_inference_steps": num_steps}
+        if self.kind == "flux":
+            kwargs["guidance_scale"] = float(self.guidance_scale) if self.flux_guidance else 1.0
+            kwargs["max_sequence_length"] = self.max_sequence_length
+        else:
+            kwargs["guidance_scale"] = 1.0  # no CFG: the teacher's guidance is distilled into the student
+            if self.kind == "sd3":
+                kwargs["max_sequence_length"] = self.max_sequence_length
+                kwargs["sigmas"] = self._sigmas(num_steps)
+        return kwargs
+
+    # --- output -------------------------------------------------------------------------------------
+    def save_student(self, output_dir: str, student, scheduler, *, num_steps: int, method: str,
+                     lora_layers: dict | None = None) -> DiffusionPipeline:
+        """Write the student: full mode, the teacher's pipeline class with `student` as its denoiser and
+        `scheduler`; LoRA mode (`lora_layers`, a peft state dict of the student adapter), the teacher's
+        `save_lora_weights` file plus `scheduler/`. Both with a model card. Returns the reloaded pipeline
+        (stock `DiffusionPipeline.from_pretrained`, and `load_lora_weights` for LoRA)."""
+        os.makedirs(output_dir, exist_ok=True)
+        cls = type(self.pipe)
+        if lora_layers is None:
+            check_finite(student, "the student")
+            pipe = cls.from_pretrained(self.path, torch_dtype=self.weight_dtype, scheduler=scheduler,
+                                       **{self.component: student}, **self.load_kwargs)
+            pipe.save_pretrained(output_dir)
+        else:
+            check_finite(lora_layers, "the student's LoRA weights")
+            cls.save_lora_weights(output_dir, **{f"{self.component}_lora_layers": lora_layers})
+            scheduler.save_pretrained(os.path.join(output_dir, "scheduler"))
+        self._write_model_card(output_dir, num_steps=num_steps, method=method, lora=lora_layers is not None,
+                               scheduler=scheduler)
+        if lora_layers is None:
+            return DiffusionPipeline.from_pretrained(output_dir)
+        pipe = DiffusionPipeline.from_pretrained(self.path, **self.load_kwargs)
+        pipe.load_lora_weights(output_dir)
+        pipe.scheduler = type(scheduler).from_pretrained(output_dir, subfolder="scheduler")
+        return pipe
+
+    def _write_model_card(self, output_dir: str, *, num_steps: int, method: str, lora: bool, scheduler) -> None:
+        call = ", ".join(f"{k}={v!r}" for k, v in self.sampling_kwargs(num_steps).items())
+        if lora:
+            load = (f'pipe = DiffusionPipeline.from_pretrained("{self.path}")\n'
+                    f'pipe.load_lora_weights("{output_dir}")\n'
+                    f'pipe.scheduler = {type(scheduler).__name__}.from_pretrained("{output_dir}", subfolder="scheduler")')
+            imports = f"from diffusers import DiffusionPipeline, {type(scheduler).__name__}"
+        else:
+            load = f'pipe = DiffusionPipeline.from_pretrained("{output_dir}")'
+            imports = "from diffusers import DiffusionPipeline"
+        description = (
+            f"# {method} student of {self.path}\n\n"
+            f"A {num_steps}-step {'LoRA ' if lora else ''}student distilled with {method} by diffusers_fastgen from "
+            f"the {self.class_name} `{self.path}`. Its sampling recipe is the saved "
+            f"`{type(scheduler).__name__}`; sample it with exactly this call:\n\n"
+            f"```python\n{imports}\n\n{load}\nimage = pipe(\"a prompt\", {call}).images[0]\n```\n")
+        # diffusers' training-script card template and tags (load_or_create_model_card would first look the
+        # output folder up on the Hub, which fails for a local path or offline).
+        card = ModelCard.from_template(card_data=ModelCardData(library_name="diffusers", base_model=self.path),
+                                       template_path=MODEL_CARD_TEMPLATE_PATH, model_description=description)
+        card = populate_model_card(card, tags=["diffusers", "diffusers_fastgen", method.lower(), "distillation",
+                                               "lora" if lora else "full"])
+        card.save(os.path.join(output_dir, "README.md"))
+
+
+class PromptBatches:
+    """Random prompt indices per micro-batch, a pure function of (seed, rank, iteration), so a resumed run
+    draws what the uninterrupted one would have (`state_at`)."""
+
+    def __init__(self, num_prompts: int, batch_size: int, *, seed: int, rank: int = 0):
+        self.num_prompts, self.batch_size, self.seed, self.rank, self.iteration = num_prompts, batch_size, seed, rank, 0
+
+    def state_at(self, iteration: int) -> None:
+        self.iteration = iteration
+
+    def __next__(self) -> torch.Tensor:
+        g = torch.Generator().manual_seed(((self.seed * 1_000_003 + self.rank) * 1_000_033 + self.iteration) % 2**63)
+        self.iteration += 1
+        return torch.randint(0, self.num_prompts, (self.batch_size,), generator=g)
+
+
+def lora_state(model, adapter: str = "student") -> dict:
+    """The peft state dict of one adapter (the form `save_lora_weights` takes)."""
+    return get_peft_model_state_dict(model, adapter_name=adapter)

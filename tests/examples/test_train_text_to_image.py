@@ -1,0 +1,179 @@
+"""train_dmd2 on stock text-to-image teachers (tiny SD1.5 eps / v, SDXL, SD3, Flux, guidance-distilled Flux,
+saved to a temporary folder): the student reloads with stock diffusers (LoRA students with
+`load_lora_weights`), and the stock pipeline's samples at the student's step count equal the rollout over
+the t_list the script trained on (the saved scheduler is the training recipe)."""
+
+import os
+from unittest import mock
+
+import pytest
+import torch
+from diffusers import (
+    DDPMScheduler,
+    DiffusionPipeline,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    LCMScheduler,
+)
+from diffusers.schedulers import scheduling_flow_match_euler_discrete, scheduling_lcm
+from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors.torch import load_file
+from script_utils import run_script
+
+from diffusers_fastgen.models import Denoiser
+from diffusers_fastgen.models.denoiser import pack_flux_latents, unpack_flux_latents
+from diffusers_fastgen.parametrization import add_noise
+from diffusers_fastgen.testing import tiny as T
+from diffusers_fastgen.training.teachers import TextToImageTeacher
+
+VP = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+TEACHERS = {
+    "sd": lambda: T.tiny_pipeline("sd", DDPMScheduler(**VP)),
+    "sd_v": lambda: T.tiny_pipeline("sd", DDPMScheduler(**VP, prediction_type="v_prediction")),
+    "sdxl": lambda: T.tiny_pipeline("sdxl", EulerDiscreteScheduler(**VP)),
+    "sd3": lambda: T.tiny_pipeline("sd3", FlowMatchEulerDiscreteScheduler(shift=3.0)),
+    "flux": lambda: T.tiny_pipeline("flux", FlowMatchEulerDiscreteScheduler(shift=3.0)),
+    "flux_guidance": lambda: T.tiny_pipeline("flux", FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15), guidance_embeds=True),
+}
+PROMPTS = ["a red cat", "a blue dog on the horse", "three green apples", "an astronaut riding a horse"]
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory):
+    root = tmp_path_factory.mktemp("t2i")
+    out = {}
+    for name, build in TEACHERS.items():
+        build().save_pretrained(root / name)
+        out[name] = str(root / name)
+    (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    out["prompts"] = str(root / "prompts.txt")
+    return out
+
+
+def _argv(teachers, name, out, *extra):
+    return ["--pretrained_model_name_or_path", teachers[name], "--prompts", teachers["prompts"], "--output_dir", out,
+            "--max_train_steps", "2", "--train_batch_size", "2", "--student_update_freq", "2", "--num_student_steps",
+            "2", "--resolution", "16", "--report_to", "none", "--validation_steps", "0", "--guidance_scale", "2",
+            "--learning_rate", "1e-3", "--ema_schedule", "constant", "--ema_decay", "0", *extra]
+
+
+def _stock_equals_training_rollout(teacher: TextToImageTeacher, pipe, num_steps: int):
+    """The stock pipeline call of the model card vs x0 / re-noise along the trained t_list, with the same noise."""
+    g = torch.Generator().manual_seed(3)
+    noise = torch.randn(1, *teacher.latent_shape, generator=g)
+    eps = [torch.randn(1, *teacher.latent_shape, generator=g) for _ in range(num_steps)]
+    flux = teacher.kind == "flux"
+    draws = iter(eps)
+
+    def replay(shape, generator=None, device=None, dtype=None):
+        e = next(draws)
+        e = pack_flux_latents(e) if flux else e
+        assert tuple(e.shape) == tuple(shape)
+        return e.to(device=device, dtype=dtype)
+
+    pipe.set_progress_bar_config(disable=True)
+    with mock.patch.object(scheduling_lcm, "randn_tensor", replay), \
+            mock.patch.object(scheduling_flow_match_euler_discrete, "randn_tensor", replay):
+        latents = pack_flux_latents(noise) if flux else noise
+        out = pipe(PROMPTS[0], latents=latents, height=teacher.resolution, width=teacher.resolution,
+                   output_type="latent", **teacher.sampling_kwargs(num_steps)).images
+    stock = unpack_flux_latents(out, *teacher.latent_shape[1:]) if flux else out
+
+    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    t_list = teacher.student_t_list(scheduler, num_steps)
+    den = Denoiser(getattr(pipe, teacher.component), teacher.process, teacher.prediction_type)
+    cond = teacher.cond(teacher._encode([PROMPTS[0]]), None, "cpu")
+    x = noise
+    with torch.no_grad():
+        for i in range(num_steps):
+            x0 = den(x, t_list[i].expand(1), cond)
+            x = add_noise(teacher.process, x0, eps[i], t_list[i + 1].expand(1)) if i + 1 < num_steps else x0
+    torch.testing.assert_close(stock.float(), x, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", list(TEACHERS))
+def test_dmd2_full_student_is_the_teachers_pipeline_class_and_samples_its_recipe(teachers, name, tmp_path):
+    out = str(tmp_path / "student")
+    run_script("dmd2", _argv(teachers, name, out))
+    pipe = DiffusionPipeline.from_pretrained(out)  # stock loading, no diffusers_fastgen class in the folder
+    teacher = TextToImageTeacher(teachers[name], resolution=16, guidance_scale=2.0)
+    assert type(pipe) is type(teacher.pipe)
+    expected = LCMScheduler if name.startswith("sd") and name != "sd3" else FlowMatchEulerDiscreteScheduler
+    assert type(pipe.scheduler) is expected
+    trained, base = getattr(pipe, teacher.component).state_dict(), teacher.model.state_dict()
+    assert sum(not torch.equal(trained[k], base[k]) for k in base) > len(base) // 2
+    assert "DMD2" in open(os.path.join(out, "README.md")).read()
+    teacher = TextToImageTeacher(out, resolution=16, guidance_scale=2.0)  # the student folder, same helpers
+    _stock_equals_training_rollout(teacher, pipe, 2)
+
+
+@pytest.mark.parametrize("name", ["sd", "sdxl", "sd3", "flux"])
+def test_dmd2_lora_student_loads_with_load_lora_weights(teachers, name, tmp_path):
+    out = str(tmp_path / "lora")
+    run_script("dmd2", _argv(teachers, name, out, "--lora_rank", "4"))
+    saved = load_file(os.path.join(out, "pytorch_lora_weights.safetensors"))
+    teacher = TextToImageTeacher(teachers[name], resolution=16, guidance_scale=2.0)
+    pipe = teacher.pipe
+    pipe.load_lora_weights(out)
+    recipe = LCMScheduler if teacher.kind in ("sd", "sdxl") else FlowMatchEulerDiscreteScheduler
+    pipe.scheduler = recipe.from_pretrained(out, subfolder="scheduler")
+    # Every saved tensor is in the model (strictly applied), and training moved the B matrices.
+    model = teacher.model
+    loaded = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    assert len(loaded) == len(saved)
+    assert any(p.abs().max() > 0 for n, p in loaded.items() if "lora_B" in n)
+    assert all(isinstance(m, BaseTunerLayer) for n, m in model.named_modules() if n.endswith(".to_q"))
+    _stock_equals_training_rollout(teacher, pipe, 2)
+
+
+def test_embedding_cache_gives_the_same_student_bit_for_bit(teachers, tmp_path):
+    cache = str(tmp_path / "cache")
+    run_script("dmd2", _argv(teachers, "sd", str(tmp_path / "plain"), "--encode_batch_size", "3"))
+    run_script("dmd2", _argv(teachers, "sd", str(tmp_path / "cached"), "--embeddings_cache", cache,
+                             "--encode_batch_size", "3"))
+    shards = sorted(os.listdir(os.path.join(cache, os.listdir(cache)[0])))
+    assert shards == ["negative.safetensors", "shard-00000.safetensors", "shard-00001.safetensors"]
+    mtimes = {s: os.path.getmtime(os.path.join(cache, os.listdir(cache)[0], s)) for s in shards}
+    run_script("dmd2", _argv(teachers, "sd", str(tmp_path / "again"), "--embeddings_cache", cache,
+                             "--encode_batch_size", "3"))  # reads the shards, writes none
+    assert mtimes == {s: os.path.getmtime(os.path.join(cache, os.listdir(cache)[0], s)) for s in shards}
+    weights = [load_file(str(tmp_path / d / "unet" / "diffusion_pytorch_model.safetensors"))
+               for d in ("plain", "cached", "again")]
+    for k in weights[0]:
+        assert torch.equal(weights[0][k], weights[1][k]) and torch.equal(weights[0][k], weights[2][k])
+
+
+@pytest.mark.parametrize("extra,match", [
+    ([], None),  # filled in below: the digits folder is not a text-to-image pipeline
+    (["--gan_generator_weight", "0.1"], "real images"),
+    (["--weight_dtype", "fp16"], "fp16 needs a GPU"),
+    (["--resolution", "6"], "multiple of 4"),
+])
+def test_bad_text_to_image_arguments_are_named_before_any_work(teachers, tmp_path, extra, match):
+    out = str(tmp_path / "bad")
+    argv = _argv(teachers, "flux", out, *extra)
+    if match is None:
+        from diffusers_fastgen.evaluation import DIGITS_TEACHER_PATH
+
+        argv[1], match = DIGITS_TEACHER_PATH, "DigitsPipeline; supported"
+    with pytest.raises(ValueError, match=match):
+        run_script("dmd2", argv)
+    assert not os.path.exists(out)
+
+
+def test_bad_prompt_files_are_named(teachers, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text('{"caption": "a cat"}\n')
+    for prompts, match in ((str(tmp_path / "missing.txt"), "is not a file"), (str(empty), "holds no prompt"),
+                           (str(jsonl), "caption_column")):
+        argv = _argv(teachers, "sd", str(tmp_path / "out"))
+        argv[3] = prompts
+        with pytest.raises(ValueError, match=match):
+            run_script("dmd2", argv)
+    argv = _argv(teachers, "sd", str(tmp_path / "out"))
+    del argv[2:4]
+    with pytest.raises(ValueError, match="needs `prompts`"):
+        run_script("dmd2", argv)

@@ -127,6 +127,22 @@ def test_dmd2_lora_student_loads_with_load_lora_weights(teachers, name, tmp_path
     _stock_equals_training_rollout(teacher, pipe, 2)
 
 
+@pytest.mark.parametrize("lora", [False, True])
+def test_bf16_frozen_teacher_trains_fp32_players_and_saves_one_dtype(teachers, tmp_path, lora):
+    """--weight_dtype bf16: the frozen teacher (and text encoders) in bf16, the trained players in fp32; the
+    saved folder is fp32 throughout and samples its recipe with stock diffusers."""
+    out = str(tmp_path / "bf16")
+    run_script("dmd2", _argv(teachers, "sd", out, "--weight_dtype", "bf16", *(["--lora_rank", "4"] if lora else [])))
+    if lora:
+        saved = load_file(os.path.join(out, "pytorch_lora_weights.safetensors"))
+        assert {v.dtype for v in saved.values()} == {torch.float32}
+        return
+    pipe = DiffusionPipeline.from_pretrained(out)
+    assert {p.dtype for p in pipe.unet.parameters()} == {torch.float32}
+    assert {p.dtype for p in pipe.text_encoder.parameters()} == {torch.float32}
+    _stock_equals_training_rollout(TextToImageTeacher(out, resolution=16), pipe, 2)
+
+
 def test_embedding_cache_gives_the_same_student_bit_for_bit(teachers, tmp_path):
     cache = str(tmp_path / "cache")
     run_script("dmd2", _argv(teachers, "sd", str(tmp_path / "plain"), "--encode_batch_size", "3"))

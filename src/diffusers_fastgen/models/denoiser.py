@@ -138,6 +138,23 @@ def _architecture(model):
     raise TypeError(f"`model` must be one of {names}; got {type(inner).__name__}.")
 
 
+def compute_dtype(model) -> torch.dtype | None:
+    """The dtype a model computes in: that of its first floating parameter outside peft adapters (LoRA weights
+    may be kept in fp32 on a bf16 base)."""
+    for name, p in unwrap_model(model).named_parameters():
+        if "lora_" not in name and p.is_floating_point():
+            return p.dtype
+    return None
+
+
+def _cast_floating(value, dtype):
+    if torch.is_tensor(value):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, dict):
+        return {k: _cast_floating(v, dtype) for k, v in value.items()}
+    return value
+
+
 class Denoiser:
     """D(x_t, t, cond) over a diffusers model, in any parametrization.
 
@@ -202,6 +219,12 @@ class Denoiser:
             t = t.expand(x_t.shape[0])
         if r is not None:
             cond = {**(cond or {}), "timestep_cond": self._interval_cond(t, r)}
+        x_in, cond = x_t, cond or {}
+        dtype = compute_dtype(self.model)
+        if dtype is not None and not torch.is_autocast_enabled(x_t.device.type):
+            # A frozen teacher in bf16 beside fp32 students: inputs (latents and the embeddings of the conditioning)
+            # in the model's dtype, output back in x_t's. No copy where the dtype already matches.
+            x_in, cond = x_t.to(dtype), _cast_floating(cond, dtype)
         with use_adapter(unwrap_model(self.model), self.adapter):  # the previous adapter is active again after
-            out = self._call(self.model, x_t, self.native_timestep(t), cond or {})
+            out = self._call(self.model, x_in, self.native_timestep(t), cond)
         return convert_prediction(self.process, out, x_t, t, self.prediction_type, target).to(x_t.dtype)

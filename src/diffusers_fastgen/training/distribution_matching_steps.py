@@ -216,13 +216,16 @@ def build_players(teacher_unet, *, lora_rank: int = 0, trainable=("student", "fa
     Full mode: {"teacher", *trainable} with each trainable player a copy of the teacher.
     LoRA mode: {"base"} with one adapter per trainable player; the teacher is the base."""
     base = teacher_unet.requires_grad_(False)
-    if lora_rank:
+    if lora_rank:  # the adapters train in fp32 whatever the (frozen) base's dtype
         add_lora_adapters(base, list(trainable), rank=lora_rank)
-        return {"base": base}, {name: adapter_parameters(base, name) for name in trainable}
+        params = {name: adapter_parameters(base, name) for name in trainable}
+        for p in (p for ps in params.values() for p in ps):
+            p.data = p.data.float()
+        return {"base": base}, params
     base.eval()
     modules = {"teacher": base}
-    for name in trainable:
-        modules[name] = copy.deepcopy(base).requires_grad_(True)
+    for name in trainable:  # trained copies in fp32 (the teacher may be bf16 / fp16)
+        modules[name] = copy.deepcopy(base).float().requires_grad_(True)
     return modules, {name: list(modules[name].parameters()) for name in trainable}
 
 

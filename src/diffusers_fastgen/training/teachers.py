@@ -282,8 +282,10 @@ class TextToImageTeacher:
         cls = type(self.pipe)
         if lora_layers is None:
             check_finite(student, "the student")
-            pipe = cls.from_pretrained(self.path, torch_dtype=self.weight_dtype, scheduler=scheduler,
-                                       **{self.component: student}, **self.load_kwargs)
+            # One dtype in the folder: the fp32 student beside the teacher's other components loaded in fp32 (a
+            # user picks the inference dtype with from_pretrained(..., torch_dtype=...)).
+            pipe = cls.from_pretrained(self.path, torch_dtype=torch.float32, scheduler=scheduler,
+                                       **{self.component: student.float()}, **self.load_kwargs)
             pipe.save_pretrained(output_dir)
         else:
             check_finite(lora_layers, "the student's LoRA weights")

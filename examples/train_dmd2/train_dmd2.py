@@ -90,6 +90,8 @@ class DMD2Args:
     dmd_t_max: float = 0.98
     backward_simulation: bool = True  # multi-step: inputs from the student's own rollout (else noised data)
     lora_rank: int = 0  # > 0: student and fake score are LoRA adapters on one frozen base (the teacher)
+    lora_alpha: float | None = None  # LoRA scaling numerator (default: lora_rank, i.e. scale 1)
+    lora_target_modules: list[str] | None = None  # module names (suffixes) that get adapters (default: attention + convs)
     gan_generator_weight: float = 0.0  # > 0 turns on DMD2's GAN branch: weight of the student's GAN loss
     gan_discriminator_weight: float = 1e-2  # weight of the discriminator loss added to the fake-score loss
     gan_feature_module: str = "mid_block"  # fake-score block whose output the discriminator head reads
@@ -121,6 +123,10 @@ class DMD2Args:
             raise ValueError("`gan_generator_weight`, `gan_discriminator_weight` and `r1_weight` must be >= 0.")
         if self.lora_rank < 0:
             raise ValueError(f"`lora_rank` must be >= 0 (0 = full fine-tuning), got {self.lora_rank}.")
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            raise ValueError(f"`lora_alpha` must be > 0, got {self.lora_alpha}.")
+        if (self.lora_alpha is not None or self.lora_target_modules) and not self.lora_rank:
+            raise ValueError("`lora_alpha` / `lora_target_modules` need `lora_rank` > 0.")
         if self.fake_score_learning_rate <= 0:
             raise ValueError(f"`fake_score_learning_rate` must be > 0, got {self.fake_score_learning_rate}.")
 
@@ -149,7 +155,8 @@ def main(argv=None):
         teacher_pipe = DigitsPipeline.from_pretrained(args.teacher)
         process, prediction_type = process_from_scheduler(teacher_pipe.scheduler)
         teacher_model = teacher_pipe.unet
-    modules, params = build_players(teacher_model, lora_rank=args.lora_rank)
+    modules, params = build_players(teacher_model, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+                                    lora_target_modules=args.lora_target_modules)
     nets = player_denoisers(modules, process, prediction_type)
     if args.gan_generator_weight > 0:  # discriminator head on the fake score's features, trained with it
         probe_cond = digits_cond(torch.zeros(1, dtype=torch.long))
@@ -229,7 +236,8 @@ def main(argv=None):
 
     if t2i is not None:
         finish_text_to_image_run(accelerator, modules, params, optimizers, ema, t2i, scheduler, output_dir=run.output_dir,
-                                 num_steps=args.num_student_steps, method="DMD2", prompts=prompts, logger=logger)
+                                 num_steps=args.num_student_steps, method="DMD2", prompts=prompts, logger=logger,
+                                 push_to_hub=args.text.push_to_hub, hub_model_id=args.text.hub_model_id)
     else:
         finish_digits_run(accelerator, modules, params, optimizers, ema, scheduler, output_dir=run.output_dir,
                           teacher_path=args.teacher, num_steps=args.num_student_steps, step=step,

@@ -165,6 +165,8 @@ def test_embedding_cache_gives_the_same_student_bit_for_bit(teachers, tmp_path):
     (["--gan_generator_weight", "0.1"], "real images"),
     (["--weight_dtype", "fp16"], "fp16 needs a GPU"),
     (["--resolution", "6"], "multiple of 4"),
+    (["--push_to_hub"], "HF_HUB_OFFLINE"),
+    (["--lora_alpha", "8"], "need `lora_rank`"),
 ])
 def test_bad_text_to_image_arguments_are_named_before_any_work(teachers, tmp_path, extra, match):
     out = str(tmp_path / "bad")
@@ -176,6 +178,22 @@ def test_bad_text_to_image_arguments_are_named_before_any_work(teachers, tmp_pat
     with pytest.raises(ValueError, match=match):
         run_script("dmd2", argv)
     assert not os.path.exists(out)
+
+
+def test_lora_target_modules_and_alpha_reach_the_adapters(teachers, tmp_path):
+    out = str(tmp_path / "targets")
+    run_script("dmd2", _argv(teachers, "sd3", out, "--lora_rank", "4", "--lora_alpha", "2",
+                             "--lora_target_modules", "to_q", "to_v"))
+    saved = load_file(os.path.join(out, "pytorch_lora_weights.safetensors"))
+    kinds = {k.split(".lora_")[0].rsplit(".", 1)[-1] for k in saved}
+    assert kinds == {"to_q", "to_v"}
+    teacher = TextToImageTeacher(teachers["sd3"], resolution=16)
+    teacher.pipe.load_lora_weights(out)
+    layer = teacher.model.transformer_blocks[0].attn.to_q
+    assert layer.scaling[next(iter(layer.scaling))] == 0.5  # alpha / rank
+    with pytest.raises(ValueError, match="none of `target_modules`"):
+        run_script("dmd2", _argv(teachers, "sd3", str(tmp_path / "none"), "--lora_rank", "4",
+                                 "--lora_target_modules", "no_such_layer"))
 
 
 def test_bad_prompt_files_are_named(teachers, tmp_path):

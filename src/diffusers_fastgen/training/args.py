@@ -22,6 +22,7 @@ from typing import Literal
 
 import torch
 import yaml
+from huggingface_hub import constants as hf_constants
 
 from ..ema import EMA_SCHEDULES
 from .teachers import WEIGHT_DTYPES, check_text_to_image_teacher, load_prompts
@@ -138,11 +139,17 @@ class TextToImageArgs:
     max_sequence_length: int | None = None  # T5 tokens (SD3 / Flux; default: the pipeline's, capped by the tokenizer)
     embeddings_cache: str | None = None  # keep prompt embeddings here (safetensors shards, reused by later runs)
     encode_batch_size: int = 16  # prompts per text-encoder batch
+    push_to_hub: bool = False  # upload the output folder (pipeline or LoRA, model card) to the Hub at the end
+    hub_model_id: str | None = None  # the Hub repo to push to (default: the output folder's name)
 
     def __post_init__(self):
         if self.pretrained_model_name_or_path is None:
             _check(self.prompts is None, "`prompts` needs `pretrained_model_name_or_path` (a text-to-image teacher).")
+            _check(not self.push_to_hub, "`push_to_hub` is available with `pretrained_model_name_or_path` only.")
             return
+        _check(not (self.push_to_hub and hf_constants.HF_HUB_OFFLINE),
+               "`push_to_hub` needs the Hub, but HF_HUB_OFFLINE is set: unset it, or drop --push_to_hub and upload "
+               "the output folder later with `huggingface-cli upload`.")
         _check(self.prompts is not None, "`pretrained_model_name_or_path` needs `prompts` (a .txt/.jsonl/.csv file).")
         load_prompts(self.prompts, self.caption_column)  # missing, empty or without the column: ValueError now
         _check(self.weight_dtype in WEIGHT_DTYPES,

@@ -36,7 +36,7 @@ from ..models.discriminator import FeatureHeads, head_for_features
 from ..models.features import forward_with_tap_grad, frozen, run_until_tap, tap_features, without_gradient_checkpointing
 from ..parametrization import add_noise
 from ..timesteps import sample_logit_normal, sample_uniform
-from .lora import BASE, activate_adapter, adapter_parameters, add_lora_adapters
+from .lora import BASE, DEFAULT_TARGETS, activate_adapter, adapter_parameters, add_lora_adapters
 from .players import finish_digits_run, prepare_players, save_digits_student, student_ema  # noqa: F401 (re-exported)
 
 
@@ -210,14 +210,16 @@ def _cat_cond(a, b):
     return a
 
 
-def build_players(teacher_unet, *, lora_rank: int = 0, trainable=("student", "fake_score")):
+def build_players(teacher_unet, *, lora_rank: int = 0, trainable=("student", "fake_score"), lora_alpha: float | None = None,
+                  lora_target_modules=None):
     """(modules to prepare, {player: parameters}). `teacher_unet` is frozen in place.
 
     Full mode: {"teacher", *trainable} with each trainable player a copy of the teacher.
     LoRA mode: {"base"} with one adapter per trainable player; the teacher is the base."""
     base = teacher_unet.requires_grad_(False)
     if lora_rank:  # the adapters train in fp32 whatever the (frozen) base's dtype
-        add_lora_adapters(base, list(trainable), rank=lora_rank)
+        add_lora_adapters(base, list(trainable), rank=lora_rank, alpha=lora_alpha,
+                          target_modules=lora_target_modules or DEFAULT_TARGETS)
         params = {name: adapter_parameters(base, name) for name in trainable}
         for p in (p for ps in params.values() for p in ps):
             p.data = p.data.float()

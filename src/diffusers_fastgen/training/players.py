@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 import torch
+from huggingface_hub import create_repo, upload_folder
 from peft.utils import get_peft_model_state_dict
 
 from ..ema import EMA
@@ -21,7 +22,7 @@ from .checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from .data import InfiniteBatches, load_digits_arrays
 from .lora import use_adapter
 from .nonfinite import check_finite
-from .teachers import lora_state
+from .teachers import lora_config, lora_state
 from .validation import log_image_grid, save_image_grid
 
 
@@ -36,7 +37,8 @@ def save_digits_student(accelerator, modules, ema, scheduler, *, output_dir: str
         check_finite(base, "the student (LoRA base + adapters)")
         lora = get_peft_model_state_dict(base, adapter_name="student")
         DigitsPipeline(unet=DigitsPipeline.from_pretrained(teacher_path).unet, scheduler=scheduler).save_pretrained(output_dir)
-        DigitsPipeline.save_lora_weights(output_dir, unet_lora_layers=lora)
+        DigitsPipeline.save_lora_weights(output_dir, unet_lora_layers=lora,
+                                         unet_lora_adapter_metadata=lora_config(base, "student"))
         pipe = DigitsPipeline.from_pretrained(output_dir)
         pipe.load_lora_weights(output_dir)  # stock diffusers LoRA loading
     else:
@@ -108,7 +110,8 @@ def finish_digits_run(accelerator, modules: dict, params: dict, optimizers: dict
 
 
 def finish_text_to_image_run(accelerator, modules: dict, params: dict, optimizers: dict, ema, teacher, scheduler, *,
-                             output_dir: str, num_steps: int, method: str, prompts: list[str], logger) -> None:
+                             output_dir: str, num_steps: int, method: str, prompts: list[str], logger,
+                             push_to_hub: bool = False, hub_model_id: str | None = None) -> None:
     """End of a run on a stock text-to-image teacher (`training.teachers.TextToImageTeacher`): check that DDP
     replicas agree, save the EMA student as the teacher's pipeline class with its recipe scheduler (or, in
     LoRA mode, the teacher's `save_lora_weights` file + scheduler) and a model card, reload it with stock
@@ -123,7 +126,7 @@ def finish_text_to_image_run(accelerator, modules: dict, params: dict, optimizer
             base = accelerator.unwrap_model(modules["base"])
             ema.copy_to(base)
             pipe = teacher.save_student(output_dir, None, scheduler, num_steps=num_steps, method=method,
-                                        lora_layers=lora_state(base, "student"))
+                                        lora_layers=lora_state(base, "student"), lora_config=lora_config(base, "student"))
         else:
             student = accelerator.unwrap_model(modules["student"])
             ema.copy_to(student)
@@ -134,6 +137,10 @@ def finish_text_to_image_run(accelerator, modules: dict, params: dict, optimizer
         images = pipe(prompts[:8], height=teacher.resolution, width=teacher.resolution, output_type="pt",
                       generator=torch.Generator().manual_seed(0), **teacher.sampling_kwargs(num_steps)).images
         save_image_grid(images * 2 - 1, os.path.join(output_dir, "samples.png"), nrow=min(8, len(images)), upscale=1)
+        if push_to_hub:  # the folder as saved (no checkpoints), to the user's repo
+            repo_id = create_repo(hub_model_id or os.path.basename(os.path.abspath(output_dir)), exist_ok=True).repo_id
+            upload_folder(repo_id=repo_id, folder_path=output_dir, ignore_patterns=["checkpoints/**", "*.tmp"])
+            logger.info("pushed %s to the Hub as %s", output_dir, repo_id)
     accelerator.wait_for_everyone()  # ranks tear the process group down together (a lone gloo rank can hang)
     accelerator.end_training()
 

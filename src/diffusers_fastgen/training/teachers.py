@@ -273,7 +273,7 @@ class TextToImageTeacher:
 
     # --- output -------------------------------------------------------------------------------------
     def save_student(self, output_dir: str, student, scheduler, *, num_steps: int, method: str,
-                     lora_layers: dict | None = None) -> DiffusionPipeline:
+                     lora_layers: dict | None = None, lora_config: dict | None = None) -> DiffusionPipeline:
         """Write the student: full mode, the teacher's pipeline class with `student` as its denoiser and
         `scheduler`; LoRA mode (`lora_layers`, a peft state dict of the student adapter), the teacher's
         `save_lora_weights` file plus `scheduler/`. Both with a model card. Returns the reloaded pipeline
@@ -289,7 +289,10 @@ class TextToImageTeacher:
             pipe.save_pretrained(output_dir)
         else:
             check_finite(lora_layers, "the student's LoRA weights")
-            cls.save_lora_weights(output_dir, **{f"{self.component}_lora_layers": lora_layers})
+            # The adapter's config (rank, alpha, targets) goes into the file's metadata, so load_lora_weights
+            # rebuilds the same scaling (without it, alpha defaults to the rank).
+            cls.save_lora_weights(output_dir, **{f"{self.component}_lora_layers": lora_layers,
+                                                 f"{self.component}_lora_adapter_metadata": lora_config})
             scheduler.save_pretrained(os.path.join(output_dir, "scheduler"))
         self._write_model_card(output_dir, num_steps=num_steps, method=method, lora=lora_layers is not None,
                                scheduler=scheduler)
@@ -344,3 +347,8 @@ class PromptBatches:
 def lora_state(model, adapter: str = "student") -> dict:
     """The peft state dict of one adapter (the form `save_lora_weights` takes)."""
     return get_peft_model_state_dict(model, adapter_name=adapter)
+
+
+def lora_config(model, adapter: str = "student") -> dict:
+    """The adapter's LoraConfig as a dict (`save_lora_weights`' `*_lora_adapter_metadata`)."""
+    return model.peft_config[adapter].to_dict()

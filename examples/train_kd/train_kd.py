@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -38,6 +39,7 @@ from diffusers_fastgen.training import (
     NonFiniteGuard,
     OptimizerArgs,
     RunArgs,
+    TextToImageArgs,
     check_finite,
     check_pipeline_folder,
     load_checkpoint,
@@ -51,8 +53,9 @@ from diffusers_fastgen.training import (
     update,
 )
 from diffusers_fastgen.training.data import InfiniteBatches
-from diffusers_fastgen.training.players import log_and_checkpoint, validate_digits_student
+from diffusers_fastgen.training.players import finish_text_to_image_run, log_and_checkpoint, validate_digits_student
 from diffusers_fastgen.training.progress import TrainingProgress
+from diffusers_fastgen.training.teachers import TextToImageTeacher, load_prompts
 
 logger = get_logger("train_kd", log_level="INFO")
 
@@ -66,9 +69,10 @@ class KDArgs:
                                                          validation_steps=500))
     optimizer: OptimizerArgs = field(default_factory=lambda: OptimizerArgs(learning_rate=2e-4, lr_warmup_steps=100))
     ema: EMAArgs = field(default_factory=lambda: EMAArgs(ema_schedule="halflife", ema_halflife_kimg=20.0))
-    teacher: str = DIGITS_TEACHER_PATH  # teacher pipeline folder (default: the shipped digits teacher)
+    text: TextToImageArgs = field(default_factory=TextToImageArgs)  # a stock text-to-image teacher instead
+    teacher: str = DIGITS_TEACHER_PATH  # digits teacher folder (default: the shipped one)
     num_student_steps: int = 2  # the student's largest step count (t_list length - 1)
-    shift: float = 1.0  # student schedule: sigmas = shift(linspace(1, 0, N + 1))
+    shift: float | None = None  # student schedule shift (default: 1 on digits, the teacher's on flow-matching pipelines)
     num_pairs: int = 6000  # teacher ODE solutions to generate
     teacher_steps: int = 16  # total teacher Euler steps per solution (split evenly over the student's intervals)
     teacher_guidance_scale: float = 1.0  # CFG of the teacher ODE
@@ -87,21 +91,27 @@ class KDArgs:
             raise ValueError(f"`num_pairs` must be >= 1, got {self.num_pairs}.")
         if self.teacher_guidance_scale < 0:
             raise ValueError(f"`teacher_guidance_scale` must be >= 0, got {self.teacher_guidance_scale}.")
+        if self.text.pretrained_model_name_or_path is not None and self.run.validation_steps:
+            raise ValueError("`validation_steps` is not available with `pretrained_model_name_or_path` yet (the "
+                             "text encoders are released after the prompts are embedded); set it to 0.")
 
 
-def generate_pairs(teacher: Denoiser, t_list: torch.Tensor, args: KDArgs, seed: int):
-    """Teacher ODE states at t_list and endpoints -> datasets.Dataset(noise, label, states (K+1, C, H, W))."""
+def generate_pairs(teacher: Denoiser, t_list: torch.Tensor, args: KDArgs, seed: int, conditions):
+    """Teacher ODE states at t_list and endpoints -> datasets.Dataset(label, states (K+1, C, H, W)).
+
+    conditions: the Conditions of the teacher kind: `label` is a class (digits) or a prompt index."""
     import datasets
 
     g = torch.Generator().manual_seed(seed)
-    labels_all = torch.arange(args.num_pairs) % 10
+    labels_all = torch.arange(args.num_pairs) % conditions.count
     rows = {"label": [], "states": []}
     for labels in tqdm(labels_all.split(args.pairs_batch_size), desc="teacher ODE pairs"):
-        noise = torch.randn(labels.shape[0], 1, 8, 8, generator=g)
-        cond, uncond = digits_cond(labels), digits_cond(torch.full_like(labels, NULL_CLASS))
+        noise = torch.randn(labels.shape[0], *conditions.sample_shape, generator=g)
+        cond, uncond = conditions(labels), conditions.uncond(labels)
 
         def velocity(x, t):
-            return guided_prediction(teacher, x, t, cond, uncond, args.teacher_guidance_scale, target="flow")
+            return guided_prediction(teacher, x, t, cond, uncond, conditions.cfg_scale(args.teacher_guidance_scale),
+                                     target="flow")
 
         states = teacher_ode_states(velocity, noise, t_list,
                                     steps_per_segment=args.teacher_steps // args.num_student_steps)
@@ -110,7 +120,41 @@ def generate_pairs(teacher: Denoiser, t_list: torch.Tensor, args: KDArgs, seed: 
     return datasets.Dataset.from_dict(rows)
 
 
-def load_or_generate_pairs(accelerator, teacher: Denoiser, t_list, args: KDArgs):
+class DigitsConditions:
+    """Digits: ten classes, 8x8 samples, CFG against the null class."""
+
+    count, sample_shape = 10, (1, 8, 8)
+
+    def __call__(self, labels):
+        return digits_cond(labels)
+
+    def uncond(self, labels):
+        return digits_cond(torch.full_like(labels, NULL_CLASS))
+
+    def cfg_scale(self, scale):
+        return scale
+
+
+class PromptConditions:
+    """A text-to-image teacher: prompt indices into the cached embeddings, CFG against the negative prompt
+    (guidance-distilled Flux: its guidance embedding, set by --teacher_guidance_scale, instead)."""
+
+    def __init__(self, teacher, embeddings, negative, device):
+        self.teacher, self.embeddings, self.negative, self.device = teacher, embeddings, negative, device
+        self.count = next(iter(embeddings.values())).shape[0]
+        self.sample_shape = teacher.latent_shape
+
+    def __call__(self, labels):
+        return self.teacher.cond(self.embeddings, labels.cpu(), self.device)
+
+    def uncond(self, labels):
+        return self.teacher.cond(self.negative, torch.zeros_like(labels).cpu(), self.device)
+
+    def cfg_scale(self, scale):
+        return 1.0 if self.teacher.flux_guidance else scale
+
+
+def load_or_generate_pairs(accelerator, teacher: Denoiser, t_list, args: KDArgs, conditions, source: str):
     """Pairs live in `<pairs_dir>/pairs-<recipe hash>/`, a folder this script creates and owns, and are
     reused when their recipe (teacher, t_list, steps, CFG, count, seed) matches. Nothing else under
     `pairs_dir` is read, replaced or deleted: a user folder stays as it was."""
@@ -119,7 +163,7 @@ def load_or_generate_pairs(accelerator, teacher: Denoiser, t_list, args: KDArgs)
 
     import datasets
 
-    recipe = {"teacher": os.path.abspath(args.teacher), "t_list": [round(float(t), 6) for t in t_list],
+    recipe = {"teacher": source, "t_list": [round(float(t), 6) for t in t_list],
               "teacher_steps": args.teacher_steps, "teacher_guidance_scale": args.teacher_guidance_scale,
               "num_pairs": args.num_pairs, "seed": args.run.seed}
     digest = hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
@@ -129,7 +173,7 @@ def load_or_generate_pairs(accelerator, teacher: Denoiser, t_list, args: KDArgs)
         if os.path.exists(pairs_dir):
             raise ValueError(f"{pairs_dir!r} exists but holds no pairs recipe.json; it was not written by this script, "
                              "so it is left alone: move it or pass another `pairs_dir`.")
-        ds = generate_pairs(teacher, t_list, args, seed=args.run.seed)
+        ds = generate_pairs(teacher, t_list, args, seed=args.run.seed, conditions=conditions)
         tmp = pairs_dir + ".tmp"  # ours: an interrupted earlier write of the same recipe
         shutil.rmtree(tmp, ignore_errors=True)
         ds.save_to_disk(tmp)
@@ -144,7 +188,7 @@ def load_or_generate_pairs(accelerator, teacher: Denoiser, t_list, args: KDArgs)
     return table["states"].float(), table["label"].long()
 
 
-def student_step(student: Denoiser, states: torch.Tensor, labels: torch.Tensor, t_list: torch.Tensor) -> torch.Tensor:
+def student_step(student: Denoiser, states: torch.Tensor, cond: dict, t_list: torch.Tensor) -> torch.Tensor:
     """KD loss at a random point of the student's schedule for each sample.
 
     states: (B, K+1, C, H, W) teacher ODE states at t_list (last = x0 target)."""
@@ -152,7 +196,7 @@ def student_step(student: Denoiser, states: torch.Tensor, labels: torch.Tensor, 
     i = torch.randint(0, k, (b,), device=states.device)
     x_t = states[torch.arange(b), i]  # (B, C, H, W)
     t = t_list.to(states.device)[i]
-    x0 = student(x_t, t, digits_cond(labels), target="x0")
+    x0 = student(x_t, t, cond, target="x0")
     return kd_loss(x0, states[:, -1]).mean()
 
 
@@ -178,13 +222,34 @@ def main(argv=None):
     if accelerator.is_main_process:
         save_config(args, os.path.join(run.output_dir, "train_config.yaml"))
 
-    teacher_pipe = DigitsPipeline.from_pretrained(args.teacher)
-    teacher = Denoiser(teacher_pipe.unet.requires_grad_(False).eval(), *process_from_scheduler(teacher_pipe.scheduler))
-    scheduler = flow_map_scheduler(shift=args.shift)
-    t_list = t_list_from_scheduler(scheduler, args.num_student_steps)
-    states, labels = load_or_generate_pairs(accelerator, teacher, t_list, args)
+    t2i = None  # a stock text-to-image teacher (--pretrained_model_name_or_path), else the digits teacher
+    if args.text.pretrained_model_name_or_path is not None:
+        text = args.text
+        t2i = TextToImageTeacher(text.pretrained_model_name_or_path, revision=text.revision, variant=text.variant,
+                                 cache_dir=text.cache_dir, weight_dtype=text.weight_dtype, resolution=text.resolution,
+                                 guidance_scale=args.teacher_guidance_scale, max_sequence_length=text.max_sequence_length)
+        prompts = load_prompts(text.prompts, text.caption_column)
+        embeddings, negative = t2i.embed_prompts(prompts, negative_prompt=text.negative_prompt,
+                                                 batch_size=text.encode_batch_size, cache_dir=text.embeddings_cache)
+        t2i.release_text_encoders()
+        teacher = Denoiser(t2i.model.requires_grad_(False).eval(), t2i.process, t2i.prediction_type)
+        conditions = PromptConditions(t2i, embeddings, negative, accelerator.device)
+        scheduler = t2i.student_scheduler(shift=args.shift, stochastic=False)  # x0, then the ODE's own noise
+        t_list = t2i.student_t_list(scheduler, args.num_student_steps)
+        source = json.dumps([text.pretrained_model_name_or_path, text.revision, text.variant, text.resolution,
+                             text.negative_prompt, prompts])
+    else:
+        teacher_pipe = DigitsPipeline.from_pretrained(args.teacher)
+        teacher = Denoiser(teacher_pipe.unet.requires_grad_(False).eval(), *process_from_scheduler(teacher_pipe.scheduler))
+        conditions = DigitsConditions()
+        scheduler = flow_map_scheduler(shift=1.0 if args.shift is None else args.shift)
+        t_list = t_list_from_scheduler(scheduler, args.num_student_steps)
+        source = os.path.abspath(args.teacher)
+    states, labels = load_or_generate_pairs(accelerator, teacher, t_list, args, conditions, source)
 
-    unet = DigitsPipeline.from_pretrained(args.teacher).unet  # student starts from the teacher
+    # The student starts from the teacher, in fp32 whatever the teacher's dtype.
+    unet = (copy.deepcopy(t2i.model).float().requires_grad_(True) if t2i is not None
+            else DigitsPipeline.from_pretrained(args.teacher).unet)
     if run.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
@@ -214,7 +279,7 @@ def main(argv=None):
     progress = TrainingProgress(accelerator, run, step, guard)
     while step < run.max_train_steps:
         x, y = (t.to(accelerator.device) for t in next(batches))
-        loss = student_step(student, x, y, t_list)
+        loss = student_step(student, x, conditions(y), t_list)
         applied = update(accelerator, loss, unet.parameters(), optimizer, lr_scheduler,
                          args.optimizer.max_grad_norm, guard=guard, accumulator=accumulator, step=step + 1)
         if not applied:  # a micro-batch, or a skipped non-finite update
@@ -224,6 +289,13 @@ def main(argv=None):
         log_and_checkpoint(accelerator, run, step, {"kd_loss": loss.detach(), "lr": lr_scheduler.get_last_lr()[0]}, ema, progress,
                            validate=validate)
 
+    if t2i is not None:
+        finish_text_to_image_run(accelerator, {"student": unet}, {"student": list(unet.parameters())},
+                                 {"student": (optimizer, lr_scheduler)}, ema, t2i, scheduler, output_dir=run.output_dir,
+                                 num_steps=args.num_student_steps, method="KD", prompts=prompts, logger=logger,
+                                 push_to_hub=args.text.push_to_hub, hub_model_id=args.text.hub_model_id)
+        progress.summary("train_kd", logger)
+        return
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         pipe = save_student(accelerator, unet, ema, scheduler, args, step)

@@ -9,6 +9,7 @@ from unittest import mock
 import pytest
 import torch
 from diffusers import (
+    DDIMScheduler,
     DDPMScheduler,
     DiffusionPipeline,
     EulerDiscreteScheduler,
@@ -58,8 +59,9 @@ def _argv(teachers, name, out, *extra):
             "--learning_rate", "1e-3", "--ema_schedule", "constant", "--ema_decay", "0", *extra]
 
 
-def _stock_equals_training_rollout(teacher: TextToImageTeacher, pipe, num_steps: int):
-    """The stock pipeline call of the model card vs x0 / re-noise along the trained t_list, with the same noise."""
+def _stock_equals_training_rollout(teacher: TextToImageTeacher, pipe, num_steps: int, *, stochastic: bool = True):
+    """The stock pipeline call of the model card vs x0 / re-noise along the trained t_list, with the same noise
+    (stochastic: fresh noise per step, replayed; deterministic: the noise the ODE state implies)."""
     g = torch.Generator().manual_seed(3)
     noise = torch.randn(1, *teacher.latent_shape, generator=g)
     eps = [torch.randn(1, *teacher.latent_shape, generator=g) for _ in range(num_steps)]
@@ -88,7 +90,9 @@ def _stock_equals_training_rollout(teacher: TextToImageTeacher, pipe, num_steps:
     with torch.no_grad():
         for i in range(num_steps):
             x0 = den(x, t_list[i].expand(1), cond)
-            x = add_noise(teacher.process, x0, eps[i], t_list[i + 1].expand(1)) if i + 1 < num_steps else x0
+            implied = den(x, t_list[i].expand(1), cond, target="eps")
+            x = add_noise(teacher.process, x0, eps[i] if stochastic else implied, t_list[i + 1].expand(1)) \
+                if i + 1 < num_steps else x0
     torch.testing.assert_close(stock.float(), x, atol=1e-4, rtol=1e-4)
 
 
@@ -141,6 +145,22 @@ def test_bf16_frozen_teacher_trains_fp32_players_and_saves_one_dtype(teachers, t
     assert {p.dtype for p in pipe.unet.parameters()} == {torch.float32}
     assert {p.dtype for p in pipe.text_encoder.parameters()} == {torch.float32}
     _stock_equals_training_rollout(TextToImageTeacher(out, resolution=16), pipe, 2)
+
+
+@pytest.mark.parametrize("name", ["sd", "sdxl", "sd3", "flux_guidance"])
+def test_kd_student_samples_its_deterministic_recipe_with_stock_diffusers(teachers, name, tmp_path):
+    """KD on teacher ODE pairs: the student is saved with DDIM (trailing timesteps, VP) or the plain
+    flow-matching Euler step (RF): x0, then the noise the ODE state implies."""
+    out = str(tmp_path / "kd")
+    run_script("kd", ["--pretrained_model_name_or_path", teachers[name], "--prompts", teachers["prompts"],
+                      "--output_dir", out, "--max_train_steps", "2", "--train_batch_size", "2", "--num_student_steps", "2",
+                      "--teacher_steps", "4", "--num_pairs", "4", "--pairs_batch_size", "2", "--resolution", "16",
+                      "--report_to", "none", "--validation_steps", "0", "--teacher_guidance_scale", "2",
+                      "--learning_rate", "1e-3"])
+    pipe = DiffusionPipeline.from_pretrained(out)
+    expected = DDIMScheduler if name in ("sd", "sdxl") else FlowMatchEulerDiscreteScheduler
+    assert type(pipe.scheduler) is expected and not pipe.scheduler.config.get("stochastic_sampling", False)
+    _stock_equals_training_rollout(TextToImageTeacher(out, resolution=16, guidance_scale=2.0), pipe, 2, stochastic=False)
 
 
 def test_embedding_cache_gives_the_same_student_bit_for_bit(teachers, tmp_path):

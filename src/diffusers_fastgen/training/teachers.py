@@ -27,6 +27,7 @@ import os
 import numpy as np
 import torch
 from diffusers import (
+    DDIMScheduler,
     DiffusionPipeline,
     FlowMatchEulerDiscreteScheduler,
     LCMScheduler,
@@ -131,7 +132,7 @@ class TextToImageTeacher:
         self.path, self.kind, self.class_name = path, TEXT_TO_IMAGE[name], name
         self.load_kwargs = dict(revision=revision, variant=variant, cache_dir=cache_dir)
         self.weight_dtype = WEIGHT_DTYPES[weight_dtype]
-        self.pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=self.weight_dtype, **self.load_kwargs)
+        self.pipe = DiffusionPipeline.from_pretrained(path, dtype=self.weight_dtype, **self.load_kwargs)
         self.component = "unet" if self.kind in ("sd", "sdxl") else "transformer"
         self.model = getattr(self.pipe, self.component)
         self.process, self.prediction_type = process_from_scheduler(self.pipe.scheduler)
@@ -232,20 +233,26 @@ class TextToImageTeacher:
         return 1.0 if self.flux_guidance else self.guidance_scale
 
     # --- the student's sampling recipe --------------------------------------------------------------
-    def student_scheduler(self, shift: float | None = None):
-        """LCMScheduler (VP teachers: x0 then fresh noise at the next timestep, the boundary condition made
-        exact) or FlowMatchEulerDiscreteScheduler(stochastic_sampling=True) at the teacher's shift."""
-        if self.kind in ("sd", "sdxl"):
-            return lcm_scheduler(self.pipe.scheduler)
+    def student_scheduler(self, shift: float | None = None, *, stochastic: bool = True):
+        """The student's sampler as a stock scheduler. stochastic (DMD2, CM): x0, then fresh noise at the next
+        time: LCMScheduler (VP; boundary condition made exact) or FlowMatchEulerDiscreteScheduler with
+        stochastic_sampling (RF). Deterministic (KD, ODE students): x0, then the noise the ODE implies:
+        DDIMScheduler with trailing timesteps (VP) or the plain flow-matching Euler step (RF)."""
         config = {k: v for k, v in self.pipe.scheduler.config.items() if not k.startswith("_")}
-        config.update(stochastic_sampling=True, use_dynamic_shifting=False)
+        if self.kind in ("sd", "sdxl"):
+            if stochastic:
+                return lcm_scheduler(self.pipe.scheduler)
+            keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type")
+            return DDIMScheduler(**{k: config[k] for k in keys if k in config}, timestep_spacing="trailing",
+                                 set_alpha_to_one=True, clip_sample=False, steps_offset=0)
+        config.update(stochastic_sampling=stochastic, use_dynamic_shifting=False)
         if shift is not None:
             config["shift"] = shift
         return FlowMatchEulerDiscreteScheduler.from_config(config)
 
     def student_t_list(self, scheduler, num_steps: int) -> torch.Tensor:
         """The continuous times (ending at 0) the stock pipeline samples at with `num_steps` steps."""
-        if isinstance(scheduler, LCMScheduler):
+        if isinstance(scheduler, (LCMScheduler, DDIMScheduler)):  # VP: t = timestep / (T - 1)
             scheduler.set_timesteps(num_steps)
             t = scheduler.timesteps.double() / (scheduler.config.num_train_timesteps - 1)
             return torch.cat([t, t.new_zeros(1)]).float()
@@ -284,7 +291,7 @@ class TextToImageTeacher:
             check_finite(student, "the student")
             # One dtype in the folder: the fp32 student beside the teacher's other components loaded in fp32 (a
             # user picks the inference dtype with from_pretrained(..., torch_dtype=...)).
-            pipe = cls.from_pretrained(self.path, torch_dtype=torch.float32, scheduler=scheduler,
+            pipe = cls.from_pretrained(self.path, dtype=torch.float32, scheduler=scheduler,
                                        **{self.component: student.float()}, **self.load_kwargs)
             pipe.save_pretrained(output_dir)
         else:

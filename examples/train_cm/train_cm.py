@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from dataclasses import dataclass, field
@@ -37,23 +38,29 @@ from diffusers_fastgen.training import (
     NonFiniteGuard,
     OptimizerArgs,
     RunArgs,
+    TextToImageArgs,
     check_pipeline_folder,
+    load_checkpoint,
     make_optimizer,
     parse_args,
+    resolve_checkpoint,
     save_config,
     setup_accelerator,
     update,
 )
 from diffusers_fastgen.training.consistency_steps import SOURCES, cm_step
+from diffusers_fastgen.training.image_data import LatentShards, encode_image_dataset
 from diffusers_fastgen.training.players import (
     digits_batches,
     finish_digits_run,
+    finish_text_to_image_run,
     log_and_checkpoint,
     prepare_players,
     student_ema,
     validate_digits_student,
 )
 from diffusers_fastgen.training.progress import TrainingProgress
+from diffusers_fastgen.training.teachers import PromptBatches, TextToImageTeacher
 
 logger = get_logger("train_cm", log_level="INFO")
 
@@ -68,7 +75,8 @@ class CMArgs:
     optimizer: OptimizerArgs = field(default_factory=lambda: OptimizerArgs(learning_rate=1e-4, adam_beta2=0.99,
                                                                            max_grad_norm=1.0))
     ema: EMAArgs = field(default_factory=lambda: EMAArgs(ema_schedule="halflife", ema_halflife_kimg=10.0))
-    teacher: str = DIGITS_TEACHER_PATH  # teacher pipeline folder: the student's init (and the ODE, source=teacher)
+    text: TextToImageArgs = field(default_factory=TextToImageArgs)  # a stock text-to-image teacher + real images instead
+    teacher: str = DIGITS_TEACHER_PATH  # digits teacher folder: the student's init (and the ODE, source=teacher)
     source: Literal["teacher", "data"] = "teacher"  # teacher = consistency distillation, data = consistency training (ECT)
     guidance_scale: float = 1.0  # teacher CFG in the DDIM step (source=teacher)
     num_stages: int = 4  # ECT curriculum: the gap ratio n halves at every stage (n = 1/2, 1/4, ...)
@@ -80,6 +88,9 @@ class CMArgs:
 
     def __post_init__(self):
         check_pipeline_folder(self.teacher, "DigitsPipeline", "teacher")
+        self.text.require(images=True)  # CD and ECT both start from noised real images
+        if self.text.pretrained_model_name_or_path is not None and self.run.validation_steps:
+            raise ValueError("`validation_steps` is not available with `pretrained_model_name_or_path` yet; set it to 0.")
         if self.source not in SOURCES:
             raise ValueError(f"`source` must be one of {SOURCES}, got {self.source!r}.")
         if self.num_stages < 1 or self.t_std <= 0 or self.shift <= 0:
@@ -106,11 +117,36 @@ def main(argv=None):
     if accelerator.is_main_process:
         save_config(args, os.path.join(run.output_dir, "train_config.yaml"))
 
-    # 1. Teacher (frozen) and student (a copy), one optimizer.
-    teacher_pipe = DigitsPipeline.from_pretrained(args.teacher)
-    process, prediction_type = process_from_scheduler(teacher_pipe.scheduler)
-    modules = {"teacher": teacher_pipe.unet.requires_grad_(False),
-               "student": DigitsPipeline.from_pretrained(args.teacher).unet.requires_grad_(True)}
+    # 1. Teacher (frozen) and student (a copy, fp32), one optimizer.
+    t2i = None  # a stock text-to-image teacher (--pretrained_model_name_or_path) with real images, else digits
+    if args.text.pretrained_model_name_or_path is not None:
+        text = args.text
+        t2i = TextToImageTeacher(text.pretrained_model_name_or_path, revision=text.revision, variant=text.variant,
+                                 cache_dir=text.cache_dir, weight_dtype=text.weight_dtype, resolution=text.resolution,
+                                 guidance_scale=args.guidance_scale, max_sequence_length=text.max_sequence_length)
+        if accelerator.is_main_process:  # images and captions encoded once into shards (reused by later runs)
+            encode_image_dataset(t2i, train_data_dir=text.train_data_dir, dataset_name=text.dataset_name,
+                                 image_column=text.image_column, caption_column=text.caption_column,
+                                 split=text.dataset_split, cache_dir=text.cache_dir, center_crop=text.center_crop,
+                                 random_flip=text.random_flip, max_train_samples=text.max_train_samples,
+                                 out_dir=text.latents_cache or os.path.join(run.output_dir, "latents"), seed=run.seed)
+        accelerator.wait_for_everyone()
+        shards = LatentShards(encode_image_dataset(
+            t2i, train_data_dir=text.train_data_dir, dataset_name=text.dataset_name, image_column=text.image_column,
+            caption_column=text.caption_column, split=text.dataset_split, cache_dir=text.cache_dir,
+            center_crop=text.center_crop, random_flip=text.random_flip, max_train_samples=text.max_train_samples,
+            out_dir=text.latents_cache or os.path.join(run.output_dir, "latents"), seed=run.seed))  # finished: a lookup
+        negative = {k: v.float().cpu() for k, v in t2i._encode([text.negative_prompt]).items()}
+        t2i.release_text_encoders()
+        prompts = [""]  # the final sample grid's prompt (captions live in the shards as embeddings only)
+        process, prediction_type = t2i.process, t2i.prediction_type
+        modules = {"teacher": t2i.model.requires_grad_(False),
+                   "student": copy.deepcopy(t2i.model).float().requires_grad_(True)}
+    else:
+        teacher_pipe = DigitsPipeline.from_pretrained(args.teacher)
+        process, prediction_type = process_from_scheduler(teacher_pipe.scheduler)
+        modules = {"teacher": teacher_pipe.unet.requires_grad_(False),
+                   "student": DigitsPipeline.from_pretrained(args.teacher).unet.requires_grad_(True)}
     params = {"student": list(modules["student"].parameters())}
     schedule = {"num_training_steps": run.max_train_steps, "num_processes": accelerator.num_processes}  # LR schedule
     optimizers = {"student": make_optimizer(params["student"], args.optimizer, **schedule)}
@@ -119,9 +155,18 @@ def main(argv=None):
     teacher = Denoiser(modules["teacher"], process, prediction_type) if args.source == "teacher" else None
     student = Denoiser(modules["student"], process, prediction_type)
     ema = student_ema(accelerator, modules, args.ema, run.train_batch_size)
-    scheduler = flow_match_sde_scheduler(shift=args.shift)
-
-    batches, step = digits_batches(accelerator, run, ema, logger)
+    if t2i is not None:  # x0, then fresh noise: LCMScheduler (VP) / stochastic flow-matching Euler (RF)
+        scheduler = t2i.student_scheduler(stochastic=True)
+        batches = PromptBatches(len(shards), run.train_batch_size, seed=run.seed, rank=accelerator.process_index)
+        step = 0
+        checkpoint = resolve_checkpoint(run.output_dir, run.resume_from_checkpoint)
+        if checkpoint is not None:
+            step = load_checkpoint(accelerator, checkpoint, emas={"student": ema})["step"]
+            logger.info("resumed from %s at step %d", checkpoint, step)
+        batches.state_at(step * run.gradient_accumulation_steps)
+    else:
+        scheduler = flow_match_sde_scheduler(shift=args.shift)
+        batches, step = digits_batches(accelerator, run, ema, logger)
 
     # 2. The loop: one consistency step per iteration.
     def validate(s):  # a 1-step sample grid of the EMA student every `validation_steps`
@@ -131,12 +176,18 @@ def main(argv=None):
     accumulator = Accumulator(run.gradient_accumulation_steps)  # per player
     progress = TrainingProgress(accelerator, run, step, guard)
     while step < run.max_train_steps:
-        x0, y = (v.to(accelerator.device) for v in next(batches))
+        if t2i is not None:
+            rows = shards.rows(next(batches))
+            x0 = rows.pop("latents").to(accelerator.device)
+            cond = t2i.cond(rows, None, accelerator.device)
+            uncond = t2i.cond(negative, torch.zeros(x0.shape[0], dtype=torch.long), accelerator.device)
+        else:
+            x0, y = (v.to(accelerator.device) for v in next(batches))
+            cond, uncond = digits_cond(y), digits_cond(torch.full_like(y, NULL_CLASS))
         eps = torch.randn_like(x0)
         t, r = sample_pair(x0.shape[0], step, args, process, x0.device)
-        cond, uncond = digits_cond(y), digits_cond(torch.full_like(y, NULL_CLASS))
         loss, _ = cm_step(student, x0, eps, t, r, cond, teacher=teacher, uncond=uncond,
-                          guidance_scale=args.guidance_scale, huber_c=args.huber_c)
+                          guidance_scale=t2i.cfg_scale if t2i is not None else args.guidance_scale, huber_c=args.huber_c)
         if not update(accelerator, loss, params["student"], optimizer, lr_scheduler, args.optimizer.max_grad_norm,
                       guard=guard, accumulator=accumulator, step=step + 1):
             continue  # a skipped non-finite update (--max_nonfinite_skips)
@@ -146,6 +197,12 @@ def main(argv=None):
 
     # 3. Save the student with its sampler, reload it, benchmark 1 and 2 steps.
     name = "CD student" if args.source == "teacher" else "ECT student"
+    if t2i is not None:
+        finish_text_to_image_run(accelerator, modules, params, optimizers, ema, t2i, scheduler, output_dir=run.output_dir,
+                                 num_steps=1, method="CD" if args.source == "teacher" else "ECT", prompts=prompts,
+                                 logger=logger, push_to_hub=args.text.push_to_hub, hub_model_id=args.text.hub_model_id)
+        progress.summary("train_cm", logger)
+        return
     finish_digits_run(accelerator, modules, params, optimizers, ema, scheduler, output_dir=run.output_dir,
                       teacher_path=args.teacher, num_steps=1, step=step, eval_num_samples=args.eval_num_samples,
                       name=name, logger=logger, step_counts=[1, 2])

@@ -101,6 +101,7 @@ class DMD2Args:
 
     def __post_init__(self):
         check_pipeline_folder(self.teacher, "DigitsPipeline", "teacher")
+        self.text.require(prompts=True)
         if self.text.pretrained_model_name_or_path is not None:  # no real images on this path (yet)
             if self.gan_generator_weight > 0 or self.r1_weight > 0:
                 raise ValueError("`gan_generator_weight` / `r1_weight` need real images, which the text-to-image path "

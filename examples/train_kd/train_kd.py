@@ -82,6 +82,7 @@ class KDArgs:
 
     def __post_init__(self):
         check_pipeline_folder(self.teacher, "DigitsPipeline", "teacher")
+        self.text.require(prompts=True)
         if self.num_student_steps < 1:
             raise ValueError(f"`num_student_steps` must be >= 1, got {self.num_student_steps}.")
         if self.teacher_steps < self.num_student_steps or self.teacher_steps % self.num_student_steps:

@@ -3,8 +3,12 @@ saved to a temporary folder): the student reloads with stock diffusers (LoRA stu
 `load_lora_weights`), and the stock pipeline's samples at the student's step count equal the rollout over
 the t_list the script trained on (the saved scheduler is the training recipe)."""
 
+import json
 import os
 from unittest import mock
+
+import numpy as np
+from PIL import Image
 
 import pytest
 import torch
@@ -49,6 +53,14 @@ def teachers(tmp_path_factory):
         out[name] = str(root / name)
     (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
     out["prompts"] = str(root / "prompts.txt")
+    images = root / "images"  # datasets' imagefolder layout: files + metadata.jsonl with the captions
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    with open(images / "metadata.jsonl", "w") as f:
+        for i, caption in enumerate(PROMPTS + ["a small digit", "the big one"]):
+            Image.fromarray(rng.integers(0, 255, (20 + i, 24, 3), dtype=np.uint8)).save(images / f"{i}.png")
+            f.write(json.dumps({"file_name": f"{i}.png", "text": caption}) + "\n")
+    out["images"] = str(images)
     return out
 
 
@@ -161,6 +173,35 @@ def test_kd_student_samples_its_deterministic_recipe_with_stock_diffusers(teache
     expected = DDIMScheduler if name in ("sd", "sdxl") else FlowMatchEulerDiscreteScheduler
     assert type(pipe.scheduler) is expected and not pipe.scheduler.config.get("stochastic_sampling", False)
     _stock_equals_training_rollout(TextToImageTeacher(out, resolution=16, guidance_scale=2.0), pipe, 2, stochastic=False)
+
+
+@pytest.mark.parametrize("name", ["sd", "sd3", "flux_guidance"])
+def test_cm_on_real_images_samples_its_recipe_with_stock_diffusers(teachers, name, tmp_path):
+    """Consistency distillation from real images (LCM-style for SD): images and captions are encoded once into
+    shards; the 1-step student reloads as the teacher's class and its stock call is the trained sampler."""
+    out = str(tmp_path / "cm")
+    run_script("cm", ["--pretrained_model_name_or_path", teachers[name], "--train_data_dir", teachers["images"],
+                      "--output_dir", out, "--max_train_steps", "2", "--train_batch_size", "2", "--resolution", "16",
+                      "--report_to", "none", "--guidance_scale", "2", "--learning_rate", "1e-3"])
+    pipe = DiffusionPipeline.from_pretrained(out)
+    expected = LCMScheduler if name == "sd" else FlowMatchEulerDiscreteScheduler
+    assert type(pipe.scheduler) is expected
+    teacher = TextToImageTeacher(out, resolution=16, guidance_scale=2.0)
+    for steps in (1, 2):
+        _stock_equals_training_rollout(teacher, pipe, steps)
+
+
+def test_real_images_need_a_dataset_with_the_columns(teachers, tmp_path):
+    argv = ["--pretrained_model_name_or_path", teachers["sd"], "--output_dir", str(tmp_path / "x"), "--report_to", "none"]
+    with pytest.raises(ValueError, match="needs real images"):
+        run_script("cm", argv)
+    with pytest.raises(ValueError, match="is not a folder"):
+        run_script("cm", argv + ["--train_data_dir", str(tmp_path / "missing")])
+    with pytest.raises(ValueError, match="`image_column` 'picture' is not a column"):
+        run_script("cm", argv + ["--train_data_dir", teachers["images"], "--image_column", "picture"])
+    with pytest.raises(ValueError, match="`caption_column` 'caption' is not a column"):
+        run_script("cm", argv + ["--train_data_dir", teachers["images"], "--caption_column", "caption"])
+    assert not os.path.exists(tmp_path / "x")
 
 
 def test_embedding_cache_gives_the_same_student_bit_for_bit(teachers, tmp_path):

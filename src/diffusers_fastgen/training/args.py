@@ -25,6 +25,7 @@ import yaml
 from huggingface_hub import constants as hf_constants
 
 from ..ema import EMA_SCHEDULES
+from .image_data import check_image_dataset
 from .teachers import WEIGHT_DTYPES, check_text_to_image_teacher, load_prompts
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -139,19 +140,35 @@ class TextToImageArgs:
     max_sequence_length: int | None = None  # T5 tokens (SD3 / Flux; default: the pipeline's, capped by the tokenizer)
     embeddings_cache: str | None = None  # keep prompt embeddings here (safetensors shards, reused by later runs)
     encode_batch_size: int = 16  # prompts per text-encoder batch
+    train_data_dir: str | None = None  # real images: a folder in datasets' imagefolder layout (captions in metadata.jsonl)
+    dataset_name: str | None = None  # real images: a datasets name or path (instead of train_data_dir)
+    dataset_split: str = "train"  # split of dataset_name / train_data_dir
+    image_column: str = "image"  # the image column of the dataset
+    center_crop: bool = True  # center (true) or random (false) square crop after resizing the shorter side
+    random_flip: bool = False  # flip half of the images horizontally
+    max_train_samples: int | None = None  # encode at most this many images (default: the whole dataset)
+    latents_cache: str | None = None  # where the encoded latents + caption embeddings go (default: <output_dir>/latents)
     push_to_hub: bool = False  # upload the output folder (pipeline or LoRA, model card) to the Hub at the end
     hub_model_id: str | None = None  # the Hub repo to push to (default: the output folder's name)
 
     def __post_init__(self):
         if self.pretrained_model_name_or_path is None:
-            _check(self.prompts is None, "`prompts` needs `pretrained_model_name_or_path` (a text-to-image teacher).")
+            for name in ("prompts", "train_data_dir", "dataset_name"):
+                _check(getattr(self, name) is None, f"`{name}` needs `pretrained_model_name_or_path` (a text-to-image teacher).")
             _check(not self.push_to_hub, "`push_to_hub` is available with `pretrained_model_name_or_path` only.")
             return
         _check(not (self.push_to_hub and hf_constants.HF_HUB_OFFLINE),
                "`push_to_hub` needs the Hub, but HF_HUB_OFFLINE is set: unset it, or drop --push_to_hub and upload "
                "the output folder later with `huggingface-cli upload`.")
-        _check(self.prompts is not None, "`pretrained_model_name_or_path` needs `prompts` (a .txt/.jsonl/.csv file).")
-        load_prompts(self.prompts, self.caption_column)  # missing, empty or without the column: ValueError now
+        if self.prompts is not None:
+            load_prompts(self.prompts, self.caption_column)  # missing, empty or without the column: ValueError now
+        _check(self.train_data_dir is None or self.dataset_name is None,
+               "pass one of `train_data_dir` and `dataset_name`, not both.")
+        if self.train_data_dir is not None or self.dataset_name is not None:
+            check_image_dataset(self.train_data_dir, self.dataset_name, image_column=self.image_column,
+                                caption_column=self.caption_column, split=self.dataset_split, cache_dir=self.cache_dir)
+        _check(self.max_train_samples is None or self.max_train_samples >= 1,
+               f"`max_train_samples` must be >= 1, got {self.max_train_samples}.")
         _check(self.weight_dtype in WEIGHT_DTYPES,
                f"`weight_dtype` must be one of {sorted(WEIGHT_DTYPES)}, got {self.weight_dtype!r}.")
         _check(self.weight_dtype != "fp16" or torch.cuda.is_available(),
@@ -162,6 +179,15 @@ class TextToImageArgs:
                f"`max_sequence_length` must be >= 1, got {self.max_sequence_length}.")
         check_text_to_image_teacher(self.pretrained_model_name_or_path, self.resolution, revision=self.revision,
                                     cache_dir=self.cache_dir)
+
+    def require(self, *, prompts: bool = False, images: bool = False) -> None:
+        """A script's needs on the text-to-image path: a prompt file and/or real images."""
+        if self.pretrained_model_name_or_path is None:
+            return
+        _check(not prompts or self.prompts is not None,
+               "`pretrained_model_name_or_path` needs `prompts` (a .txt/.jsonl/.csv file) for this script.")
+        _check(not images or self.train_data_dir is not None or self.dataset_name is not None,
+               "this script needs real images with `pretrained_model_name_or_path`: pass `train_data_dir` or `dataset_name`.")
 
 
 # ------------------------------------------------------------------------------------------------

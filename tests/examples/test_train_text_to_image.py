@@ -8,8 +8,6 @@ import os
 from unittest import mock
 
 import numpy as np
-from PIL import Image
-
 import pytest
 import torch
 from diffusers import (
@@ -22,6 +20,7 @@ from diffusers import (
 )
 from diffusers.schedulers import scheduling_flow_match_euler_discrete, scheduling_lcm
 from peft.tuners.tuners_utils import BaseTunerLayer
+from PIL import Image
 from safetensors.torch import load_file
 from script_utils import run_script
 

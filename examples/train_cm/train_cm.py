@@ -49,7 +49,7 @@ from diffusers_fastgen.training import (
     update,
 )
 from diffusers_fastgen.training.consistency_steps import SOURCES, cm_step
-from diffusers_fastgen.training.image_data import LatentShards, encode_image_dataset
+from diffusers_fastgen.training.image_data import TextToImageData
 from diffusers_fastgen.training.players import (
     digits_batches,
     finish_digits_run,
@@ -60,7 +60,6 @@ from diffusers_fastgen.training.players import (
     validate_digits_student,
 )
 from diffusers_fastgen.training.progress import TrainingProgress
-from diffusers_fastgen.training.teachers import PromptBatches, TextToImageTeacher
 
 logger = get_logger("train_cm", log_level="INFO")
 
@@ -118,27 +117,10 @@ def main(argv=None):
         save_config(args, os.path.join(run.output_dir, "train_config.yaml"))
 
     # 1. Teacher (frozen) and student (a copy, fp32), one optimizer.
-    t2i = None  # a stock text-to-image teacher (--pretrained_model_name_or_path) with real images, else digits
+    t2i = data = None  # a stock text-to-image teacher (--pretrained_model_name_or_path) with real images, else digits
     if args.text.pretrained_model_name_or_path is not None:
-        text = args.text
-        t2i = TextToImageTeacher(text.pretrained_model_name_or_path, revision=text.revision, variant=text.variant,
-                                 cache_dir=text.cache_dir, weight_dtype=text.weight_dtype, resolution=text.resolution,
-                                 guidance_scale=args.guidance_scale, max_sequence_length=text.max_sequence_length)
-        if accelerator.is_main_process:  # images and captions encoded once into shards (reused by later runs)
-            encode_image_dataset(t2i, train_data_dir=text.train_data_dir, dataset_name=text.dataset_name,
-                                 image_column=text.image_column, caption_column=text.caption_column,
-                                 split=text.dataset_split, cache_dir=text.cache_dir, center_crop=text.center_crop,
-                                 random_flip=text.random_flip, max_train_samples=text.max_train_samples,
-                                 out_dir=text.latents_cache or os.path.join(run.output_dir, "latents"), seed=run.seed)
-        accelerator.wait_for_everyone()
-        shards = LatentShards(encode_image_dataset(
-            t2i, train_data_dir=text.train_data_dir, dataset_name=text.dataset_name, image_column=text.image_column,
-            caption_column=text.caption_column, split=text.dataset_split, cache_dir=text.cache_dir,
-            center_crop=text.center_crop, random_flip=text.random_flip, max_train_samples=text.max_train_samples,
-            out_dir=text.latents_cache or os.path.join(run.output_dir, "latents"), seed=run.seed))  # finished: a lookup
-        negative = {k: v.float().cpu() for k, v in t2i._encode([text.negative_prompt]).items()}
-        t2i.release_text_encoders()
-        prompts = [""]  # the final sample grid's prompt (captions live in the shards as embeddings only)
+        data = TextToImageData(args.text, accelerator, run, guidance_scale=args.guidance_scale)
+        t2i = data.teacher
         process, prediction_type = t2i.process, t2i.prediction_type
         modules = {"teacher": t2i.model.requires_grad_(False),
                    "student": copy.deepcopy(t2i.model).float().requires_grad_(True)}
@@ -157,7 +139,7 @@ def main(argv=None):
     ema = student_ema(accelerator, modules, args.ema, run.train_batch_size)
     if t2i is not None:  # x0, then fresh noise: LCMScheduler (VP) / stochastic flow-matching Euler (RF)
         scheduler = t2i.student_scheduler(stochastic=True)
-        batches = PromptBatches(len(shards), run.train_batch_size, seed=run.seed, rank=accelerator.process_index)
+        batches = data
         step = 0
         checkpoint = resolve_checkpoint(run.output_dir, run.resume_from_checkpoint)
         if checkpoint is not None:
@@ -176,11 +158,8 @@ def main(argv=None):
     accumulator = Accumulator(run.gradient_accumulation_steps)  # per player
     progress = TrainingProgress(accelerator, run, step, guard)
     while step < run.max_train_steps:
-        if t2i is not None:
-            rows = shards.rows(next(batches))
-            x0 = rows.pop("latents").to(accelerator.device)
-            cond = t2i.cond(rows, None, accelerator.device)
-            uncond = t2i.cond(negative, torch.zeros(x0.shape[0], dtype=torch.long), accelerator.device)
+        if t2i is not None:  # real latents with their captions' embeddings
+            x0, cond, uncond = data.next(accelerator.device)
         else:
             x0, y = (v.to(accelerator.device) for v in next(batches))
             cond, uncond = digits_cond(y), digits_cond(torch.full_like(y, NULL_CLASS))
@@ -199,7 +178,7 @@ def main(argv=None):
     name = "CD student" if args.source == "teacher" else "ECT student"
     if t2i is not None:
         finish_text_to_image_run(accelerator, modules, params, optimizers, ema, t2i, scheduler, output_dir=run.output_dir,
-                                 num_steps=1, method="CD" if args.source == "teacher" else "ECT", prompts=prompts,
+                                 num_steps=1, method="CD" if args.source == "teacher" else "ECT", prompts=data.prompts,
                                  logger=logger, push_to_hub=args.text.push_to_hub, hub_model_id=args.text.hub_model_id)
         progress.summary("train_cm", logger)
         return

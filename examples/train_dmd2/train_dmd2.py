@@ -62,9 +62,9 @@ from diffusers_fastgen.training.distribution_matching_steps import (
     student_inputs,
     student_step,
 )
+from diffusers_fastgen.training.image_data import TextToImageData
 from diffusers_fastgen.training.players import finish_text_to_image_run, log_and_checkpoint, validate_digits_student
 from diffusers_fastgen.training.progress import TrainingProgress
-from diffusers_fastgen.training.teachers import PromptBatches, TextToImageTeacher, load_prompts
 
 logger = get_logger("train_dmd2", log_level="INFO")
 
@@ -101,14 +101,14 @@ class DMD2Args:
 
     def __post_init__(self):
         check_pipeline_folder(self.teacher, "DigitsPipeline", "teacher")
-        self.text.require(prompts=True)
-        if self.text.pretrained_model_name_or_path is not None:  # no real images on this path (yet)
+        self.text.require(prompts_or_images=True)  # captions of real images, or a prompt file
+        if self.text.pretrained_model_name_or_path is not None and not self.text.has_images:
             if self.gan_generator_weight > 0 or self.r1_weight > 0:
-                raise ValueError("`gan_generator_weight` / `r1_weight` need real images, which the text-to-image path "
-                                 "(`pretrained_model_name_or_path`) does not read yet; leave them at 0.")
+                raise ValueError("`gan_generator_weight` / `r1_weight` need real images: pass `train_data_dir` or "
+                                 "`dataset_name` (their captions condition the student).")
             if not self.backward_simulation and self.num_student_steps > 1:
-                raise ValueError("`backward_simulation` false noises real images, which the text-to-image path does "
-                                 "not read yet; keep it true.")
+                raise ValueError("`backward_simulation` false noises real images: pass `train_data_dir` or "
+                                 "`dataset_name`, or keep it true.")
             if self.run.validation_steps:
                 raise ValueError("`validation_steps` is not available with `pretrained_model_name_or_path` yet (the "
                                  "text encoders are released after the prompts are embedded); set it to 0.")
@@ -141,16 +141,10 @@ def main(argv=None):
         save_config(args, os.path.join(run.output_dir, "train_config.yaml"))
 
     # 1. Players (teacher, student, fake score [+ discriminator head]), one optimizer per trained player.
-    t2i = None  # a stock text-to-image teacher (--pretrained_model_name_or_path), else the digits teacher
+    t2i = data = None  # a stock text-to-image teacher (--pretrained_model_name_or_path), else the digits teacher
     if args.text.pretrained_model_name_or_path is not None:
-        text = args.text
-        t2i = TextToImageTeacher(text.pretrained_model_name_or_path, revision=text.revision, variant=text.variant,
-                                 cache_dir=text.cache_dir, weight_dtype=text.weight_dtype, resolution=text.resolution,
-                                 guidance_scale=args.guidance_scale, max_sequence_length=text.max_sequence_length)
-        prompts = load_prompts(text.prompts, text.caption_column)
-        embeddings, negative = t2i.embed_prompts(prompts, negative_prompt=text.negative_prompt,
-                                                 batch_size=text.encode_batch_size, cache_dir=text.embeddings_cache)
-        t2i.release_text_encoders()
+        data = TextToImageData(args.text, accelerator, run, guidance_scale=args.guidance_scale)
+        t2i = data.teacher
         teacher_model, process, prediction_type = t2i.model, t2i.process, t2i.prediction_type
     else:
         teacher_pipe = DigitsPipeline.from_pretrained(args.teacher)
@@ -160,8 +154,12 @@ def main(argv=None):
                                     lora_target_modules=args.lora_target_modules)
     nets = player_denoisers(modules, process, prediction_type)
     if args.gan_generator_weight > 0:  # discriminator head on the fake score's features, trained with it
-        probe_cond = digits_cond(torch.zeros(1, dtype=torch.long))
-        modules["head"] = make_heads(nets["fake_score"], [args.gan_feature_module], probe_cond, (1, 8, 8)).heads[0]
+        if t2i is not None:
+            probe_cond = t2i.cond(data.negative, None, "cpu")
+            shape = t2i.latent_shape
+        else:
+            probe_cond, shape = digits_cond(torch.zeros(1, dtype=torch.long)), (1, 8, 8)
+        modules["head"] = make_heads(nets["fake_score"], [args.gan_feature_module], probe_cond, shape).heads[0]
         params["fake_score"] = params["fake_score"] + list(modules["head"].parameters())
     fake_args = replace(args.optimizer, learning_rate=args.fake_score_learning_rate)
     schedule = {"num_training_steps": run.max_train_steps, "num_processes": accelerator.num_processes}  # LR schedule
@@ -176,7 +174,7 @@ def main(argv=None):
     if t2i is not None:  # the stock scheduler the saved pipeline samples with, and its t_list
         scheduler = t2i.student_scheduler(shift=args.shift)
         t_list = t2i.student_t_list(scheduler, args.num_student_steps)
-        batches = PromptBatches(len(prompts), run.train_batch_size, seed=run.seed, rank=accelerator.process_index)
+        batches = data
     else:
         scheduler = flow_match_sde_scheduler(shift=1.0 if args.shift is None else args.shift)
         t_list = t_list_from_scheduler(scheduler, args.num_student_steps)
@@ -202,12 +200,9 @@ def main(argv=None):
     progress = TrainingProgress(accelerator, run, step, guard)
     logs = {}
     while step < run.max_train_steps:
-        if t2i is not None:
-            index = next(batches)
-            real_x0 = None
-            noise = torch.randn(len(index), *t2i.latent_shape, device=accelerator.device)
-            cond = t2i.cond(embeddings, index, accelerator.device)
-            uncond = t2i.cond(negative, torch.zeros_like(index), accelerator.device)
+        if t2i is not None:  # real x0 with their captions (or None with a prompt file)
+            real_x0, cond, uncond = data.next(accelerator.device)
+            noise = torch.randn(run.train_batch_size, *t2i.latent_shape, device=accelerator.device)
         else:
             real_x0, y = (t.to(accelerator.device) for t in next(batches))
             noise = torch.randn_like(real_x0)
@@ -237,7 +232,7 @@ def main(argv=None):
 
     if t2i is not None:
         finish_text_to_image_run(accelerator, modules, params, optimizers, ema, t2i, scheduler, output_dir=run.output_dir,
-                                 num_steps=args.num_student_steps, method="DMD2", prompts=prompts, logger=logger,
+                                 num_steps=args.num_student_steps, method="DMD2", prompts=data.prompts, logger=logger,
                                  push_to_hub=args.text.push_to_hub, hub_model_id=args.text.hub_model_id)
     else:
         finish_digits_run(accelerator, modules, params, optimizers, ema, scheduler, output_dir=run.output_dir,

@@ -190,6 +190,19 @@ def test_cm_on_real_images_samples_its_recipe_with_stock_diffusers(teachers, nam
         _stock_equals_training_rollout(teacher, pipe, steps)
 
 
+@pytest.mark.parametrize("name,feature", [("sd", "mid_block"), ("sd3", "transformer_blocks.0")])
+def test_dmd2_gan_branch_on_real_images_with_their_captions(teachers, name, feature, tmp_path):
+    """With real images the captions condition the student and the GAN / R1 terms see the real latents;
+    a 2-step student from noised real data (backward_simulation false) samples its recipe."""
+    out = str(tmp_path / "gan")
+    argv = _argv(teachers, name, out, "--train_data_dir", teachers["images"], "--gan_generator_weight", "0.1",
+                 "--gan_feature_module", feature, "--r1_weight", "0.1", "--backward_simulation", "false")
+    del argv[2:4]  # no prompt file: the captions are the prompts
+    run_script("dmd2", argv)
+    pipe = DiffusionPipeline.from_pretrained(out)
+    _stock_equals_training_rollout(TextToImageTeacher(out, resolution=16, guidance_scale=2.0), pipe, 2)
+
+
 def test_real_images_need_a_dataset_with_the_columns(teachers, tmp_path):
     argv = ["--pretrained_model_name_or_path", teachers["sd"], "--output_dir", str(tmp_path / "x"), "--report_to", "none"]
     with pytest.raises(ValueError, match="needs real images"):

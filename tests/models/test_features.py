@@ -94,3 +94,12 @@ def test_tap_features_gives_back_grad_mode_on_exit_even_after_an_error():
     with torch.no_grad(), tap_features(model, "mid_block", no_grad_after=True):
         den(x, t, cond)
     assert torch.is_grad_enabled()
+
+
+def test_joint_blocks_tap_the_image_stream():
+    """SD3 / Flux blocks return (text, image) (SD3's last: (None, image)); the tap takes the image tokens."""
+    for model, kind, tokens in ((T.tiny_sd3_transformer(), "sd3", 64), (T.tiny_flux_transformer(), "flux", 16)):
+        den = Denoiser(model)
+        feats = run_until_tap(den, torch.randn(2, 4, 8, 8), torch.tensor([0.3, 0.6]), T.tiny_cond(kind, 2),
+                              "transformer_blocks.0")
+        assert feats.shape[:2] == (2, tokens)  # 8x8 latents: SD3 patch 1 -> 64, Flux packed 2x2 -> 16 (text: 5)

@@ -53,7 +53,7 @@ def tap_features(model, module_name, *, stop: bool = False, no_grad_after: bool 
 
     def hook(module, _inputs, output):
         for i in slots[id(module)]:
-            captured[i] = output[0] if isinstance(output, tuple) else output
+            captured[i] = _image_features(output)
         if all(c is not None for c in captured):
             if stop:
                 raise _StopForward
@@ -68,6 +68,16 @@ def tap_features(model, module_name, *, stop: bool = False, no_grad_after: bool 
         torch.set_grad_enabled(grad_mode)
         for handle in handles:
             handle.remove()
+
+
+def _image_features(output):
+    """A block's output, or for tuple outputs the last tensor in it: the image stream of joint text-image
+    blocks (SD3 / Flux return (text, image); SD3's last block returns (None, image)), the hidden states of
+    UNet down blocks (which return (hidden, skip tuple))."""
+    if not isinstance(output, tuple):
+        return output
+    tensors = [o for o in output if torch.is_tensor(o)]
+    return tensors[-1] if tensors else None
 
 
 def _check_reached(captured, module_name) -> None:

@@ -180,10 +180,17 @@ class TextToImageArgs:
         check_text_to_image_teacher(self.pretrained_model_name_or_path, self.resolution, revision=self.revision,
                                     cache_dir=self.cache_dir)
 
-    def require(self, *, prompts: bool = False, images: bool = False) -> None:
-        """A script's needs on the text-to-image path: a prompt file and/or real images."""
+    @property
+    def has_images(self) -> bool:
+        return self.train_data_dir is not None or self.dataset_name is not None
+
+    def require(self, *, prompts: bool = False, images: bool = False, prompts_or_images: bool = False) -> None:
+        """A script's needs on the text-to-image path: a prompt file and/or real images (with captions)."""
         if self.pretrained_model_name_or_path is None:
             return
+        _check(not prompts_or_images or self.prompts is not None or self.has_images,
+               "`pretrained_model_name_or_path` needs `prompts` (a .txt/.jsonl/.csv file) or real images with captions "
+               "(`train_data_dir` / `dataset_name`).")
         _check(not prompts or self.prompts is not None,
                "`pretrained_model_name_or_path` needs `prompts` (a .txt/.jsonl/.csv file) for this script.")
         _check(not images or self.train_data_dir is not None or self.dataset_name is not None,

@@ -23,6 +23,8 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .teachers import PromptBatches, TextToImageTeacher, load_prompts
+
 
 def _load_stream(train_data_dir: str | None, dataset_name: str | None, *, split: str = "train",
                  cache_dir: str | None = None):
@@ -163,3 +165,56 @@ class LatentShards:
                             local = i - int(self.offsets[shard])
                             out[k][j] = sliced[local:local + 1]
         return {k: torch.cat(v) for k, v in out.items()}
+
+
+class TextToImageData:
+    """The text-to-image path of a script, from its `TextToImageArgs`: the teacher, and per micro-batch
+    (real x0 or None, cond, uncond) drawn by index (a pure function of seed, rank and iteration, so a resumed
+    run draws what the uninterrupted one would have).
+
+    With real images (`train_data_dir` / `dataset_name`) the rows come from the encoded shards: latents and
+    their captions' embeddings. Without, from the prompt file's embeddings (`embeddings_cache`). Either way
+    the text encoders are released afterwards (the VAE too when nothing needs it)."""
+
+    def __init__(self, text, accelerator, run, *, guidance_scale: float = 1.0):
+        self.teacher = TextToImageTeacher(
+            text.pretrained_model_name_or_path, revision=text.revision, variant=text.variant, cache_dir=text.cache_dir,
+            weight_dtype=text.weight_dtype, resolution=text.resolution, guidance_scale=guidance_scale,
+            max_sequence_length=text.max_sequence_length)
+        self.shards = self.embeddings = None
+        self.prompts = [""]
+        if text.train_data_dir is not None or text.dataset_name is not None:
+            kwargs = dict(train_data_dir=text.train_data_dir, dataset_name=text.dataset_name,
+                          image_column=text.image_column, caption_column=text.caption_column, split=text.dataset_split,
+                          cache_dir=text.cache_dir, center_crop=text.center_crop, random_flip=text.random_flip,
+                          max_train_samples=text.max_train_samples, seed=run.seed,
+                          out_dir=text.latents_cache or os.path.join(run.output_dir, "latents"))
+            if accelerator.is_main_process:  # one process encodes; the others then find the finished folder
+                encode_image_dataset(self.teacher, **kwargs)
+            accelerator.wait_for_everyone()
+            self.shards = LatentShards(encode_image_dataset(self.teacher, **kwargs))
+            count = len(self.shards)
+        if text.prompts is not None:
+            self.prompts = load_prompts(text.prompts, text.caption_column)
+        if self.shards is None:
+            self.embeddings, _ = self.teacher.embed_prompts(self.prompts, negative_prompt=text.negative_prompt,
+                                                            batch_size=text.encode_batch_size,
+                                                            cache_dir=text.embeddings_cache)
+            count = len(self.prompts)
+        self.negative = {k: v.detach().cpu() for k, v in self.teacher._encode([text.negative_prompt]).items()}
+        self.teacher.release_text_encoders()
+        self.batches = PromptBatches(count, run.train_batch_size, seed=run.seed, rank=accelerator.process_index)
+
+    def state_at(self, iteration: int) -> None:
+        self.batches.state_at(iteration)
+
+    def next(self, device):
+        """(real x0 (B, C, h, w) or None, cond, uncond) of the next micro-batch."""
+        index = next(self.batches)
+        if self.shards is not None:
+            rows = self.shards.rows(index)
+            x0 = rows.pop("latents").to(device)
+            cond = self.teacher.cond(rows, None, device)
+        else:
+            x0, cond = None, self.teacher.cond(self.embeddings, index, device)
+        return x0, cond, self.teacher.cond(self.negative, torch.zeros_like(index), device)

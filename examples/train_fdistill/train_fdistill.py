@@ -35,6 +35,7 @@ from diffusers_fastgen.training import (
     NonFiniteGuard,
     OptimizerArgs,
     RunArgs,
+    TextToImageArgs,
     check_pipeline_folder,
     load_checkpoint,
     make_optimizer,
@@ -56,7 +57,8 @@ from diffusers_fastgen.training.distribution_matching_steps import (
     student_inputs,
     student_step,
 )
-from diffusers_fastgen.training.players import log_and_checkpoint, validate_digits_student
+from diffusers_fastgen.training.image_data import TextToImageData
+from diffusers_fastgen.training.players import finish_text_to_image_run, log_and_checkpoint, validate_digits_student
 from diffusers_fastgen.training.progress import TrainingProgress
 
 logger = get_logger("train_fdistill", log_level="INFO")
@@ -72,6 +74,7 @@ class FDistillArgs:
     optimizer: OptimizerArgs = field(default_factory=lambda: OptimizerArgs(learning_rate=1e-4, adam_beta1=0.0,
                                                                            adam_beta2=0.999, max_grad_norm=10.0))
     ema: EMAArgs = field(default_factory=lambda: EMAArgs(ema_schedule="halflife", ema_halflife_kimg=2.0))
+    text: TextToImageArgs = field(default_factory=TextToImageArgs)  # a stock text-to-image teacher + real images instead
     teacher: str = DIGITS_TEACHER_PATH  # teacher pipeline folder (default: the shipped digits teacher)
     num_student_steps: int = 1  # the student's step count (t_list length - 1)
     shift: float = 1.0  # student schedule: sigmas = shift(linspace(1, 0, N + 1)), fresh-noise re-noising
@@ -92,6 +95,9 @@ class FDistillArgs:
 
     def __post_init__(self):
         check_pipeline_folder(self.teacher, "DigitsPipeline", "teacher")
+        self.text.require(images=True)  # the discriminator compares real and generated images
+        if self.text.pretrained_model_name_or_path is not None and self.run.validation_steps:
+            raise ValueError("`validation_steps` is not available with `pretrained_model_name_or_path` yet; set it to 0.")
         if self.num_student_steps < 1:
             raise ValueError(f"`num_student_steps` must be >= 1, got {self.num_student_steps}.")
         if self.student_update_freq < 1:
@@ -121,12 +127,21 @@ def main(argv=None):
         save_config(args, os.path.join(run.output_dir, "train_config.yaml"))
 
     # 1. Players (teacher, student, fake score + discriminator head), one optimizer per trained player.
-    teacher_pipe = DigitsPipeline.from_pretrained(args.teacher)
-    process, prediction_type = process_from_scheduler(teacher_pipe.scheduler)
-    modules, params = build_players(teacher_pipe.unet, lora_rank=args.lora_rank)
+    t2i = data = None  # a stock text-to-image teacher with real images (--pretrained_model_name_or_path), else digits
+    if args.text.pretrained_model_name_or_path is not None:
+        data = TextToImageData(args.text, accelerator, run, guidance_scale=args.guidance_scale)
+        t2i = data.teacher
+        teacher_model, process, prediction_type = t2i.model, t2i.process, t2i.prediction_type
+        probe_cond, sample_shape = t2i.cond(data.negative, None, "cpu"), t2i.latent_shape
+    else:
+        teacher_pipe = DigitsPipeline.from_pretrained(args.teacher)
+        process, prediction_type = process_from_scheduler(teacher_pipe.scheduler)
+        teacher_model = teacher_pipe.unet
+        probe_cond, sample_shape = digits_cond(torch.zeros(1, dtype=torch.long)), (1, 8, 8)
+    modules, params = build_players(teacher_model, lora_rank=args.lora_rank)
     nets = player_denoisers(modules, process, prediction_type)
-    probe_cond = digits_cond(torch.zeros(1, dtype=torch.long))  # the head reads the fake score's features
-    modules["head"] = make_heads(nets["fake_score"], [args.gan_feature_module], probe_cond, (1, 8, 8)).heads[0]
+    # the head reads the fake score's features
+    modules["head"] = make_heads(nets["fake_score"], [args.gan_feature_module], probe_cond, sample_shape).heads[0]
     params["fake_score"] = params["fake_score"] + list(modules["head"].parameters())
     fake_args = replace(args.optimizer, learning_rate=args.fake_score_learning_rate)
     schedule = {"num_training_steps": run.max_train_steps, "num_processes": accelerator.num_processes}  # LR schedule
@@ -138,12 +153,16 @@ def main(argv=None):
     nets = player_denoisers(modules, process, prediction_type)  # over the prepared (DDP-wrapped) modules
     teacher, student, fake_score = nets["teacher"], nets["student"], nets["fake_score"]
     ema = student_ema(accelerator, modules, args.ema, run.train_batch_size)
-    scheduler = flow_match_sde_scheduler(shift=args.shift)
-    t_list = t_list_from_scheduler(scheduler, args.num_student_steps)
-
-    images, labels = (torch.from_numpy(a) for a in load_digits_arrays("train"))
-    batches = InfiniteBatches(images, labels, batch_size=run.train_batch_size, seed=run.seed,
-                              rank=accelerator.process_index, world_size=accelerator.num_processes)
+    if t2i is not None:  # x0, then fresh noise: LCMScheduler (VP) / stochastic flow-matching Euler (RF)
+        scheduler = t2i.student_scheduler(stochastic=True)
+        t_list = t2i.student_t_list(scheduler, args.num_student_steps)
+        batches = data
+    else:
+        scheduler = flow_match_sde_scheduler(shift=args.shift)
+        t_list = t_list_from_scheduler(scheduler, args.num_student_steps)
+        images, labels = (torch.from_numpy(a) for a in load_digits_arrays("train"))
+        batches = InfiniteBatches(images, labels, batch_size=run.train_batch_size, seed=run.seed,
+                                  rank=accelerator.process_index, world_size=accelerator.num_processes)
 
     step = 0  # counts student updates
     checkpoint = resolve_checkpoint(run.output_dir, run.resume_from_checkpoint)
@@ -163,9 +182,12 @@ def main(argv=None):
     progress = TrainingProgress(accelerator, run, step, guard)
     logs = {}
     while step < run.max_train_steps:
-        real_x0, y = (t.to(accelerator.device) for t in next(batches))
+        if t2i is not None:  # real latents with their captions' embeddings
+            real_x0, cond, uncond = data.next(accelerator.device)
+        else:
+            real_x0, y = (t.to(accelerator.device) for t in next(batches))
+            cond, uncond = digits_cond(y), digits_cond(torch.full_like(y, NULL_CLASS))
         noise = torch.randn_like(real_x0)
-        cond, uncond = digits_cond(y), digits_cond(torch.full_like(y, NULL_CLASS))
         x_t, t = student_inputs(student, noise, cond, t_list, real_x0, backward_simulation=args.backward_simulation)
         iteration += 1
         if ((iteration - 1) // run.gradient_accumulation_steps + 1) % args.student_update_freq:  # fake-score update
@@ -176,7 +198,8 @@ def main(argv=None):
                    guard=guard, accumulator=accumulator, player="fake_score", step=step)
             logs["fake_score_loss"] = loss.detach()
             continue
-        loss = student_step(student, teacher, fake_score, x_t, t, cond, uncond, guidance_scale=args.guidance_scale,
+        cfg_scale = t2i.cfg_scale if t2i is not None else args.guidance_scale  # guidance-distilled Flux: no CFG
+        loss = student_step(student, teacher, fake_score, x_t, t, cond, uncond, guidance_scale=cfg_scale,
                             t_min=args.dmd_t_min, t_max=args.dmd_t_max, head=modules["head"],
                             gan_weight=args.gan_generator_weight, feature_module=args.gan_feature_module,
                             divergence=args.divergence, critic_params=params["fake_score"])
@@ -188,6 +211,13 @@ def main(argv=None):
         logs["student_loss"] = loss.detach()
         log_and_checkpoint(accelerator, run, step, logs, ema, progress, validate=validate)
 
+    if t2i is not None:
+        finish_text_to_image_run(accelerator, modules, params, optimizers, ema, t2i, scheduler, output_dir=run.output_dir,
+                                 num_steps=args.num_student_steps, method="f-distill",
+                                 prompts=data.prompts, logger=logger, push_to_hub=args.text.push_to_hub,
+                                 hub_model_id=args.text.hub_model_id)
+        progress.summary("train_fdistill", logger)
+        return
     finish_digits_run(accelerator, modules, params, optimizers, ema, scheduler, output_dir=run.output_dir,
                       teacher_path=args.teacher, num_steps=args.num_student_steps, step=step,
                       eval_num_samples=args.eval_num_samples, name=f"f-distill ({args.divergence}) student", logger=logger)

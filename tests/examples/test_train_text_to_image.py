@@ -203,6 +203,30 @@ def test_dmd2_gan_branch_on_real_images_with_their_captions(teachers, name, feat
     _stock_equals_training_rollout(TextToImageTeacher(out, resolution=16, guidance_scale=2.0), pipe, 2)
 
 
+@pytest.mark.parametrize("script,name,extra", [
+    ("ladd", "sd", []), ("ladd", "sd3", ["--feature_modules", "transformer_blocks.0", "--lora_rank", "4"]),
+    ("fdistill", "sd", ["--divergence", "js"]), ("fdistill", "flux", ["--gan_feature_module", "transformer_blocks.0"]),
+])
+def test_adversarial_scripts_on_real_images_sample_their_recipe(teachers, script, name, extra, tmp_path):
+    """LADD (heads on the teacher's features) and f-distill (head on the fake score's) on real images with
+    their captions; full students reload as the teacher's class, LoRA ones through load_lora_weights."""
+    out = str(tmp_path / script)
+    run_script(script, ["--pretrained_model_name_or_path", teachers[name], "--train_data_dir", teachers["images"],
+                        "--output_dir", out, "--max_train_steps", "2", "--train_batch_size", "2", "--student_update_freq",
+                        "2", "--num_student_steps", "2", "--resolution", "16", "--report_to", "none",
+                        "--validation_steps", "0", "--learning_rate", "1e-3", *extra])
+    teacher = TextToImageTeacher(out if "--lora_rank" not in extra else teachers[name], resolution=16)
+    if "--lora_rank" in extra:
+        pipe = teacher.pipe
+        pipe.load_lora_weights(out)
+        pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(out, subfolder="scheduler")
+    else:
+        pipe = DiffusionPipeline.from_pretrained(out)
+    card = open(os.path.join(out, "README.md")).read()
+    assert type(pipe) is type(teacher.pipe) and f"distilled with {dict(ladd='LADD', fdistill='f-distill')[script]}" in card
+    _stock_equals_training_rollout(teacher, pipe, 2)
+
+
 def test_real_images_need_a_dataset_with_the_columns(teachers, tmp_path):
     argv = ["--pretrained_model_name_or_path", teachers["sd"], "--output_dir", str(tmp_path / "x"), "--report_to", "none"]
     with pytest.raises(ValueError, match="needs real images"):

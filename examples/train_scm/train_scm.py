@@ -15,7 +15,9 @@
 
 from __future__ import annotations
 
+import copy
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Literal
@@ -38,17 +40,22 @@ from diffusers_fastgen.training import (
     NonFiniteGuard,
     OptimizerArgs,
     RunArgs,
+    TextToImageArgs,
     check_pipeline_folder,
+    load_checkpoint,
     make_optimizer,
     parse_args,
+    resolve_checkpoint,
     save_config,
     setup_accelerator,
     update,
 )
 from diffusers_fastgen.training.consistency_steps import SOURCES, scm_step
+from diffusers_fastgen.training.image_data import TextToImageData
 from diffusers_fastgen.training.players import (
     digits_batches,
     finish_digits_run,
+    finish_text_to_image_run,
     log_and_checkpoint,
     prepare_players,
     student_ema,
@@ -69,6 +76,7 @@ class SCMArgs:
     optimizer: OptimizerArgs = field(default_factory=lambda: OptimizerArgs(learning_rate=1e-4, adam_beta2=0.99,
                                                                            max_grad_norm=1.0))
     ema: EMAArgs = field(default_factory=lambda: EMAArgs(ema_schedule="halflife", ema_halflife_kimg=10.0))
+    text: TextToImageArgs = field(default_factory=TextToImageArgs)  # a stock text-to-image teacher + real images instead
     teacher: str = DIGITS_TEACHER_PATH  # teacher pipeline folder: the student's init (and the ODE, source=teacher)
     source: Literal["teacher", "data"] = "teacher"  # teacher = sCD, data = sCT
     guidance_scale: float = 1.0  # teacher CFG on F (sCD)
@@ -85,6 +93,9 @@ class SCMArgs:
 
     def __post_init__(self):
         check_pipeline_folder(self.teacher, "DigitsPipeline", "teacher")
+        self.text.require(images=True)  # sCD and sCT both start from noised real images
+        if self.text.pretrained_model_name_or_path is not None and self.run.validation_steps:
+            raise ValueError("`validation_steps` is not available with `pretrained_model_name_or_path` yet; set it to 0.")
         if self.source not in SOURCES:
             raise ValueError(f"`source` must be one of {SOURCES}, got {self.source!r}.")
         if self.jvp_method not in JVP_METHODS:
@@ -114,10 +125,18 @@ def main(argv=None):
         save_config(args, os.path.join(run.output_dir, "train_config.yaml"))
 
     # 1. Teacher (frozen), student (a copy) and the log-variance head, one optimizer for student + head.
-    teacher_pipe = DigitsPipeline.from_pretrained(args.teacher)
-    process, prediction_type = process_from_scheduler(teacher_pipe.scheduler)
-    modules = {"teacher": teacher_pipe.unet.requires_grad_(False),
-               "student": DigitsPipeline.from_pretrained(args.teacher).unet.requires_grad_(True)}
+    t2i = data = None  # a stock text-to-image teacher with real images (--pretrained_model_name_or_path), else digits
+    if args.text.pretrained_model_name_or_path is not None:
+        data = TextToImageData(args.text, accelerator, run, guidance_scale=args.guidance_scale)
+        t2i = data.teacher
+        process, prediction_type = t2i.process, t2i.prediction_type
+        modules = {"teacher": t2i.model.requires_grad_(False),
+                   "student": copy.deepcopy(t2i.model).float().requires_grad_(True)}
+    else:
+        teacher_pipe = DigitsPipeline.from_pretrained(args.teacher)
+        process, prediction_type = process_from_scheduler(teacher_pipe.scheduler)
+        modules = {"teacher": teacher_pipe.unet.requires_grad_(False),
+                   "student": DigitsPipeline.from_pretrained(args.teacher).unet.requires_grad_(True)}
     params = {"student": list(modules["student"].parameters())}
     if args.adaptive_weighting:
         modules["logvar"] = LogVarHead()
@@ -131,10 +150,23 @@ def main(argv=None):
     teacher = Denoiser(modules["teacher"], process, prediction_type) if args.source == "teacher" else None
     student = Denoiser(modules["student"], process, prediction_type)
     ema = student_ema(accelerator, modules, args.ema, run.train_batch_size)
-    scheduler = scm_rf_scheduler(args.sigma_d, args.intermediate_t)
     all_params = [p for ps in params.values() for p in ps]
-
-    batches, step = digits_batches(accelerator, run, ema, logger)
+    if t2i is not None:
+        # sCM's samplers on the teacher's path: 1 step from pure noise; 2 steps through the point whose noise
+        # ratio is sigma_d tan(intermediate_t), given to the stock call as timesteps (VP) or sigmas (RF).
+        scheduler = t2i.student_scheduler(shift=None if t2i.kind in ("sd", "sdxl") else 1.0, stochastic=True)
+        ratio = torch.tensor(args.sigma_d * math.tan(args.intermediate_t), dtype=torch.float64)
+        t2i.set_custom_schedule([1.0, float(t2i.process.t_from_noise_ratio(ratio))])
+        batches = data
+        step = 0
+        checkpoint = resolve_checkpoint(run.output_dir, run.resume_from_checkpoint)
+        if checkpoint is not None:
+            step = load_checkpoint(accelerator, checkpoint, emas={"student": ema})["step"]
+            logger.info("resumed from %s at step %d", checkpoint, step)
+        batches.state_at(step * run.gradient_accumulation_steps)
+    else:
+        scheduler = scm_rf_scheduler(args.sigma_d, args.intermediate_t)
+        batches, step = digits_batches(accelerator, run, ema, logger)
 
     # 2. The loop: one sCM step per iteration.
     def validate(s):  # a 1-step sample grid of the EMA student every `validation_steps`
@@ -144,14 +176,18 @@ def main(argv=None):
     accumulator = Accumulator(run.gradient_accumulation_steps)  # per player
     progress = TrainingProgress(accelerator, run, step, guard)
     while step < run.max_train_steps:
-        x0, y = (v.to(accelerator.device) for v in next(batches))
+        if t2i is not None:  # real latents with their captions' embeddings
+            x0, cond, uncond = data.next(accelerator.device)
+        else:
+            x0, y = (v.to(accelerator.device) for v in next(batches))
+            cond, uncond = digits_cond(y), digits_cond(torch.full_like(y, NULL_CLASS))
         eps = torch.randn_like(x0)
         t = sample_trigflow_time((x0.shape[0],), sigma_d=args.sigma_d, mean=args.t_mean, std=args.t_std,
                                  device=x0.device)
-        cond, uncond = digits_cond(y), digits_cond(torch.full_like(y, NULL_CLASS))
         warmup = min(1.0, step / args.warmup_steps) if args.warmup_steps else 1.0
+        cfg_scale = t2i.cfg_scale if t2i is not None else args.guidance_scale  # guidance-distilled Flux: no CFG
         loss, logs = scm_step(student, x0, eps, t, cond, sigma_d=args.sigma_d, teacher=teacher, uncond=uncond,
-                              guidance_scale=args.guidance_scale, warmup=warmup, tangent_c=args.tangent_c,
+                              guidance_scale=cfg_scale, warmup=warmup, tangent_c=args.tangent_c,
                               logvar_head=modules.get("logvar"), jvp_method=args.jvp_method)
         if not update(accelerator, loss, all_params, optimizer, lr_scheduler, args.optimizer.max_grad_norm,
                       guard=guard, accumulator=accumulator, step=step + 1):
@@ -162,6 +198,12 @@ def main(argv=None):
 
     # 3. Save the student with its sampler, reload it, benchmark 1 and 2 steps.
     name = "sCD student" if args.source == "teacher" else "sCT student"
+    if t2i is not None:
+        finish_text_to_image_run(accelerator, modules, params, optimizers, ema, t2i, scheduler, output_dir=run.output_dir,
+                                 num_steps=1, method=name.split()[0], prompts=data.prompts, logger=logger,
+                                 push_to_hub=args.text.push_to_hub, hub_model_id=args.text.hub_model_id)
+        progress.summary("train_scm", logger)
+        return
     finish_digits_run(accelerator, modules, params, optimizers, ema, scheduler, output_dir=run.output_dir,
                       teacher_path=args.teacher, num_steps=1, step=step, eval_num_samples=args.eval_num_samples,
                       name=name, logger=logger, step_counts=[1, 2])

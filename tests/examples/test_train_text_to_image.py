@@ -4,6 +4,7 @@ saved to a temporary folder): the student reloads with stock diffusers (LoRA stu
 the t_list the script trained on (the saved scheduler is the training recipe)."""
 
 import json
+import math
 import os
 from unittest import mock
 
@@ -225,6 +226,28 @@ def test_adversarial_scripts_on_real_images_sample_their_recipe(teachers, script
     card = open(os.path.join(out, "README.md")).read()
     assert type(pipe) is type(teacher.pipe) and f"distilled with {dict(ladd='LADD', fdistill='f-distill')[script]}" in card
     _stock_equals_training_rollout(teacher, pipe, 2)
+
+
+@pytest.mark.parametrize("name", ["sd", "sd3"])
+def test_scd_on_real_images_samples_its_trigflow_schedule_with_stock_diffusers(teachers, name, tmp_path):
+    """sCD through the TrigFlow view of a VP (SD) or RF (SD3) teacher: 1 step from noise, 2 steps through the
+    point whose noise ratio is sigma_d tan(intermediate_t), passed to the stock call as timesteps / sigmas."""
+    out = str(tmp_path / "scm")
+    run_script("scm", ["--pretrained_model_name_or_path", teachers[name], "--train_data_dir", teachers["images"],
+                       "--output_dir", out, "--max_train_steps", "2", "--train_batch_size", "2", "--resolution", "16",
+                       "--report_to", "none", "--validation_steps", "0", "--learning_rate", "1e-3",
+                       "--sigma_d", "0.5", "--intermediate_t", "1.1"])
+    pipe = DiffusionPipeline.from_pretrained(out)
+    teacher = TextToImageTeacher(out, resolution=16)
+    ratio = torch.tensor(0.5 * math.tan(1.1), dtype=torch.float64)
+    mid = float(teacher.process.t_from_noise_ratio(ratio))
+    if name == "sd3":  # RF: the noise ratio r is at t = r / (1 + r), and the saved scheduler does not re-shift it
+        assert abs(mid - float(ratio / (1 + ratio))) < 1e-6 and pipe.scheduler.config.shift == 1.0
+    teacher.set_custom_schedule([1.0, mid])
+    key = "timesteps" if name == "sd" else "sigmas"
+    assert str(teacher.sampling_kwargs(2)[key]) in open(os.path.join(out, "README.md")).read()  # the card's 2-step call
+    for steps in (1, 2):
+        _stock_equals_training_rollout(teacher, pipe, steps)
 
 
 def test_real_images_need_a_dataset_with_the_columns(teachers, tmp_path):

@@ -138,6 +138,7 @@ class TextToImageTeacher:
         self.process, self.prediction_type = process_from_scheduler(self.pipe.scheduler)
         self.flux_guidance = self.kind == "flux" and bool(self.model.config.guidance_embeds)
         self.guidance_scale = guidance_scale
+        self.custom_times: list[float] | None = None  # set_custom_schedule: the student's own step times
         self.vae_scale_factor = self.pipe.vae_scale_factor
         patch = 2 if self.kind == "flux" else getattr(self.model.config, "patch_size", 1) or 1
         multiple = self.vae_scale_factor * patch
@@ -250,8 +251,29 @@ class TextToImageTeacher:
             config["shift"] = shift
         return FlowMatchEulerDiscreteScheduler.from_config(config)
 
+    def set_custom_schedule(self, times: list[float]) -> None:
+        """Sample the student at these times of the teacher's process (first 1, decreasing; e.g. sCM's TrigFlow
+        midpoint mapped onto the teacher's path) whenever it runs len(times) steps: passed to the stock call as
+        `timesteps` (VP, rounded to integer timesteps) or `sigmas` (flow matching; the student's scheduler then
+        has shift 1 so they are used as given)."""
+        if not times or times[0] != 1.0 or any(a <= b for a, b in zip(times, times[1:])) or times[-1] <= 0:
+            raise ValueError(f"the custom schedule must start at 1 and decrease inside (0, 1], got {times}.")
+        if self.kind in ("sd", "sdxl"):
+            times = [round(t * 999) / 999 for t in times]
+        self.custom_times = list(times)
+
+    def _custom(self, num_steps: int) -> list[float] | None:
+        return self.custom_times if self.custom_times is not None and len(self.custom_times) == num_steps else None
+
     def student_t_list(self, scheduler, num_steps: int) -> torch.Tensor:
         """The continuous times (ending at 0) the stock pipeline samples at with `num_steps` steps."""
+        custom = self._custom(num_steps)
+        if custom is not None:
+            if self.kind in ("sd", "sdxl"):
+                scheduler.set_timesteps(timesteps=[round(t * 999) for t in custom])
+                return torch.tensor([*(round(t * 999) / 999 for t in custom), 0.0])
+            scheduler.set_timesteps(sigmas=custom, mu=0.0)
+            return scheduler.sigmas.float().clone()
         if isinstance(scheduler, (LCMScheduler, DDIMScheduler)):  # VP: t = timestep / (T - 1)
             scheduler.set_timesteps(num_steps)
             t = scheduler.timesteps.double() / (scheduler.config.num_train_timesteps - 1)
@@ -268,6 +290,10 @@ class TextToImageTeacher:
     def sampling_kwargs(self, num_steps: int) -> dict:
         """The stock pipeline call that samples the student with its recipe."""
         kwargs = {"num_inference_steps": num_steps}
+        custom = self._custom(num_steps)
+        if custom is not None:
+            kwargs.update({"timesteps": [round(t * 999) for t in custom]} if self.kind in ("sd", "sdxl")
+                          else {"sigmas": list(custom)})
         if self.kind == "flux":
             kwargs["guidance_scale"] = float(self.guidance_scale) if self.flux_guidance else 1.0
             kwargs["max_sequence_length"] = self.max_sequence_length
@@ -275,7 +301,7 @@ class TextToImageTeacher:
             kwargs["guidance_scale"] = 1.0  # no CFG: the teacher's guidance is distilled into the student
             if self.kind == "sd3":
                 kwargs["max_sequence_length"] = self.max_sequence_length
-                kwargs["sigmas"] = self._sigmas(num_steps)
+                kwargs.setdefault("sigmas", self._sigmas(num_steps))
         return kwargs
 
     # --- output -------------------------------------------------------------------------------------
@@ -311,7 +337,8 @@ class TextToImageTeacher:
         return pipe
 
     def _write_model_card(self, output_dir: str, *, num_steps: int, method: str, lora: bool, scheduler) -> None:
-        call = ", ".join(f"{k}={v!r}" for k, v in self.sampling_kwargs(num_steps).items())
+        calls = [", ".join(f"{k}={v!r}" for k, v in self.sampling_kwargs(n).items())
+                 for n in ((1, 2) if num_steps == 1 else (num_steps,))]
         if lora:
             load = (f'pipe = DiffusionPipeline.from_pretrained("{self.path}")\n'
                     f'pipe.load_lora_weights("{output_dir}")\n'
@@ -325,7 +352,8 @@ class TextToImageTeacher:
             f"A {num_steps}-step {'LoRA ' if lora else ''}student distilled with {method} by diffusers_fastgen from "
             f"the {self.class_name} `{self.path}`. Its sampling recipe is the saved "
             f"`{type(scheduler).__name__}`; sample it with exactly this call:\n\n"
-            f"```python\n{imports}\n\n{load}\nimage = pipe(\"a prompt\", {call}).images[0]\n```\n")
+            f"```python\n{imports}\n\n{load}\n" + "".join(f"image = pipe(\"a prompt\", {c}).images[0]\n" for c in calls)
+            + "```\n")
         # diffusers' training-script card template and tags (load_or_create_model_card would first look the
         # output folder up on the Hub, which fails for a local path or offline).
         card = ModelCard.from_template(card_data=ModelCardData(library_name="diffusers", base_model=self.path),

@@ -18,6 +18,7 @@ above, the network's own stop-gradient output is (the consistency loss). A fract
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from typing import Literal
 
 import torch
 from accelerate.logging import get_logger
+from diffusers import DiffusionPipeline
 
 from diffusers_fastgen.evaluation import DIGITS_TEACHER_PATH
 from diffusers_fastgen.models import Denoiser
@@ -39,23 +41,29 @@ from diffusers_fastgen.training import (
     NonFiniteGuard,
     OptimizerArgs,
     RunArgs,
+    TextToImageArgs,
     check_pipeline_folder,
+    load_checkpoint,
     make_optimizer,
     parse_args,
+    resolve_checkpoint,
     save_config,
     setup_accelerator,
     update,
 )
 from diffusers_fastgen.training.consistency_steps import SOURCES, tcm_step
+from diffusers_fastgen.training.image_data import TextToImageData
 from diffusers_fastgen.training.players import (
     digits_batches,
     finish_digits_run,
+    finish_text_to_image_run,
     log_and_checkpoint,
     prepare_players,
     student_ema,
     validate_digits_student,
 )
 from diffusers_fastgen.training.progress import TrainingProgress
+from diffusers_fastgen.training.teachers import read_pipeline_class
 
 logger = get_logger("train_tcm", log_level="INFO")
 
@@ -70,6 +78,7 @@ class TCMArgs:
     optimizer: OptimizerArgs = field(default_factory=lambda: OptimizerArgs(learning_rate=5e-5, adam_beta2=0.99,
                                                                            max_grad_norm=1.0))
     ema: EMAArgs = field(default_factory=lambda: EMAArgs(ema_schedule="halflife", ema_halflife_kimg=10.0))
+    text: TextToImageArgs = field(default_factory=TextToImageArgs)  # a stock text-to-image teacher + real images instead
     stage1: str | None = None  # stage-1 consistency-model pipeline folder (e.g. the output of train_cm); required
     teacher: str = DIGITS_TEACHER_PATH  # teacher pipeline folder (source=teacher)
     source: Literal["teacher", "data"] = "teacher"  # teacher: distillation (the teacher's DDIM step); data: consistency training
@@ -87,9 +96,15 @@ class TCMArgs:
 
     def __post_init__(self):
         check_pipeline_folder(self.teacher, "DigitsPipeline", "teacher")
-        check_pipeline_folder(self.stage1, "DigitsPipeline", "stage1")
         if self.stage1 is None:
             raise ValueError("`stage1` is required: the folder of a stage-1 consistency model (e.g. from train_cm).")
+        self.text.require(images=True)  # consistency pairs start from noised real images
+        if self.text.pretrained_model_name_or_path is not None:  # stage 1: a train_cm student of the same teacher
+            check_pipeline_folder(self.stage1, read_pipeline_class(self.text.pretrained_model_name_or_path), "stage1")
+            if self.run.validation_steps:
+                raise ValueError("`validation_steps` is not available with `pretrained_model_name_or_path` yet; set it to 0.")
+        else:
+            check_pipeline_folder(self.stage1, "DigitsPipeline", "stage1")
         if self.source not in SOURCES:
             raise ValueError(f"`source` must be one of {SOURCES}, got {self.source!r}.")
         if not 0.0 < self.t_boundary < 1.0:
@@ -97,7 +112,8 @@ class TCMArgs:
         if not 0.0 <= self.boundary_fraction <= 1.0 or self.boundary_weight < 0:
             raise ValueError(f"need boundary_fraction in [0, 1] and boundary_weight >= 0, got "
                              f"{self.boundary_fraction}, {self.boundary_weight}.")
-        if self.shift <= 0 or self.shift / (1 + self.shift) < self.t_boundary:
+        digits = self.text.pretrained_model_name_or_path is None  # the digits sampler's shift (stock samplers: at load)
+        if digits and (self.shift <= 0 or self.shift / (1 + self.shift) < self.t_boundary):
             raise ValueError(f"`shift` must give a 2-step midpoint shift/(1+shift) >= t_boundary={self.t_boundary}, "
                              f"got shift={self.shift}.")
         if self.num_stages < 1 or not 0 <= self.start_stage < self.num_stages or self.t_std <= 0:
@@ -109,7 +125,8 @@ def sample_pair(b: int, step: int, args: TCMArgs, process, device):
     """(t, r): t = t' for a `boundary_fraction` of the batch, else the log-normal proposal folded onto
     t > t' (log sigma reflected about log sigma(t')); r's noise ratio is t's times (1 - n), n = ECT's gap
     ratio of the current stage (stage 2 continues stage 1's curriculum from `start_stage`)."""
-    ratio_b = args.t_boundary / (1 - args.t_boundary)  # t' as an EDM noise ratio (RF: t / (1 - t))
+    tb = torch.tensor(args.t_boundary, dtype=torch.float64)
+    ratio_b = float(process.sigma(tb) / process.alpha(tb))  # t' as an EDM noise ratio (RF: t / (1 - t))
     sigma = sample_log_normal((b,), mean=args.t_mean, std=args.t_std, device=device, dtype=torch.float64)
     sigma = torch.where(sigma > ratio_b, sigma, ratio_b * ratio_b / sigma)  # reflect log sigma about log ratio_b
     sigma = torch.where(torch.rand(b, device=device) < args.boundary_fraction, torch.full_like(sigma, ratio_b), sigma)
@@ -127,25 +144,51 @@ def main(argv=None):
         save_config(args, os.path.join(run.output_dir, "train_config.yaml"))
 
     # 1. Frozen stage-1 CM (and teacher), student = trainable copy of stage 1, one optimizer.
-    stage1_pipe = DigitsPipeline.from_pretrained(args.stage1)
-    process, prediction_type = process_from_scheduler(stage1_pipe.scheduler)
-    teacher_pipe = DigitsPipeline.from_pretrained(args.teacher) if args.source == "teacher" else None
-    modules = {"student": DigitsPipeline.from_pretrained(args.stage1).unet.requires_grad_(True)}
+    t2i = data = None  # a stock text-to-image teacher with real images (--pretrained_model_name_or_path), else digits
+    if args.text.pretrained_model_name_or_path is not None:
+        data = TextToImageData(args.text, accelerator, run, guidance_scale=args.guidance_scale)
+        t2i = data.teacher
+        stage1_model = getattr(DiffusionPipeline.from_pretrained(args.stage1), t2i.component)
+        process, prediction_type = t2i.process, t2i.prediction_type
+        frozen_teacher = t2i.model if args.source == "teacher" else None
+        teacher_process = (t2i.process, t2i.prediction_type)
+        student_model = copy.deepcopy(stage1_model).float()
+    else:
+        stage1_pipe = DigitsPipeline.from_pretrained(args.stage1)
+        process, prediction_type = process_from_scheduler(stage1_pipe.scheduler)
+        teacher_pipe = DigitsPipeline.from_pretrained(args.teacher) if args.source == "teacher" else None
+        stage1_model = stage1_pipe.unet
+        frozen_teacher = teacher_pipe.unet if teacher_pipe else None
+        teacher_process = process_from_scheduler(teacher_pipe.scheduler) if teacher_pipe else None
+        student_model = DigitsPipeline.from_pretrained(args.stage1).unet
+    modules = {"student": student_model.requires_grad_(True)}
     params = {"student": list(modules["student"].parameters())}
     schedule = {"num_training_steps": run.max_train_steps, "num_processes": accelerator.num_processes}  # LR schedule
     optimizers = {"student": make_optimizer(params["student"], args.optimizer, **schedule)}
     modules, optimizers = prepare_players(accelerator, modules, optimizers, gradient_checkpointing=run.gradient_checkpointing)
     optimizer, lr_scheduler = optimizers["student"]
-    frozen = {"stage1": stage1_pipe.unet, **({"teacher": teacher_pipe.unet} if teacher_pipe else {})}
+    frozen = {"stage1": stage1_model, **({"teacher": frozen_teacher} if frozen_teacher is not None else {})}
     for module in frozen.values():
         module.requires_grad_(False).eval().to(accelerator.device)
     stage1 = Denoiser(frozen["stage1"], process, prediction_type)
-    teacher = Denoiser(frozen["teacher"], *process_from_scheduler(teacher_pipe.scheduler)) if teacher_pipe else None
+    teacher = Denoiser(frozen["teacher"], *teacher_process) if frozen_teacher is not None else None
     student = Denoiser(modules["student"], process, prediction_type)
     ema = student_ema(accelerator, modules, args.ema, run.train_batch_size)
-    scheduler = flow_match_sde_scheduler(shift=args.shift)
-
-    batches, step = digits_batches(accelerator, run, ema, logger)
+    if t2i is not None:  # x0, then fresh noise (as stage 1): LCMScheduler (VP) / stochastic flow-matching Euler (RF)
+        scheduler = t2i.student_scheduler(stochastic=True)
+        midpoint = float(t2i.student_t_list(scheduler, 2)[1])
+        if midpoint < args.t_boundary:
+            raise ValueError(f"`t_boundary` {args.t_boundary} is above the stock 2-step sampler's midpoint {midpoint:.4f}.")
+        batches = data
+        step = 0
+        checkpoint = resolve_checkpoint(run.output_dir, run.resume_from_checkpoint)
+        if checkpoint is not None:
+            step = load_checkpoint(accelerator, checkpoint, emas={"student": ema})["step"]
+            logger.info("resumed from %s at step %d", checkpoint, step)
+        batches.state_at(step * run.gradient_accumulation_steps)
+    else:
+        scheduler = flow_match_sde_scheduler(shift=args.shift)
+        batches, step = digits_batches(accelerator, run, ema, logger)
 
     # 2. The loop: one truncated consistency step per iteration.
     def validate(s):  # a 1-step sample grid of the EMA student every `validation_steps`
@@ -155,13 +198,17 @@ def main(argv=None):
     accumulator = Accumulator(run.gradient_accumulation_steps)  # per player
     progress = TrainingProgress(accelerator, run, step, guard)
     while step < run.max_train_steps:
-        x0, y = (v.to(accelerator.device) for v in next(batches))
+        if t2i is not None:  # real latents with their captions' embeddings
+            x0, cond, uncond = data.next(accelerator.device)
+        else:
+            x0, y = (v.to(accelerator.device) for v in next(batches))
+            cond, uncond = digits_cond(y), digits_cond(torch.full_like(y, NULL_CLASS))
         eps = torch.randn_like(x0)
         t, r = sample_pair(x0.shape[0], step, args, process, x0.device)
-        cond, uncond = digits_cond(y), digits_cond(torch.full_like(y, NULL_CLASS))
         loss, logs = tcm_step(student, stage1, x0, eps, t, r, cond, t_boundary=args.t_boundary,
                               boundary_weight=args.boundary_weight, teacher=teacher, uncond=uncond,
-                              guidance_scale=args.guidance_scale, huber_c=args.huber_c)
+                              guidance_scale=t2i.cfg_scale if t2i is not None else args.guidance_scale,
+                              huber_c=args.huber_c)
         if not update(accelerator, loss, params["student"], optimizer, lr_scheduler, args.optimizer.max_grad_norm,
                       guard=guard, accumulator=accumulator, step=step + 1):
             continue  # a skipped non-finite update (--max_nonfinite_skips)
@@ -170,6 +217,12 @@ def main(argv=None):
         log_and_checkpoint(accelerator, run, step, {"loss": loss.detach(), **logs}, ema, progress, validate=validate)
 
     # 3. Save the student with its sampler, reload it, benchmark 1 and 2 steps.
+    if t2i is not None:
+        finish_text_to_image_run(accelerator, modules, params, optimizers, ema, t2i, scheduler, output_dir=run.output_dir,
+                                 num_steps=1, method="TCM", prompts=data.prompts, logger=logger,
+                                 push_to_hub=args.text.push_to_hub, hub_model_id=args.text.hub_model_id)
+        progress.summary("train_tcm", logger)
+        return
     finish_digits_run(accelerator, modules, params, optimizers, ema, scheduler, output_dir=run.output_dir,
                       teacher_path=args.stage1, num_steps=1, step=step, eval_num_samples=args.eval_num_samples,
                       name="TCM student", logger=logger, step_counts=[1, 2])

@@ -250,6 +250,26 @@ def test_scd_on_real_images_samples_its_trigflow_schedule_with_stock_diffusers(t
         _stock_equals_training_rollout(teacher, pipe, steps)
 
 
+@pytest.mark.parametrize("name", ["sd", "sd3"])
+def test_tcm_stage2_from_a_text_to_image_cm_student(teachers, name, tmp_path):
+    """TCM stage 2 on a train_cm student of the same teacher (its class is checked); the boundary t' is a time of
+    the teacher's own process (VP or RF) and the saved sampler is the stock one."""
+    common = ["--pretrained_model_name_or_path", teachers[name], "--train_data_dir", teachers["images"],
+              "--max_train_steps", "2", "--train_batch_size", "2", "--resolution", "16", "--report_to", "none",
+              "--validation_steps", "0", "--learning_rate", "1e-3"]
+    stage1, out = str(tmp_path / "cm"), str(tmp_path / "tcm")
+    run_script("cm", [*common, "--output_dir", stage1])
+    run_script("tcm", [*common, "--output_dir", out, "--stage1", stage1, "--boundary_fraction", "0.5"])
+    pipe = DiffusionPipeline.from_pretrained(out)
+    teacher = TextToImageTeacher(out, resolution=16)
+    for steps in (1, 2):
+        _stock_equals_training_rollout(teacher, pipe, steps)
+    with pytest.raises(ValueError, match="holds a DigitsPipeline"):
+        from diffusers_fastgen.evaluation import DIGITS_TEACHER_PATH
+
+        run_script("tcm", [*common, "--output_dir", str(tmp_path / "bad"), "--stage1", DIGITS_TEACHER_PATH])
+
+
 def test_real_images_need_a_dataset_with_the_columns(teachers, tmp_path):
     argv = ["--pretrained_model_name_or_path", teachers["sd"], "--output_dir", str(tmp_path / "x"), "--report_to", "none"]
     with pytest.raises(ValueError, match="needs real images"):

@@ -37,6 +37,7 @@ from diffusers_fastgen.training import (
     NonFiniteGuard,
     OptimizerArgs,
     RunArgs,
+    TextToVideoArgs,
     check_pipeline_folder,
     load_checkpoint,
     make_optimizer,
@@ -50,15 +51,18 @@ from diffusers_fastgen.training.causal import self_forcing_rollout, shared_exit_
 from diffusers_fastgen.training.distribution_matching_steps import dmd_sample_loss, fake_score_sample_loss
 from diffusers_fastgen.training.players import log_and_checkpoint, prepare_players, student_ema
 from diffusers_fastgen.training.progress import TrainingProgress
+from diffusers_fastgen.training.teachers import PromptBatches, load_prompts
 from diffusers_fastgen.training.video import (
     VideoBatches,
     finish_video_run,
+    finish_wan_run,
     load_video_transformer,
     null_cond,
     student_t_list,
     timesteps_from_t_list,
     validate_video_student,
 )
+from diffusers_fastgen.training.video_teachers import WanTeacher
 
 logger = get_logger("train_self_forcing", log_level="INFO")
 
@@ -73,7 +77,8 @@ class SelfForcingArgs:
     optimizer: OptimizerArgs = field(default_factory=lambda: OptimizerArgs(learning_rate=1e-4, adam_beta1=0.0,
                                                                            adam_beta2=0.99, max_grad_norm=10.0))
     ema: EMAArgs = field(default_factory=lambda: EMAArgs(ema_schedule="halflife", ema_halflife_kimg=2.0))
-    teacher: str = MOVING_DIGITS_TEACHER_PATH  # CausalWanPipeline folder of the bidirectional teacher
+    video: TextToVideoArgs = field(default_factory=TextToVideoArgs)  # a stock WanPipeline teacher with prompts instead
+    teacher: str = MOVING_DIGITS_TEACHER_PATH  # CausalWanPipeline folder of the bidirectional moving-digits teacher
     student_init: str | None = None  # CausalWanPipeline folder initialising the student (None = the teacher)
     num_frames_per_block: int = 2  # causal block size (frames)
     num_student_steps: int = 4  # few-step schedule per block: t_i = 1 - i / K
@@ -88,6 +93,12 @@ class SelfForcingArgs:
     def __post_init__(self):
         check_pipeline_folder(self.teacher, "CausalWanPipeline", "teacher")
         check_pipeline_folder(self.student_init, "CausalWanPipeline", "student_init")
+        if self.video.pretrained_model_name_or_path is not None:
+            self.video.check_block(self.num_frames_per_block)
+            if self.run.validation_steps:
+                raise ValueError("`validation_steps` is not available with `pretrained_model_name_or_path` yet; set it to 0.")
+            if self.eval_num_videos:
+                raise ValueError("`eval_num_videos` scores moving digits; with `pretrained_model_name_or_path` set it to 0.")
         if not os.path.isdir(self.teacher):
             raise ValueError(f"`teacher` {self.teacher!r} is not a CausalWanPipeline folder; train one with "
                              "examples/train_causal_sft/train_causal_sft.py --num_frames_per_block 8 and pass --teacher.")
@@ -114,10 +125,24 @@ def main(argv=None):
         save_config(args, os.path.join(run.output_dir, "train_config.yaml"))
 
     # 1. Players: teacher (frozen), fake score (bidirectional copy), causal student.
-    teacher_model = load_video_transformer(args.teacher).requires_grad_(False)
+    wan = None  # a stock WanPipeline teacher (--pretrained_model_name_or_path), else the moving-digits teacher
+    if args.video.pretrained_model_name_or_path is not None:
+        video = args.video
+        wan = WanTeacher(video.pretrained_model_name_or_path, num_frames=video.num_frames, height=video.height,
+                         width=video.width, revision=video.revision, variant=video.variant, cache_dir=video.cache_dir,
+                         weight_dtype=video.weight_dtype, guidance_scale=args.guidance_scale,
+                         max_sequence_length=video.max_sequence_length)
+        prompts = load_prompts(video.prompts, video.caption_column)
+        embeddings, negative = wan.embed_prompts(prompts, negative_prompt=video.negative_prompt,
+                                                 batch_size=video.encode_batch_size, cache_dir=video.embeddings_cache)
+        wan.release_text_encoders()
+        teacher_model = wan.model.requires_grad_(False)
+    else:
+        teacher_model = load_video_transformer(args.teacher).requires_grad_(False)
+    # Trained players in fp32 whatever the frozen teacher's dtype.
     student_model = (load_video_transformer(args.student_init) if args.student_init else copy.deepcopy(teacher_model))
-    modules = {"teacher": teacher_model, "student": student_model.requires_grad_(True),
-               "fake_score": copy.deepcopy(teacher_model).requires_grad_(True)}
+    modules = {"teacher": teacher_model, "student": student_model.float().requires_grad_(True),
+               "fake_score": copy.deepcopy(teacher_model).float().requires_grad_(True)}
     params = {n: list(modules[n].parameters()) for n in ("student", "fake_score")}
     schedule = {"num_training_steps": run.max_train_steps, "num_processes": accelerator.num_processes}  # LR schedule
     critic_schedule = {**schedule, "num_training_steps": run.max_train_steps * max(args.student_update_freq - 1, 1)}
@@ -132,8 +157,12 @@ def main(argv=None):
     fake_score = Denoiser(modules["fake_score"], rf, "flow")
     student = Denoiser(CausalWan(modules["student"], args.num_frames_per_block), rf, "flow")
     ema = student_ema(accelerator, modules, args.ema, run.train_batch_size)
-    t_list = student_t_list(args.num_student_steps).to(accelerator.device)
-    batches = VideoBatches(run.train_batch_size, seed=run.seed, rank=accelerator.process_index)
+    if wan is not None:  # the per-block schedule on the teacher's shift; prompt indices drawn per micro-batch
+        t_list = wan.student_t_list(args.num_student_steps, shift=args.video.shift).to(accelerator.device)
+        batches = PromptBatches(len(prompts), run.train_batch_size, seed=run.seed, rank=accelerator.process_index)
+    else:
+        t_list = student_t_list(args.num_student_steps).to(accelerator.device)
+        batches = VideoBatches(run.train_batch_size, seed=run.seed, rank=accelerator.process_index)
 
     step = 0  # counts student updates
     checkpoint = resolve_checkpoint(run.output_dir, run.resume_from_checkpoint)
@@ -154,9 +183,16 @@ def main(argv=None):
     progress = TrainingProgress(accelerator, run, step, guard)
     logs = {}
     while step < run.max_train_steps:
-        batch = next(batches)
-        cond = {"encoder_hidden_states": batch["cond"].to(accelerator.device)}
-        noise = torch.randn(batch["video"].shape, device=accelerator.device)
+        if wan is not None:
+            index = next(batches)
+            cond = wan.cond(embeddings, index, accelerator.device)
+            uncond = wan.cond(negative, torch.zeros_like(index), accelerator.device)
+            noise = torch.randn(len(index), *wan.latent_shape, device=accelerator.device)
+        else:
+            batch = next(batches)
+            cond = {"encoder_hidden_states": batch["cond"].to(accelerator.device)}
+            uncond = null_cond(cond)
+            noise = torch.randn(batch["video"].shape, device=accelerator.device)
         iteration += 1
         exit_index = shared_exit_index(run.seed, iteration, args.num_student_steps)  # the same on every rank
         if ((iteration - 1) // run.gradient_accumulation_steps + 1) % args.student_update_freq:  # fake-score update
@@ -170,7 +206,7 @@ def main(argv=None):
             continue
         x0 = self_forcing_rollout(student, noise, cond, t_list, exit_index=exit_index,
                                   context_noise=args.context_noise / 1000)
-        loss = dmd_sample_loss(x0, teacher, fake_score, cond, null_cond(cond), guidance_scale=args.guidance_scale,
+        loss = dmd_sample_loss(x0, teacher, fake_score, cond, uncond, guidance_scale=args.guidance_scale,
                                t_min=args.dmd_t_min, t_max=args.dmd_t_max)
         if not update(accelerator, loss, params["student"], student_opt, student_lr, args.optimizer.max_grad_norm,
                       guard=guard, accumulator=accumulator, step=step + 1):
@@ -181,6 +217,13 @@ def main(argv=None):
         log_and_checkpoint(accelerator, run, step, logs, ema, progress, validate=validate)
 
     # 3. Save the EMA student with the rollout's recipe; reload and benchmark.
+    if wan is not None:
+        finish_wan_run(accelerator, student.model, modules["student"], ema, wan, output_dir=run.output_dir,
+                       num_frames_per_block=args.num_frames_per_block,
+                       denoising_timesteps=timesteps_from_t_list(t_list.tolist()), context_noise=args.context_noise,
+                       prompts=prompts, logger=logger)
+        progress.summary("train_self_forcing", logger)
+        return
     finish_video_run(accelerator, student.model, modules["student"], ema, output_dir=run.output_dir,
                      num_frames_per_block=args.num_frames_per_block,
                      denoising_timesteps=timesteps_from_t_list(t_list.tolist()), context_noise=args.context_noise,

@@ -12,6 +12,7 @@ from .args import (
     OptimizerArgs,
     RunArgs,
     TextToImageArgs,
+    TextToVideoArgs,
     build,
     check_pipeline_folder,
     parse_args,

@@ -26,7 +26,8 @@ from huggingface_hub import constants as hf_constants
 
 from ..ema import EMA_SCHEDULES
 from .image_data import check_image_dataset
-from .teachers import WEIGHT_DTYPES, check_text_to_image_teacher, load_prompts
+from .teachers import WEIGHT_DTYPES, _read_json, check_text_to_image_teacher, load_prompts
+from .video_teachers import check_text_to_video_teacher, video_latent_shape
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 REPORT_TO = ("tensorboard", "wandb", "none")
@@ -195,6 +196,54 @@ class TextToImageArgs:
                "`pretrained_model_name_or_path` needs `prompts` (a .txt/.jsonl/.csv file) for this script.")
         _check(not images or self.train_data_dir is not None or self.dataset_name is not None,
                "this script needs real images with `pretrained_model_name_or_path`: pass `train_data_dir` or `dataset_name`.")
+
+
+@dataclass
+class TextToVideoArgs:
+    pretrained_model_name_or_path: str | None = None  # a stock WanPipeline (folder or Hub id) as teacher; replaces --teacher
+    revision: str | None = None  # Hub revision of that pipeline
+    variant: str | None = None  # weight variant to load (e.g. fp16)
+    cache_dir: str | None = None  # Hub download cache
+    prompts: str | None = None  # training prompts: .txt (one per line), .jsonl or .csv (--caption_column)
+    caption_column: str = "text"  # the prompt column of a .jsonl / .csv prompts file
+    negative_prompt: str = ""  # the unconditional branch of CFG
+    num_frames: int = 81  # video frames in pixels (1 + a multiple of the VAE's temporal factor)
+    height: int = 480  # video height in pixels
+    width: int = 832  # video width in pixels
+    shift: float | None = None  # student schedule shift (default: the teacher scheduler's flow_shift)
+    weight_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # dtype of the frozen teacher, VAE and text encoder
+    max_sequence_length: int | None = None  # UMT5 tokens, zero-padded (default 512: what the pipelines feed)
+    embeddings_cache: str | None = None  # keep prompt embeddings here (safetensors shards, reused by later runs)
+    encode_batch_size: int = 8  # prompts per text-encoder batch
+
+    def __post_init__(self):
+        if self.pretrained_model_name_or_path is None:
+            _check(self.prompts is None, "`prompts` needs `pretrained_model_name_or_path` (a WanPipeline teacher).")
+            return
+        _check(self.prompts is not None, "`pretrained_model_name_or_path` needs `prompts` (a .txt/.jsonl/.csv file).")
+        load_prompts(self.prompts, self.caption_column)
+        _check(self.weight_dtype in WEIGHT_DTYPES,
+               f"`weight_dtype` must be one of {sorted(WEIGHT_DTYPES)}, got {self.weight_dtype!r}.")
+        _check(self.weight_dtype != "fp16" or torch.cuda.is_available(),
+               "`weight_dtype` fp16 needs a GPU (CPU fp16 kernels are missing or slow): use bf16 or fp32.")
+        _check(self.shift is None or self.shift > 0, f"`shift` must be > 0, got {self.shift}.")
+        _check(self.encode_batch_size >= 1, f"`encode_batch_size` must be >= 1, got {self.encode_batch_size}.")
+        check_text_to_video_teacher(self.pretrained_model_name_or_path, num_frames=self.num_frames, height=self.height,
+                                    width=self.width, revision=self.revision, cache_dir=self.cache_dir)
+        vae = _read_json(self.pretrained_model_name_or_path, "vae/config.json", revision=self.revision,
+                         cache_dir=self.cache_dir, argument="pretrained_model_name_or_path")
+        downsample = vae.get("temperal_downsample", [False, True, True])  # (sic: diffusers' key)
+        temporal = vae.get("scale_factor_temporal") or 2 ** sum(bool(x) for x in downsample)
+        spatial = vae.get("scale_factor_spatial") or 2 ** len(downsample)
+        self._latent_frames = video_latent_shape(self.num_frames, self.height, self.width, temporal=temporal,
+                                                 spatial=spatial)[1]
+
+    def check_block(self, num_frames_per_block: int) -> None:
+        """ValueError unless blocks of `num_frames_per_block` latent frames tile the video."""
+        frames = getattr(self, "_latent_frames", None)
+        _check(frames is None or frames % num_frames_per_block == 0,
+               f"`num_frames_per_block` {num_frames_per_block} does not divide the {frames} latent frames of "
+               f"{self.num_frames} frames.")
 
 
 # ------------------------------------------------------------------------------------------------

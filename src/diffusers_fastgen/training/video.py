@@ -170,3 +170,21 @@ def finish_video_run(accelerator, causal, model, ema, *, output_dir: str, num_fr
             benchmark_video_folder(output_dir, name=name, num_videos=eval_num_videos, logger=logger)
     accelerator.wait_for_everyone()
     accelerator.end_training()
+
+
+def finish_wan_run(accelerator, causal, model, ema, teacher, *, output_dir: str, num_frames_per_block: int,
+                   denoising_timesteps, context_noise: int, prompts, logger) -> None:
+    """End of a causal-video run on a WanPipeline teacher: replicas agree, the EMA student is saved as a
+    CausalWanPipeline of stock Wan components with its recipe (rank 0), and the process group goes down on all
+    ranks together."""
+    accelerator.wait_for_everyone()
+    check_replicas_in_sync(accelerator, list(model.parameters()))
+    if accelerator.is_main_process:
+        causal.remove()
+        final = accelerator.unwrap_model(model)
+        ema.copy_to(final)
+        teacher.save_student(output_dir, final, num_frames_per_block=num_frames_per_block,
+                             denoising_timesteps=denoising_timesteps, context_noise=context_noise, prompts=list(prompts))
+        logger.info("saved the causal student to %s", output_dir)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()

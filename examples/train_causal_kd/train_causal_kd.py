@@ -41,6 +41,7 @@ from diffusers_fastgen.training import (
     NonFiniteGuard,
     OptimizerArgs,
     RunArgs,
+    TextToVideoArgs,
     check_pipeline_folder,
     load_checkpoint,
     make_optimizer,
@@ -53,8 +54,10 @@ from diffusers_fastgen.training import (
 from diffusers_fastgen.training.causal import block_step_indices, step_generator
 from diffusers_fastgen.training.players import log_and_checkpoint, prepare_players, student_ema
 from diffusers_fastgen.training.progress import TrainingProgress
+from diffusers_fastgen.training.teachers import load_prompts
 from diffusers_fastgen.training.video import (
     finish_video_run,
+    finish_wan_run,
     load_video_transformer,
     null_cond,
     student_t_list,
@@ -62,6 +65,7 @@ from diffusers_fastgen.training.video import (
     timesteps_from_t_list,
     validate_video_student,
 )
+from diffusers_fastgen.training.video_teachers import WanTeacher
 
 logger = get_logger("train_causal_kd", log_level="INFO")
 
@@ -75,7 +79,8 @@ class CausalKDArgs:
                                                          validation_steps=0))
     optimizer: OptimizerArgs = field(default_factory=lambda: OptimizerArgs(learning_rate=2e-4, max_grad_norm=1.0))
     ema: EMAArgs = field(default_factory=lambda: EMAArgs(ema_schedule="halflife", ema_halflife_kimg=10.0))
-    teacher: str = MOVING_DIGITS_TEACHER_PATH  # CausalWanPipeline folder of the bidirectional teacher
+    video: TextToVideoArgs = field(default_factory=TextToVideoArgs)  # a stock WanPipeline teacher with prompts instead
+    teacher: str = MOVING_DIGITS_TEACHER_PATH  # CausalWanPipeline folder of the bidirectional moving-digits teacher
     num_frames_per_block: int = 2  # causal block size (frames)
     num_student_steps: int = 4  # few-step schedule per block: t_i = 1 - i / K
     num_pairs: int = 1024  # teacher ODE solutions generated once
@@ -89,7 +94,12 @@ class CausalKDArgs:
         if not os.path.isdir(self.teacher):
             raise ValueError(f"`teacher` {self.teacher!r} is not a CausalWanPipeline folder; train one with "
                              "examples/train_causal_sft/train_causal_sft.py --num_frames_per_block 8 and pass --teacher.")
-        if self.num_frames_per_block < 1 or NUM_FRAMES % self.num_frames_per_block:
+        if self.video.pretrained_model_name_or_path is not None:
+            self.video.check_block(self.num_frames_per_block)
+            if self.run.validation_steps or self.eval_num_videos:
+                raise ValueError("`validation_steps` / `eval_num_videos` use moving digits; with "
+                                 "`pretrained_model_name_or_path` set both to 0.")
+        elif self.num_frames_per_block < 1 or NUM_FRAMES % self.num_frames_per_block:
             raise ValueError(f"`num_frames_per_block` must divide the {NUM_FRAMES} frames, got {self.num_frames_per_block}.")
         if self.num_student_steps < 1 or self.teacher_steps % self.num_student_steps:
             raise ValueError(f"`teacher_steps` ({self.teacher_steps}) must be a multiple of num_student_steps "
@@ -118,10 +128,31 @@ def generate_pairs(teacher: Denoiser, t_list: torch.Tensor, args: CausalKDArgs, 
     return {"states": torch.cat(states), "x0": torch.cat(x0), "cond": cond}
 
 
-def load_or_generate_pairs(accelerator, teacher, t_list, args: CausalKDArgs) -> dict:
+def generate_wan_pairs(teacher: Denoiser, t_list: torch.Tensor, args: CausalKDArgs, device, wan, embeddings,
+                       negative) -> dict:
+    """A WanPipeline teacher: {'states' (N, K, C, F, h, w), 'x0', 'index' (N,) prompt indices}. The Euler grid
+    has teacher_steps / K steps in each of the student's (shifted) intervals, so every t_i is a grid point."""
+    g = torch.Generator().manual_seed(1234)
+    index = torch.arange(args.num_pairs) % next(iter(embeddings.values())).shape[0]
+    m = args.teacher_steps // args.num_student_steps
+    ends = torch.cat([t_list.cpu(), torch.zeros(1)])
+    t_grid = torch.cat([torch.linspace(float(a), float(b), m + 1)[:-1] for a, b in zip(ends[:-1], ends[1:])]
+                       + [torch.zeros(1)]).to(device)
+    states, x0 = [], []
+    for start in range(0, args.num_pairs, args.pair_batch_size):
+        idx = index[start:start + args.pair_batch_size]
+        c, u = wan.cond(embeddings, idx, device), wan.cond(negative, torch.zeros_like(idx), device)
+        noise = torch.randn(len(idx), *wan.latent_shape, generator=g).to(device)
+        path = teacher_ode(teacher, noise, c, t_grid, uncond=u, guidance_scale=args.guidance_scale)
+        states.append(torch.stack([path[i * m] for i in range(args.num_student_steps)], 1).cpu())
+        x0.append(path[-1].cpu())
+    return {"states": torch.cat(states), "x0": torch.cat(x0), "index": index}
+
+
+def load_or_generate_pairs(accelerator, teacher, t_list, args: CausalKDArgs, generate=None) -> dict:
     path = os.path.join(args.run.output_dir, "ode_pairs.safetensors")
     if accelerator.is_main_process and not os.path.isfile(path):
-        pairs = generate_pairs(teacher, t_list, args, accelerator.device)
+        pairs = generate() if generate is not None else generate_pairs(teacher, t_list, args, accelerator.device)
         save_file(pairs, path + ".tmp")
         os.replace(path + ".tmp", path)  # atomic: a cut-off run never leaves half a file
         logger.info("generated %d teacher ODE pairs -> %s", args.num_pairs, path)
@@ -148,8 +179,21 @@ def main(argv=None):
         save_config(args, os.path.join(run.output_dir, "train_config.yaml"))
 
     # 1. Teacher (frozen) and the causal student (a copy of it); the ODE pairs.
-    teacher_model = load_video_transformer(args.teacher).requires_grad_(False)
-    modules = {"teacher": teacher_model, "student": copy.deepcopy(teacher_model).requires_grad_(True)}
+    wan = None  # a stock WanPipeline teacher (--pretrained_model_name_or_path), else the moving-digits teacher
+    if args.video.pretrained_model_name_or_path is not None:
+        video = args.video
+        wan = WanTeacher(video.pretrained_model_name_or_path, num_frames=video.num_frames, height=video.height,
+                         width=video.width, revision=video.revision, variant=video.variant, cache_dir=video.cache_dir,
+                         weight_dtype=video.weight_dtype, guidance_scale=args.guidance_scale,
+                         max_sequence_length=video.max_sequence_length)
+        prompts = load_prompts(video.prompts, video.caption_column)
+        embeddings, negative = wan.embed_prompts(prompts, negative_prompt=video.negative_prompt,
+                                                 batch_size=video.encode_batch_size, cache_dir=video.embeddings_cache)
+        wan.release_text_encoders()
+        teacher_model = wan.model.requires_grad_(False)
+    else:
+        teacher_model = load_video_transformer(args.teacher).requires_grad_(False)
+    modules = {"teacher": teacher_model, "student": copy.deepcopy(teacher_model).float().requires_grad_(True)}
     params = {"student": list(modules["student"].parameters())}
     schedule = {"num_training_steps": run.max_train_steps, "num_processes": accelerator.num_processes}  # LR schedule
     optimizers = {"student": make_optimizer(params["student"], args.optimizer, **schedule)}
@@ -159,8 +203,13 @@ def main(argv=None):
     teacher = Denoiser(modules["teacher"], rf, "flow")
     student = Denoiser(CausalWan(modules["student"], args.num_frames_per_block), rf, "flow")
     ema = student_ema(accelerator, modules, args.ema, run.train_batch_size)
-    t_list = student_t_list(args.num_student_steps).to(accelerator.device)
-    pairs = load_or_generate_pairs(accelerator, teacher, t_list, args)
+    if wan is not None:  # the per-block schedule on the teacher's shift
+        t_list = wan.student_t_list(args.num_student_steps, shift=args.video.shift).to(accelerator.device)
+        pairs = load_or_generate_pairs(accelerator, teacher, t_list, args, generate=lambda: generate_wan_pairs(
+            teacher, t_list, args, accelerator.device, wan, embeddings, negative))
+    else:
+        t_list = student_t_list(args.num_student_steps).to(accelerator.device)
+        pairs = load_or_generate_pairs(accelerator, teacher, t_list, args)
 
     step = 0
     checkpoint = resolve_checkpoint(run.output_dir, run.resume_from_checkpoint)
@@ -182,7 +231,10 @@ def main(argv=None):
         micro += 1
         idx = torch.randint(0, args.num_pairs, (run.train_batch_size,), generator=g)
         states, x0 = pairs["states"][idx].to(accelerator.device), pairs["x0"][idx].to(accelerator.device)
-        cond = {"encoder_hidden_states": pairs["cond"][idx].to(accelerator.device)}
+        if wan is not None:  # prompt embeddings by the pairs' prompt indices
+            cond = wan.cond(embeddings, pairs["index"][idx], accelerator.device)
+        else:
+            cond = {"encoder_hidden_states": pairs["cond"][idx].to(accelerator.device)}
         with accelerator.autocast():
             loss = causal_kd_step(student, states, x0, cond, t_list, args.num_frames_per_block)
         if not update(accelerator, loss, params["student"], optimizer, lr_scheduler, args.optimizer.max_grad_norm,
@@ -193,6 +245,13 @@ def main(argv=None):
         log_and_checkpoint(accelerator, run, step, {"loss": loss.detach()}, ema, progress, validate=validate)
 
     # 3. Save the EMA student with its few-step recipe; reload and benchmark.
+    if wan is not None:
+        finish_wan_run(accelerator, student.model, modules["student"], ema, wan, output_dir=run.output_dir,
+                       num_frames_per_block=args.num_frames_per_block,
+                       denoising_timesteps=timesteps_from_t_list(t_list.tolist()), context_noise=0, prompts=prompts,
+                       logger=logger)
+        progress.summary("train_causal_kd", logger)
+        return
     finish_video_run(accelerator, student.model, modules["student"], ema, output_dir=run.output_dir,
                      num_frames_per_block=args.num_frames_per_block,
                      denoising_timesteps=timesteps_from_t_list(t_list.tolist()),

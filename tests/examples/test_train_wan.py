@@ -73,3 +73,31 @@ def test_a_non_wan_pipeline_is_refused(wan, tmp_path):
     with pytest.raises(ValueError, match="is a DigitsPipeline; the causal-video scripts take"):
         run_script("self_forcing", argv)
     assert not os.path.exists(tmp_path / "x")
+
+
+def test_causal_kd_pairs_sit_on_the_students_shifted_schedule(wan, tmp_path):
+    """The teacher ODE pairs: states at the warped t_list ([1, 0.75] on shift 3) from the stored noise, reached by
+    teacher_steps / K guided Euler steps per interval (recomputed here with the CFG formula by hand)."""
+    from safetensors.torch import load_file
+
+    from diffusers_fastgen.models import Denoiser
+
+    out = str(tmp_path / "ckd")
+    argv = _argv(wan, out, "--teacher_steps", "4", "--num_pairs", "3", "--pair_batch_size", "3")
+    i = argv.index("--student_update_freq")  # not a CausalKD flag
+    del argv[i:i + 2]
+    run_script("causal_kd", argv)
+    pairs = load_file(os.path.join(out, "ode_pairs.safetensors"))
+    noise = torch.randn(3, 16, 3, 4, 4, generator=torch.Generator().manual_seed(1234))
+    torch.testing.assert_close(pairs["states"][:, 0], noise)
+    teacher = WanTeacher(wan[0], num_frames=9, height=32, width=32)
+    emb, neg = teacher.embed_prompts(["a red cat", "a blue dog on the horse", "three green apples"])
+    den = Denoiser(teacher.model)
+    x = noise
+    with torch.no_grad():
+        for t, t_next in zip(torch.linspace(1.0, 0.75, 3)[:-1], torch.linspace(1.0, 0.75, 3)[1:]):
+            c = den(x, t, {"encoder_hidden_states": emb["encoder_hidden_states"]}, target="flow")
+            u = den(x, t, {"encoder_hidden_states": neg["encoder_hidden_states"].expand(3, -1, -1)}, target="flow")
+            x = x + (t_next - t) * (u + 2.0 * (c - u))
+    torch.testing.assert_close(pairs["states"][:, 1], x, atol=1e-5, rtol=1e-5)
+    assert CausalWanPipeline.from_pretrained(out).config.denoising_timesteps == [1000.0, 750.0]

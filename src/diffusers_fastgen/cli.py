@@ -1,5 +1,6 @@
-"""`diffusers-fastgen` command line: `diffusers-fastgen convert ...` (published causal Wan students ->
-CausalWanPipeline folders). Errors in the arguments or the files print one line and exit with status 2."""
+"""`diffusers-fastgen` command line: `convert` (published causal Wan students -> CausalWanPipeline folders) and
+`generate` (sample and time any pipeline folder). Errors in the arguments or the files print one line and
+exit with status 2."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ import json
 import sys
 
 import torch
+from diffusers.utils.logging import disable_progress_bar
 
 from .conversion import RECIPES, convert_causal_checkpoint
+from .generate import DTYPES as GENERATE_DTYPES
+from .generate import check_request, generate, load_pipeline, pipeline_class_name, read_prompts
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -54,11 +58,63 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--context_noise", type=int, default=None, help="timestep at which finished blocks are cached")
     convert.add_argument("--local_attn_size", type=int, default=None, help="attention window in frames (-1 = global)")
     convert.add_argument("--sink_size", type=int, default=None, help="sink frames kept with a local window")
+    gen = commands.add_parser(
+        "generate", allow_abbrev=False, help="sample a pipeline folder (ours or stock diffusers) and time it",
+        description="Sample any pipeline folder or Hub id with its own recipe (or --steps / --guidance_scale), "
+                    "write one PNG per image and a grid (GIFs for videos), and print a timing table.")
+    gen.add_argument("--model", required=True, help="pipeline folder or Hub id")
+    gen.add_argument("--lora", default=None, help="a LoRA student folder: stock load_lora_weights + its scheduler/")
+    gen.add_argument("--prompt", nargs="+", default=None, help="one or more prompts")
+    gen.add_argument("--prompts_file", default=None, help=".txt (one per line), .jsonl or .csv (column 'text')")
+    gen.add_argument("--class_labels", type=int, nargs="+", default=None, help="digits classes (DigitsPipeline)")
+    gen.add_argument("--steps", type=int, default=None, help="sampling steps (default: the pipeline's)")
+    gen.add_argument("--guidance_scale", type=float, default=None, help="CFG scale (default: the pipeline's)")
+    gen.add_argument("--num_images", type=int, default=1, help="samples per prompt / class")
+    gen.add_argument("--batch_size", type=int, default=1)
+    gen.add_argument("--seed", type=int, default=0, help="batch i uses seed + i")
+    gen.add_argument("--warmup", type=int, default=1, help="untimed batches first")
+    gen.add_argument("--repeats", type=int, default=3, help="timed passes over all batches (median reported)")
+    gen.add_argument("--height", type=int, default=None, help="pixels (latent units for CausalWanPipeline)")
+    gen.add_argument("--width", type=int, default=None)
+    gen.add_argument("--num_frames", type=int, default=None, help="latent frames (CausalWanPipeline)")
+    gen.add_argument("--dtype", choices=sorted(GENERATE_DTYPES), default="fp32")
+    gen.add_argument("--device", default="cpu")
+    gen.add_argument("--output_dir", default="outputs/generate", help="where the images / videos go")
     return parser
+
+
+def _generate(args) -> int:
+    prompts = read_prompts(args.prompt, args.prompts_file)
+    check_request(pipeline_class_name(args.model), prompts=prompts, class_labels=args.class_labels, steps=args.steps,
+                  batch_size=args.batch_size, num_images=args.num_images, warmup=args.warmup, repeats=args.repeats)
+    disable_progress_bar()  # diffusers' loading bars would interleave with the table and the error line
+    pipe = load_pipeline(args.model, lora=args.lora, dtype=args.dtype, device=args.device)
+    out = generate(pipe, prompts=prompts, class_labels=args.class_labels, num_images=args.num_images,
+                   batch_size=args.batch_size, steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed,
+                   warmup=args.warmup, repeats=args.repeats, output_dir=args.output_dir, height=args.height,
+                   width=args.width, num_frames=args.num_frames)
+    t = out["timing"]
+    unit = "frames" if "videos" in out else "images"
+    print(f"| model | batches x size | median s / batch | {unit} / s | peak RSS MB |"
+          + (" median s to first block |" if "median_first_block_s" in t else ""))
+    print("|---|---|---|---|---|" + ("---|" if "median_first_block_s" in t else ""))
+    print(f"| {args.model} | {t['batches']} x {t['batch_size']} | {t['median_batch_s']:.4f} | {t['items_per_s']:.1f} | "
+          f"{t['peak_rss_mb']:.0f} |" + (f" {t['median_first_block_s']:.4f} |" if "median_first_block_s" in t else ""))
+    kind = "videos" if "videos" in out else "images"
+    print(f"wrote {len(out[kind])} {kind} to {args.output_dir}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "generate":
+        try:
+            return _generate(args)
+        except (ValueError, TypeError, OSError) as err:
+            lines = str(err).strip().splitlines() or [""]
+            more = f" (+{len(lines) - 1} more lines)" if len(lines) > 1 else ""
+            print(f"diffusers-fastgen generate: error: {lines[0][:400]}{more}", file=sys.stderr)
+            return 2
     try:
         pipe = convert_causal_checkpoint(
             args.checkpoint, args.output_dir, recipe=None if args.recipe == "none" else args.recipe,

@@ -1,0 +1,191 @@
+"""`diffusers-fastgen generate`: sample any pipeline folder (ours or a stock diffusers one) with timing.
+
+`load_pipeline` picks the class from model_index.json (DigitsPipeline and CausalWanPipeline are ours, the
+rest go through `DiffusionPipeline.from_pretrained`), applies a LoRA folder with stock `load_lora_weights`
+(and its `scheduler/` recipe when it has one). `generate` runs `warmup` untimed batches, then `repeats`
+timed passes over all batches, and returns the outputs with a timing summary: median latency per batch,
+images (or frames) per second, peak RSS; for CausalWanPipeline it writes every block to disk as soon as it
+is finished and reports the time to the first block.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+
+import diffusers
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.utils import export_to_gif
+from PIL import Image
+
+from .pipelines import CausalWanPipeline, DigitsPipeline
+from .training.accelerate_setup import peak_rss_mb
+from .training.teachers import load_prompts
+
+OURS = {"DigitsPipeline": DigitsPipeline, "CausalWanPipeline": CausalWanPipeline}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def pipeline_class_name(model: str) -> str | None:
+    """The `_class_name` of a local pipeline folder (None for a Hub id); ValueError for a non-pipeline folder."""
+    index = os.path.join(model, "model_index.json")
+    if os.path.isdir(model) and not os.path.isfile(index):
+        raise ValueError(f"`model` {model!r} is a folder without model_index.json (not a diffusers pipeline).")
+    return json.load(open(index)).get("_class_name") if os.path.isfile(index) else None
+
+
+def check_request(class_name: str | None, *, prompts, class_labels, steps, batch_size: int = 1, num_images: int = 1,
+                  warmup: int = 0, repeats: int = 1) -> None:
+    """ValueError, before the pipeline loads, for a request it could not serve."""
+    if batch_size < 1 or num_images < 1 or warmup < 0 or repeats < 1:
+        raise ValueError(f"need batch_size >= 1, num_images >= 1, warmup >= 0, repeats >= 1; got {batch_size}, "
+                         f"{num_images}, {warmup}, {repeats}.")
+    if steps is not None and steps < 1:
+        raise ValueError(f"`steps` must be >= 1, got {steps}.")
+    if class_name == "DigitsPipeline":
+        if not class_labels or any(not 0 <= c <= 9 for c in class_labels):
+            raise ValueError("a DigitsPipeline needs `class_labels` (0-9).")
+    elif not prompts:
+        raise ValueError(f"a {class_name or 'text-conditioned pipeline'} needs a prompt (`prompt` or `prompts_file`).")
+
+
+def load_pipeline(model: str, *, lora: str | None = None, dtype: str = "fp32", device: str = "cpu"):
+    """The pipeline of a folder (or Hub id); ValueError naming `model` / `lora` when they do not fit."""
+    if dtype not in DTYPES:
+        raise ValueError(f"`dtype` must be one of {sorted(DTYPES)}, got {dtype!r}.")
+    name = pipeline_class_name(model)
+    try:
+        pipe = OURS[name].from_pretrained(model) if name in OURS else DiffusionPipeline.from_pretrained(
+            model, dtype=DTYPES[dtype])
+    except OSError as err:
+        raise ValueError(f"`model` {model!r} could not be loaded as a pipeline: {err}") from None
+    if name in OURS and dtype != "fp32":
+        pipe = pipe.to(dtype=DTYPES[dtype])
+    if lora is not None:
+        if not hasattr(pipe, "load_lora_weights"):
+            raise ValueError(f"`lora`: {type(pipe).__name__} does not load LoRA weights.")
+        try:
+            pipe.load_lora_weights(lora)
+        except (OSError, ValueError, KeyError, RuntimeError) as err:
+            raise ValueError(f"`lora` {lora!r} does not fit {type(pipe).__name__}: {err}") from None
+        sched = os.path.join(lora, "scheduler", "scheduler_config.json")
+        if os.path.isfile(sched):  # the LoRA student's sampling recipe
+            cls = getattr(diffusers, json.load(open(sched))["_class_name"])
+            pipe.scheduler = cls.from_pretrained(lora, subfolder="scheduler")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def _batches(items: list, batch_size: int) -> list[list]:
+    return [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+
+
+def _to_pil(array) -> Image.Image:
+    array = np.asarray(array)
+    if array.ndim == 3 and array.shape[-1] not in (1, 3):  # latents of a pipeline without a VAE: channel 0
+        array = array[..., :1]
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    return Image.fromarray((np.clip(array, 0, 1) * 255).round().astype(np.uint8))
+
+
+def generate(pipe, *, prompts: list[str] | None = None, class_labels: list[int] | None = None, num_images: int = 1,
+             batch_size: int = 1, steps: int | None = None, guidance_scale: float | None = None, seed: int = 0,
+             warmup: int = 1, repeats: int = 1, output_dir: str | None = None, height: int | None = None,
+             width: int | None = None, num_frames: int | None = None) -> dict:
+    """Sample `num_images` per prompt (or class label); returns {"images" | "videos": [...], "timing": {...}}."""
+    check_request(type(pipe).__name__, prompts=prompts, class_labels=class_labels, steps=steps, batch_size=batch_size,
+                  num_images=num_images, warmup=warmup, repeats=repeats)
+    digits, video = isinstance(pipe, DigitsPipeline), isinstance(pipe, CausalWanPipeline)
+    items = [x for x in (class_labels if digits else prompts) for _ in range(num_images)]
+    kwargs = {}
+    if steps is not None and not video:
+        kwargs["num_inference_steps"] = steps
+    if guidance_scale is not None:
+        kwargs["guidance_scale"] = guidance_scale
+    if video:
+        kwargs.update(num_frames=num_frames, height=height or 8, width=width or 8)
+    elif height is not None or width is not None:
+        kwargs.update(height=height, width=width)
+    if output_dir:
+        os.makedirs(output_dir, exist_ok=True)
+
+    def run(batch, index, timed):
+        g = torch.Generator().manual_seed(seed + index)
+        torch.manual_seed(seed + index)  # pipelines that draw from the global generator (SD3 / Flux / Wan)
+        if digits:
+            return pipe(batch, generator=g, output_type="np", **kwargs).images, None
+        if video:  # stream: each block to disk as it is finished
+            start, first = time.perf_counter(), None
+            blocks = []
+            for i, block in enumerate(pipe.stream(batch, generator=g, **kwargs)):
+                blocks.append(block)
+                if first is None:
+                    first = time.perf_counter() - start
+                if output_dir and timed:
+                    torch.save(block.cpu(), os.path.join(output_dir, f"batch{index:03d}_block{i:03d}.pt"))
+            return _decode_video(pipe, torch.cat(blocks, 2)), first
+        return pipe(batch, generator=g, output_type="np", **kwargs).images, None
+
+    batches = _batches(items, batch_size)
+    for i in range(warmup):
+        run(batches[i % len(batches)], 10_000 + i, False)
+    latencies, firsts, outputs = [], [], []
+    for r in range(repeats):
+        outputs = []
+        for b, batch in enumerate(batches):
+            start = time.perf_counter()
+            out, first = run(batch, b, r == repeats - 1)
+            latencies.append(time.perf_counter() - start)
+            if first is not None:
+                firsts.append(first)
+            outputs.extend(list(out))
+    per_item = (outputs[0].shape[0] if video else 1)
+    timing = {"batches": len(batches), "batch_size": batch_size, "median_batch_s": statistics.median(latencies),
+              "items_per_s": len(items) * repeats * per_item / sum(latencies),
+              "peak_rss_mb": peak_rss_mb()}
+    if firsts:
+        timing["median_first_block_s"] = statistics.median(firsts)
+    if output_dir:
+        for i, out in enumerate(outputs):
+            if video:
+                export_to_gif([_to_pil(f) for f in out], os.path.join(output_dir, f"video_{i:03d}.gif"))
+            else:
+                _to_pil(out).save(os.path.join(output_dir, f"image_{i:03d}.png"))
+        if not video:
+            _grid([_to_pil(o) for o in outputs]).save(os.path.join(output_dir, "grid.png"))
+    return {"videos" if video else "images": outputs, "timing": timing}
+
+
+def _decode_video(pipe, latents: torch.Tensor) -> np.ndarray:
+    """(B, C, F, h, w) latents -> (B, F, H, W, 3) frames in [0, 1], as CausalWanPipeline's output_type='np'."""
+    video = latents
+    if pipe.vae is not None:
+        mean, std = pipe._latent_norm(video)
+        with torch.no_grad():
+            video = pipe.vae.decode((video * std + mean).to(pipe.vae.dtype)).sample.float()
+    video = (video / 2 + 0.5).clamp(0, 1).permute(0, 2, 1, 3, 4)
+    return video.permute(0, 1, 3, 4, 2).cpu().numpy()
+
+
+def _grid(images: list[Image.Image]) -> Image.Image:
+    n = len(images)
+    cols = int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / cols))
+    w, h = images[0].size
+    grid = Image.new(images[0].mode, (cols * w, rows * h))
+    for i, im in enumerate(images):
+        grid.paste(im, ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+def read_prompts(prompt: list[str] | None, prompts_file: str | None) -> list[str] | None:
+    if prompt and prompts_file:
+        raise ValueError("pass one of `prompt` and `prompts_file`.")
+    if prompts_file is not None:
+        return load_prompts(prompts_file)
+    return list(prompt) if prompt else None

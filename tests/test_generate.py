@@ -1,0 +1,93 @@
+"""`diffusers-fastgen generate`: the images it writes are the pipeline's own outputs for the seeds; videos
+stream block by block; bad input is one line and exit status 2."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMScheduler
+from PIL import Image
+
+from diffusers_fastgen.cli import main
+from diffusers_fastgen.evaluation import DIGITS_TEACHER_PATH
+from diffusers_fastgen.pipelines import CausalWanPipeline, DigitsPipeline
+from diffusers_fastgen.schedulers import FlowMatchFewStepScheduler
+from diffusers_fastgen.testing import tiny as T
+
+
+def _png(path):
+    return np.asarray(Image.open(path), dtype=np.float32) / 255
+
+
+def test_digits_images_are_the_pipelines_own_for_each_seed(tmp_path, capsys):
+    out = str(tmp_path / "gen")
+    assert main(["generate", "--model", DIGITS_TEACHER_PATH, "--class_labels", "3", "7", "--num_images", "2",
+                 "--batch_size", "2", "--steps", "4", "--seed", "5", "--repeats", "2", "--output_dir", out]) == 0
+    table = capsys.readouterr().out
+    assert "| 2 x 2 |" in table and "images / s" in table
+    pipe = DigitsPipeline.from_pretrained(DIGITS_TEACHER_PATH)
+    pipe.set_progress_bar_config(disable=True)
+    for b, labels in enumerate(([3, 3], [7, 7])):  # batch b uses seed + b
+        ref = pipe(labels, num_inference_steps=4, generator=torch.Generator().manual_seed(5 + b), output_type="np").images
+        for j in range(2):
+            expected = np.round(np.clip(ref[j, ..., 0], 0, 1) * 255) / 255
+            np.testing.assert_allclose(_png(os.path.join(out, f"image_{2 * b + j:03d}.png")), expected, atol=1e-6)
+    assert os.path.isfile(os.path.join(out, "grid.png"))
+
+
+def test_stock_pipeline_folder_with_its_steps(tmp_path):
+    model = str(tmp_path / "sd")
+    T.tiny_pipeline("sd", DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)).save_pretrained(model)
+    out = str(tmp_path / "gen")
+    assert main(["generate", "--model", model, "--prompt", "a red cat", "--steps", "3", "--height", "16", "--width",
+                 "16", "--guidance_scale", "1", "--seed", "1", "--output_dir", out]) == 0
+    pipe = DigitsPipeline  # noqa: F841 (keep the import list honest)
+    from diffusers import DiffusionPipeline
+
+    ref = DiffusionPipeline.from_pretrained(model)
+    ref.set_progress_bar_config(disable=True)
+    torch.manual_seed(1)
+    image = ref("a red cat", num_inference_steps=3, height=16, width=16, guidance_scale=1.0,
+                generator=torch.Generator().manual_seed(1), output_type="np").images[0]
+    np.testing.assert_allclose(_png(os.path.join(out, "image_000.png")), np.round(image * 255) / 255, atol=1e-6)
+
+
+def test_causal_video_streams_blocks_to_disk(tmp_path, capsys):
+    model = str(tmp_path / "causal")
+    CausalWanPipeline(transformer=T.tiny_wan_transformer(num_layers=1), scheduler=FlowMatchFewStepScheduler(),
+                      tokenizer=T.tiny_tokenizer(model_max_length=8),
+                      text_encoder=T.tiny_t5_text_encoder(T.tiny_tokenizer(model_max_length=8), umt5=True),
+                      num_frames_per_block=1, denoising_timesteps=[1000, 500]).save_pretrained(model)
+    out = str(tmp_path / "gen")
+    assert main(["generate", "--model", model, "--prompt", "a red cat", "--num_frames", "3", "--height", "4",
+                 "--width", "4", "--repeats", "1", "--output_dir", out]) == 0
+    assert "first block" in capsys.readouterr().out
+    blocks = [torch.load(os.path.join(out, f"batch000_block{i:03d}.pt"), weights_only=True) for i in range(3)]
+    pipe = CausalWanPipeline.from_pretrained(model)
+    pipe.set_progress_bar_config(disable=True)
+    torch.manual_seed(0)
+    ref = pipe(["a red cat"], num_frames=3, height=4, width=4, generator=torch.Generator().manual_seed(0),
+               output_type="latent").frames
+    torch.testing.assert_close(torch.cat(blocks, 2), ref)
+    assert os.path.isfile(os.path.join(out, "video_000.gif"))
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--model", "NOT_A_FOLDER_XYZ/none", "--prompt", "x"], "model"),
+    (["--model", DIGITS_TEACHER_PATH, "--class_labels", "1", "--steps", "0"], "`steps` must be >= 1"),
+    (["--model", DIGITS_TEACHER_PATH], "needs `class_labels`"),
+    (["--model", DIGITS_TEACHER_PATH, "--class_labels", "1", "--lora", "NOPE"], "`lora`"),
+])
+def test_bad_input_is_one_line_and_status_2(argv, match, capsys, tmp_path):
+    assert main(["generate", *argv, "--output_dir", str(tmp_path / "g")]) == 2
+    err = capsys.readouterr().err
+    assert match in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_a_folder_that_is_not_a_pipeline_and_an_empty_prompt_file(tmp_path, capsys):
+    (tmp_path / "empty.txt").write_text("\n")
+    assert main(["generate", "--model", str(tmp_path), "--prompt", "x"]) == 2
+    assert "without model_index.json" in capsys.readouterr().err
+    assert main(["generate", "--model", DIGITS_TEACHER_PATH, "--prompts_file", str(tmp_path / "empty.txt")]) == 2
+    assert "holds no prompt" in capsys.readouterr().err

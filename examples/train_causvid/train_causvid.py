@@ -10,7 +10,8 @@ on diffusion-forcing inputs (Yin et al. arXiv:2412.07772).
    (training.causal.diffusion_forcing_inputs); the student predicts x0 of all blocks in one
    block-causal pass (its context is noised real data, not its own output: CausVid's exposure bias,
    which Self-Forcing removes).
-3. Fake score: denoising loss on the student's x0 (every iteration); student: DMD loss (teacher vs fake
+3. Fake score: denoising loss on the student's x0 (on the other
+   iterations: student_update_freq - 1 per student update); student: DMD loss (teacher vs fake
    score at a fresh noise level) every `student_update_freq` iterations — the DMD2 step functions of
    training.distribution_matching_steps, unchanged, with per-frame times.
 4. The EMA student is saved as a CausalWanPipeline (its few-step schedule per block), reloaded and
@@ -78,7 +79,7 @@ class CausVidArgs:
     num_student_steps: int = 4  # few-step schedule per block: t_i = 1 - i / K
     context_noise: int = 0  # timestep at which finished blocks are written into the cache
     fake_score_learning_rate: float = 1e-4  # the fake score's AdamW learning rate
-    student_update_freq: int = 5  # one student update per this many iterations (fake score: every one)
+    student_update_freq: int = 5  # of every N iterations, 1 updates the student and N - 1 the fake score
     guidance_scale: float = 3.0  # CFG of the real score; 3 = best for the shipped teacher (docs/results.md)
     dmd_t_min: float = 0.02  # DMD re-noising level s ~ U[dmd_t_min, dmd_t_max]
     dmd_t_max: float = 0.98

@@ -4,7 +4,8 @@ Three players (Yin et al., DMD2, arXiv:2405.14867):
   teacher     frozen; its (CFG) x0 prediction is the "real" score.
   fake_score  a denoiser trained on the student's samples: the student distribution's score.
   student     trained with dmd_generator_loss, every `student_update_freq` iterations
-              (two time-scale update rule); the fake score is trained every iteration.
+              (two time-scale update rule); the fake score on the other iterations: N - 1 critic
+              updates per student update (4 : 1 with the default N = 5; DMD2's paper uses 5 : 1, i.e. N = 6).
 The student's inputs are its schedule's points: pure noise at t_list[0], and for multi-step
 students the state reached by running itself (backward simulation) or noised real data.
 
@@ -85,7 +86,7 @@ class DMD2Args:
     shift: float | None = None  # student schedule shift (default: 1 on digits, the teacher's on flow-matching pipelines)
     guidance_scale: float = 1.0  # teacher CFG in the real score
     fake_score_learning_rate: float = 1e-4  # AdamW learning rate of the fake score
-    student_update_freq: int = 5  # student step every N iterations (fake score every iteration)
+    student_update_freq: int = 5  # of every N iterations, 1 updates the student and N - 1 the fake score (4 : 1 at 5)
     dmd_t_min: float = 0.02  # the DMD loss noises student samples at t ~ U[dmd_t_min, dmd_t_max]
     dmd_t_max: float = 0.98
     backward_simulation: bool = True  # multi-step: inputs from the student's own rollout (else noised data)
@@ -190,7 +191,7 @@ def main(argv=None):
     iteration = step * args.student_update_freq * run.gradient_accumulation_steps  # counts micro-batches
     batches.state_at(iteration)
 
-    # 2. Alternating updates: fake score every iteration, student every `student_update_freq`.
+    # 2. Alternating updates: the student on every `student_update_freq`-th iteration, the fake score on the others.
     def validate(s):  # a sample grid of the EMA student every `validation_steps`
         validate_digits_student(accelerator, modules, ema, scheduler, num_steps=args.num_student_steps, step=s,
                                 output_dir=run.output_dir)

@@ -6,7 +6,8 @@ r = p_data / p_student at the noisy sample is read from a discriminator logit (l
 discriminator's optimum). So the players are DMD2's with the GAN branch always on:
   teacher     frozen; its (CFG) x0 prediction is the "real" score.
   fake_score  denoiser of the student's samples + a discriminator head on its `gan_feature_module`
-              features, trained together every iteration (denoising + GAN discriminator loss).
+              features, trained together on the iterations without a student update (denoising + GAN
+              discriminator loss): student_update_freq - 1 critic updates per student update.
   student     every `student_update_freq` iterations: h(r)-weighted DMD loss (+ the GAN loss).
 Divergences: reverse_kl (h = 1, plain DMD), kl, js (the paper's best), squared_hellinger, jeffreys.
 
@@ -80,7 +81,7 @@ class FDistillArgs:
     shift: float = 1.0  # student schedule: sigmas = shift(linspace(1, 0, N + 1)), fresh-noise re-noising
     guidance_scale: float = 1.0  # teacher CFG in the real score
     fake_score_learning_rate: float = 1e-4  # AdamW learning rate of the fake score
-    student_update_freq: int = 5  # student step every N iterations (fake score every iteration)
+    student_update_freq: int = 5  # of every N iterations, 1 updates the student and N - 1 the fake score (4 : 1 at 5)
     dmd_t_min: float = 0.02  # the DMD loss noises student samples at t ~ U[dmd_t_min, dmd_t_max]
     dmd_t_max: float = 0.98
     backward_simulation: bool = True  # multi-step: inputs from the student's own rollout (else noised data)
@@ -172,7 +173,7 @@ def main(argv=None):
     iteration = step * args.student_update_freq * run.gradient_accumulation_steps  # counts micro-batches
     batches.state_at(iteration)
 
-    # 2. Alternating updates: fake score + head every iteration, student every `student_update_freq`.
+    # 2. Alternating updates: the student on every `student_update_freq`-th iteration, fake score + head on the others.
     def validate(s):  # a sample grid of the EMA student every `validation_steps`
         validate_digits_student(accelerator, modules, ema, scheduler, num_steps=args.num_student_steps, step=s,
                                 output_dir=run.output_dir)

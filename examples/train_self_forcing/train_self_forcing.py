@@ -10,7 +10,8 @@ is trained on its own KV-cached rollouts (Huang et al. arXiv:2506.08009).
    pipeline's few-step sampler (training.causal.self_forcing_rollout): no exposure bias, since the
    context it attends to is its own output, as at inference. One random exit step per iteration
    (the same on every rank) carries the gradient (each block's forward at that step).
-3. Fake score: denoising loss on detached rollouts (every iteration); student: DMD loss of the rollout
+3. Fake score: denoising loss on detached rollouts (on the other
+   iterations: student_update_freq - 1 per student update); student: DMD loss of the rollout
    (teacher vs fake score at a fresh noise level, training.distribution_matching_steps.dmd_sample_loss)
    every `student_update_freq` iterations.
 4. The EMA student is saved as a CausalWanPipeline whose config is the rollout's recipe, reloaded and
@@ -84,7 +85,7 @@ class SelfForcingArgs:
     num_student_steps: int = 4  # few-step schedule per block: t_i = 1 - i / K
     context_noise: int = 0  # timestep at which finished blocks are written into the cache
     fake_score_learning_rate: float = 1e-4  # the fake score's AdamW learning rate
-    student_update_freq: int = 5  # one student update per this many iterations (fake score: every one)
+    student_update_freq: int = 5  # of every N iterations, 1 updates the student and N - 1 the fake score
     guidance_scale: float = 3.0  # CFG of the real score; 3 = best for the shipped teacher (docs/results.md)
     dmd_t_min: float = 0.02  # DMD re-noising level s ~ U[dmd_t_min, dmd_t_max]
     dmd_t_max: float = 0.98

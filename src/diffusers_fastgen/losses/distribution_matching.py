@@ -14,7 +14,9 @@ def dmd_generator_loss(x0_student: torch.Tensor, x0_teacher: torch.Tensor, x0_fa
 
     The gradient of KL(p_student || p_data) w.r.t. a student sample x, estimated at a noised copy
     x_t, is  (x0_fake(x_t) - x0_teacher(x_t)) / w  with the per-sample normaliser
-    w = mean |x - x0_teacher(x_t)| (eq. 8). We return  0.5 || x - sg(x - grad) ||^2 / D,  whose
+    w = mean |x - x0_teacher(x_t)| (eq. 8), floored at 1e-6 (DMD2's code divides by the plain mean; the floor
+    only acts when a sample equals the teacher's prediction to 1e-6 on average, where the plain ratio is 0/0
+    or a huge step). We return  0.5 || x - sg(x - grad) ||^2 / D,  whose
     gradient w.r.t. x is exactly grad / D (D = elements per sample). x0_teacher may include CFG.
 
     Shapes: all (B, ...). x0_teacher and x0_fake are stop-gradient (detached here).

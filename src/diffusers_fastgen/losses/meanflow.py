@@ -42,7 +42,8 @@ def meanflow_target(u_fn, z_t: torch.Tensor, r: torch.Tensor, t: torch.Tensor, v
             plus, minus = centre + eps, centre - eps
             u_plus = u_fn(z_t + (plus - t).view(view) * v, r, plus)
             u_minus = u_fn(z_t + (minus - t).view(view) * v, r, minus)
-        dudt = (u_plus.float() - u_minus.float()) / (2 * eps)
+        wide = torch.promote_types(u_plus.dtype, torch.float32)  # fp32 at least; float64 stays float64
+        dudt = (u_plus.to(wide) - u_minus.to(wide)) / (2 * eps)
     else:
         u, dudt = jvp(lambda z, tt: u_fn(z, r, tt), (z_t, t), (v, torch.ones_like(t)), method=jvp_method, eps=eps)
     u_tgt = v - warmup * (t - r).view(view) * dudt  # fp32 target; the tangent output carries no graph

@@ -91,3 +91,17 @@ def test_a_folder_that_is_not_a_pipeline_and_an_empty_prompt_file(tmp_path, caps
     assert "without model_index.json" in capsys.readouterr().err
     assert main(["generate", "--model", DIGITS_TEACHER_PATH, "--prompts_file", str(tmp_path / "empty.txt")]) == 2
     assert "holds no prompt" in capsys.readouterr().err
+
+
+def test_int8_quantization_replaces_every_linear_and_stays_close(tmp_path):
+    from diffusers_fastgen.generate import load_pipeline
+
+    eager = load_pipeline(DIGITS_TEACHER_PATH)
+    linears = sum(isinstance(m, torch.nn.Linear) for m in eager.unet.modules())
+    q = load_pipeline(DIGITS_TEACHER_PATH, quantize="int8")
+    assert linears > 0 and sum(isinstance(m, torch.nn.Linear) for m in q.unet.modules()) == 0
+    a = eager(list(range(10)), num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="latent").images
+    b = q(list(range(10)), num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="latent").images
+    assert 0 < (a - b).abs().max() < 0.1  # quantized (not identical), and close
+    with pytest.raises(ValueError, match="CPU in fp32"):
+        load_pipeline(DIGITS_TEACHER_PATH, quantize="int8", dtype="bf16")

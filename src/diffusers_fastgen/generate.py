@@ -14,6 +14,7 @@ import json
 import os
 import statistics
 import time
+import warnings
 
 import diffusers
 import numpy as np
@@ -53,10 +54,33 @@ def check_request(class_name: str | None, *, prompts, class_labels, steps, batch
         raise ValueError(f"a {class_name or 'text-conditioned pipeline'} needs a prompt (`prompt` or `prompts_file`).")
 
 
-def load_pipeline(model: str, *, lora: str | None = None, dtype: str = "fp32", device: str = "cpu"):
-    """The pipeline of a folder (or Hub id); ValueError naming `model` / `lora` when they do not fit."""
+def quantize_int8(module: torch.nn.Module) -> int:
+    """Int8 dynamic quantization of every nn.Linear of `module`, in place (weights int8 per tensor, activations
+    quantized on the fly; torch's own CPU backend, fbgemm / qnnpack). Returns how many layers were replaced;
+    ValueError when the backend is missing or there is no Linear layer."""
+    engines = torch.backends.quantized.supported_engines
+    if not any(e in engines for e in ("fbgemm", "x86", "qnnpack")):
+        raise ValueError(f"`quantize` int8 needs torch's quantized CPU backend, which this build lacks ({engines}).")
+    count = sum(isinstance(m, torch.nn.Linear) for m in module.modules())
+    if count == 0:
+        raise ValueError(f"`quantize` int8: {type(module).__name__} has no Linear layer to quantize.")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.ao.quantization's migration notice
+        warnings.simplefilter("ignore", UserWarning)
+        torch.ao.quantization.quantize_dynamic(module, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+    return count
+
+
+def load_pipeline(model: str, *, lora: str | None = None, dtype: str = "fp32", device: str = "cpu",
+                  quantize: str | None = None):
+    """The pipeline of a folder (or Hub id); ValueError naming `model` / `lora` when they do not fit.
+    quantize='int8': the denoiser's Linear layers in int8 (`quantize_int8`, CPU, fp32 only)."""
     if dtype not in DTYPES:
         raise ValueError(f"`dtype` must be one of {sorted(DTYPES)}, got {dtype!r}.")
+    if quantize not in (None, "int8"):
+        raise ValueError(f"`quantize` must be None or 'int8', got {quantize!r}.")
+    if quantize and (dtype != "fp32" or device != "cpu"):
+        raise ValueError("`quantize` int8 runs on the CPU in fp32 (torch's dynamic quantization).")
     name = pipeline_class_name(model)
     try:
         pipe = OURS[name].from_pretrained(model) if name in OURS else DiffusionPipeline.from_pretrained(
@@ -77,6 +101,8 @@ def load_pipeline(model: str, *, lora: str | None = None, dtype: str = "fp32", d
             cls = getattr(diffusers, json.load(open(sched))["_class_name"])
             pipe.scheduler = cls.from_pretrained(lora, subfolder="scheduler")
     pipe.set_progress_bar_config(disable=True)
+    if quantize == "int8":
+        quantize_int8(getattr(pipe, "unet", None) or pipe.transformer)
     return pipe.to(device)
 
 

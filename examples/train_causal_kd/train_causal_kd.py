@@ -43,16 +43,14 @@ from diffusers_fastgen.training import (
     RunArgs,
     TextToVideoArgs,
     check_pipeline_folder,
-    load_checkpoint,
     make_optimizer,
     parse_args,
-    resolve_checkpoint,
     save_config,
     setup_accelerator,
     update,
 )
 from diffusers_fastgen.training.causal import block_step_indices, step_generator
-from diffusers_fastgen.training.players import log_and_checkpoint, prepare_players, student_ema
+from diffusers_fastgen.training.players import log_and_checkpoint, prepare_players, resume_step, student_ema
 from diffusers_fastgen.training.progress import TrainingProgress
 from diffusers_fastgen.training.teachers import load_prompts
 from diffusers_fastgen.training.video import (
@@ -211,11 +209,7 @@ def main(argv=None):
         t_list = student_t_list(args.num_student_steps).to(accelerator.device)
         pairs = load_or_generate_pairs(accelerator, teacher, t_list, args)
 
-    step = 0
-    checkpoint = resolve_checkpoint(run.output_dir, run.resume_from_checkpoint)
-    if checkpoint is not None:
-        step = load_checkpoint(accelerator, checkpoint, emas={"student": ema})["step"]
-        logger.info("resumed from %s at step %d", checkpoint, step)
+    step = resume_step(accelerator, run, ema, logger)
 
     # 2. The loop: batch i on rank r is drawn by a generator seeded with (seed, r, i), so resume is exact.
     def validate(s):  # sample videos of the EMA student every `validation_steps`

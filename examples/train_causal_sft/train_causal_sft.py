@@ -43,15 +43,13 @@ from diffusers_fastgen.training import (
     OptimizerArgs,
     RunArgs,
     check_pipeline_folder,
-    load_checkpoint,
     make_optimizer,
     parse_args,
-    resolve_checkpoint,
     save_config,
     setup_accelerator,
     update,
 )
-from diffusers_fastgen.training.players import log_and_checkpoint
+from diffusers_fastgen.training.players import log_and_checkpoint, resume_step
 from diffusers_fastgen.training.progress import TrainingProgress
 from diffusers_fastgen.training.video import VideoBatches, finish_video_run, sample_block_times, validate_video_student
 
@@ -133,11 +131,7 @@ def main(argv=None):
     causal = Denoiser(CausalWan(model, args.num_frames_per_block), RectifiedFlow(), "flow")
     batches = VideoBatches(run.train_batch_size, seed=run.seed, rank=accelerator.process_index)
 
-    step = 0
-    checkpoint = resolve_checkpoint(run.output_dir, run.resume_from_checkpoint)
-    if checkpoint is not None:
-        step = load_checkpoint(accelerator, checkpoint, emas={"student": ema})["step"]
-        logger.info("resumed from %s at step %d", checkpoint, step)
+    step = resume_step(accelerator, run, ema, logger)
     batches.state_at(step * run.gradient_accumulation_steps)
 
     # 2. The loop.

@@ -38,17 +38,15 @@ from diffusers_fastgen.training import (
     OptimizerArgs,
     RunArgs,
     check_pipeline_folder,
-    load_checkpoint,
     make_optimizer,
     parse_args,
-    resolve_checkpoint,
     save_config,
     setup_accelerator,
     update,
 )
 from diffusers_fastgen.training.causal import diffusion_forcing_inputs
 from diffusers_fastgen.training.distribution_matching_steps import fake_score_step, student_step
-from diffusers_fastgen.training.players import log_and_checkpoint, prepare_players, student_ema
+from diffusers_fastgen.training.players import log_and_checkpoint, prepare_players, resume_step, student_ema
 from diffusers_fastgen.training.progress import TrainingProgress
 from diffusers_fastgen.training.video import (
     VideoBatches,
@@ -132,11 +130,7 @@ def main(argv=None):
     t_list = student_t_list(args.num_student_steps).to(accelerator.device)
     batches = VideoBatches(run.train_batch_size, seed=run.seed, rank=accelerator.process_index)
 
-    step = 0  # counts student updates
-    checkpoint = resolve_checkpoint(run.output_dir, run.resume_from_checkpoint)
-    if checkpoint is not None:
-        step = load_checkpoint(accelerator, checkpoint, emas={"student": ema})["step"]
-        logger.info("resumed from %s at step %d", checkpoint, step)
+    step = resume_step(accelerator, run, ema, logger)  # counts student updates
     iteration = step * args.student_update_freq * run.gradient_accumulation_steps  # counts micro-batches
     batches.state_at(iteration)
 

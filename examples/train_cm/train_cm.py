@@ -40,10 +40,8 @@ from diffusers_fastgen.training import (
     RunArgs,
     TextToImageArgs,
     check_pipeline_folder,
-    load_checkpoint,
     make_optimizer,
     parse_args,
-    resolve_checkpoint,
     save_config,
     setup_accelerator,
     update,
@@ -56,6 +54,7 @@ from diffusers_fastgen.training.players import (
     finish_text_to_image_run,
     log_and_checkpoint,
     prepare_players,
+    resume_step,
     student_ema,
     validate_digits_student,
 )
@@ -140,11 +139,7 @@ def main(argv=None):
     if t2i is not None:  # x0, then fresh noise: LCMScheduler (VP) / stochastic flow-matching Euler (RF)
         scheduler = t2i.student_scheduler(stochastic=True)
         batches = data
-        step = 0
-        checkpoint = resolve_checkpoint(run.output_dir, run.resume_from_checkpoint)
-        if checkpoint is not None:
-            step = load_checkpoint(accelerator, checkpoint, emas={"student": ema})["step"]
-            logger.info("resumed from %s at step %d", checkpoint, step)
+        step = resume_step(accelerator, run, ema, logger)
         batches.state_at(step * run.gradient_accumulation_steps)
     else:
         scheduler = flow_match_sde_scheduler(shift=args.shift)

@@ -38,10 +38,8 @@ from diffusers_fastgen.training import (
     RunArgs,
     TextToImageArgs,
     check_pipeline_folder,
-    load_checkpoint,
     make_optimizer,
     parse_args,
-    resolve_checkpoint,
     save_config,
     setup_accelerator,
     update,
@@ -59,7 +57,7 @@ from diffusers_fastgen.training.distribution_matching_steps import (
     student_step,
 )
 from diffusers_fastgen.training.image_data import TextToImageData
-from diffusers_fastgen.training.players import finish_text_to_image_run, log_and_checkpoint, validate_digits_student
+from diffusers_fastgen.training.players import finish_text_to_image_run, log_and_checkpoint, resume_step, validate_digits_student
 from diffusers_fastgen.training.progress import TrainingProgress
 
 logger = get_logger("train_fdistill", log_level="INFO")
@@ -165,11 +163,7 @@ def main(argv=None):
         batches = InfiniteBatches(images, labels, batch_size=run.train_batch_size, seed=run.seed,
                                   rank=accelerator.process_index, world_size=accelerator.num_processes)
 
-    step = 0  # counts student updates
-    checkpoint = resolve_checkpoint(run.output_dir, run.resume_from_checkpoint)
-    if checkpoint is not None:
-        step = load_checkpoint(accelerator, checkpoint, emas={"student": ema})["step"]
-        logger.info("resumed from %s at step %d", checkpoint, step)
+    step = resume_step(accelerator, run, ema, logger)  # counts student updates
     iteration = step * args.student_update_freq * run.gradient_accumulation_steps  # counts micro-batches
     batches.state_at(iteration)
 

@@ -42,18 +42,16 @@ from diffusers_fastgen.training import (
     TextToImageArgs,
     check_finite,
     check_pipeline_folder,
-    load_checkpoint,
     log_image_grid,
     make_optimizer,
     parse_args,
-    resolve_checkpoint,
     save_config,
     save_image_grid,
     setup_accelerator,
     update,
 )
 from diffusers_fastgen.training.data import InfiniteBatches
-from diffusers_fastgen.training.players import finish_text_to_image_run, log_and_checkpoint, validate_digits_student
+from diffusers_fastgen.training.players import finish_text_to_image_run, log_and_checkpoint, resume_step, validate_digits_student
 from diffusers_fastgen.training.progress import TrainingProgress
 from diffusers_fastgen.training.teachers import TextToImageTeacher, load_prompts
 
@@ -264,11 +262,7 @@ def main(argv=None):
     batches = InfiniteBatches(states, labels, batch_size=run.train_batch_size, seed=run.seed,
                               rank=accelerator.process_index, world_size=accelerator.num_processes)
 
-    step = 0
-    checkpoint = resolve_checkpoint(run.output_dir, run.resume_from_checkpoint)
-    if checkpoint is not None:
-        step = load_checkpoint(accelerator, checkpoint, emas={"student": ema})["step"]
-        logger.info("resumed from %s at step %d", checkpoint, step)
+    step = resume_step(accelerator, run, ema, logger)
     batches.state_at(step * run.gradient_accumulation_steps)
 
     def validate(s):  # a 1-step sample grid of the EMA student every `validation_steps`

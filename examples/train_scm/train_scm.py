@@ -42,10 +42,8 @@ from diffusers_fastgen.training import (
     RunArgs,
     TextToImageArgs,
     check_pipeline_folder,
-    load_checkpoint,
     make_optimizer,
     parse_args,
-    resolve_checkpoint,
     save_config,
     setup_accelerator,
     update,
@@ -58,6 +56,7 @@ from diffusers_fastgen.training.players import (
     finish_text_to_image_run,
     log_and_checkpoint,
     prepare_players,
+    resume_step,
     student_ema,
     validate_digits_student,
 )
@@ -158,11 +157,7 @@ def main(argv=None):
         ratio = torch.tensor(args.sigma_d * math.tan(args.intermediate_t), dtype=torch.float64)
         t2i.set_custom_schedule([1.0, float(t2i.process.t_from_noise_ratio(ratio))])
         batches = data
-        step = 0
-        checkpoint = resolve_checkpoint(run.output_dir, run.resume_from_checkpoint)
-        if checkpoint is not None:
-            step = load_checkpoint(accelerator, checkpoint, emas={"student": ema})["step"]
-            logger.info("resumed from %s at step %d", checkpoint, step)
+        step = resume_step(accelerator, run, ema, logger)
         batches.state_at(step * run.gradient_accumulation_steps)
     else:
         scheduler = scm_rf_scheduler(args.sigma_d, args.intermediate_t)

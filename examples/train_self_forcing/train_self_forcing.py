@@ -40,17 +40,15 @@ from diffusers_fastgen.training import (
     RunArgs,
     TextToVideoArgs,
     check_pipeline_folder,
-    load_checkpoint,
     make_optimizer,
     parse_args,
-    resolve_checkpoint,
     save_config,
     setup_accelerator,
     update,
 )
 from diffusers_fastgen.training.causal import self_forcing_rollout, shared_exit_index
 from diffusers_fastgen.training.distribution_matching_steps import dmd_sample_loss, fake_score_sample_loss
-from diffusers_fastgen.training.players import log_and_checkpoint, prepare_players, student_ema
+from diffusers_fastgen.training.players import log_and_checkpoint, prepare_players, resume_step, student_ema
 from diffusers_fastgen.training.progress import TrainingProgress
 from diffusers_fastgen.training.teachers import PromptBatches, load_prompts
 from diffusers_fastgen.training.video import (
@@ -165,11 +163,7 @@ def main(argv=None):
         t_list = student_t_list(args.num_student_steps).to(accelerator.device)
         batches = VideoBatches(run.train_batch_size, seed=run.seed, rank=accelerator.process_index)
 
-    step = 0  # counts student updates
-    checkpoint = resolve_checkpoint(run.output_dir, run.resume_from_checkpoint)
-    if checkpoint is not None:
-        step = load_checkpoint(accelerator, checkpoint, emas={"student": ema})["step"]
-        logger.info("resumed from %s at step %d", checkpoint, step)
+    step = resume_step(accelerator, run, ema, logger)  # counts student updates
     iteration = step * args.student_update_freq * run.gradient_accumulation_steps  # counts micro-batches
     batches.state_at(iteration)
 

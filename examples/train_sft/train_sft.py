@@ -35,18 +35,16 @@ from diffusers_fastgen.training import (
     RunArgs,
     check_finite,
     check_pipeline_folder,
-    load_checkpoint,
     log_image_grid,
     make_optimizer,
     parse_args,
-    resolve_checkpoint,
     save_config,
     save_image_grid,
     setup_accelerator,
     update,
 )
 from diffusers_fastgen.training.data import InfiniteBatches, load_digits_arrays, load_image_dataset
-from diffusers_fastgen.training.players import log_and_checkpoint
+from diffusers_fastgen.training.players import log_and_checkpoint, resume_step
 from diffusers_fastgen.training.progress import TrainingProgress
 
 logger = get_logger("train_sft", log_level="INFO")
@@ -157,11 +155,7 @@ def main(argv=None):
               gamma=args.ema.ema_gamma, start_iter=args.ema.ema_start_iter)
     denoiser = Denoiser(unet, process, prediction_type)
 
-    step = 0
-    checkpoint = resolve_checkpoint(run.output_dir, run.resume_from_checkpoint)
-    if checkpoint is not None:
-        step = load_checkpoint(accelerator, checkpoint, emas={"student": ema})["step"]
-        logger.info("resumed from %s at step %d", checkpoint, step)
+    step = resume_step(accelerator, run, ema, logger)
     batches.state_at(step * run.gradient_accumulation_steps)
 
     guard = NonFiniteGuard(run.max_nonfinite_skips)

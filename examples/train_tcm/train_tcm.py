@@ -43,10 +43,8 @@ from diffusers_fastgen.training import (
     RunArgs,
     TextToImageArgs,
     check_pipeline_folder,
-    load_checkpoint,
     make_optimizer,
     parse_args,
-    resolve_checkpoint,
     save_config,
     setup_accelerator,
     update,
@@ -59,6 +57,7 @@ from diffusers_fastgen.training.players import (
     finish_text_to_image_run,
     log_and_checkpoint,
     prepare_players,
+    resume_step,
     student_ema,
     validate_digits_student,
 )
@@ -180,11 +179,7 @@ def main(argv=None):
         if midpoint < args.t_boundary:
             raise ValueError(f"`t_boundary` {args.t_boundary} is above the stock 2-step sampler's midpoint {midpoint:.4f}.")
         batches = data
-        step = 0
-        checkpoint = resolve_checkpoint(run.output_dir, run.resume_from_checkpoint)
-        if checkpoint is not None:
-            step = load_checkpoint(accelerator, checkpoint, emas={"student": ema})["step"]
-            logger.info("resumed from %s at step %d", checkpoint, step)
+        step = resume_step(accelerator, run, ema, logger)
         batches.state_at(step * run.gradient_accumulation_steps)
     else:
         scheduler = flow_match_sde_scheduler(shift=args.shift)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 ASSETS = os.path.join(os.path.dirname(__file__), "assets")
@@ -34,7 +35,6 @@ class DigitsClassifier(nn.Module):
 
 
 def load_digits_classifier(path: str = CLASSIFIER_PATH) -> DigitsClassifier:
-    from safetensors.torch import load_file
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"digits classifier weights not found at {path}; run "

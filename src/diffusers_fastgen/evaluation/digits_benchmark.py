@@ -8,6 +8,7 @@ varied as real data). Wall time: seconds per 1,000 samples (median over `repeats
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 
@@ -83,7 +84,6 @@ def markdown_table(rows: list[dict]) -> str:
 def write_benchmark(pipe, output_dir: str, *, name: str, step_counts, num_samples: int = 1000,
                     guidance_scale: float = 1.0) -> str:
     """Benchmark rows of a freshly trained student at `step_counts`, written to <output_dir>/benchmark.md."""
-    import os
 
     reference = DigitsReference()
     rows = [benchmark_row(pipe, reference, name=name, num_inference_steps=n, guidance_scale=guidance_scale,

@@ -33,6 +33,7 @@ import time
 
 import numpy as np
 import torch
+from diffusers import WanTransformer3DModel
 
 from .classifier import load_digits_classifier
 from .digits_data import load_digits_arrays
@@ -228,7 +229,6 @@ class MovingDigitsReference:
 
 def moving_digits_transformer(num_layers: int = 4, heads: int = 4, head_dim: int = 24, ffn_dim: int = 256):
     """The benchmark's tiny Wan: pixels in (1 channel), 4x4 patches -> 16 tokens per frame."""
-    from diffusers import WanTransformer3DModel
 
     return WanTransformer3DModel(patch_size=(1, 4, 4), num_attention_heads=heads, attention_head_dim=head_dim,
                                  in_channels=1, out_channels=1, text_dim=TEXT_DIM, freq_dim=64, ffn_dim=ffn_dim,

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+from diffusers.optimization import get_scheduler
 
 from .args import OptimizerArgs, RunArgs, to_flat_dict
 from .cpu_memory import retain_freed_memory
@@ -22,7 +24,6 @@ def setup_accelerator(run: RunArgs, project_name: str, config=None, *, find_unus
     freed tensor memory is kept for reuse (`cpu_memory.retain_freed_memory`).
     `find_unused_parameters`: for DDP when a step uses only part of a prepared module (one of several
     LoRA adapters on a shared base)."""
-    from accelerate.utils import DistributedDataParallelKwargs
 
     report_to = None if run.report_to == "none" else run.report_to
     accelerator = Accelerator(
@@ -51,7 +52,6 @@ def make_optimizer(params, opt: OptimizerArgs, *, num_training_steps: int | None
     "lr": ...}) for players with their own learning rate. `num_processes`: accelerate steps a prepared
     scheduler once per process per optimizer step, so both step counts are scaled by it, as in the diffusers
     training examples."""
-    from diffusers.optimization import get_scheduler
 
     params = list(params)
     if params and isinstance(params[0], dict):
@@ -145,6 +145,5 @@ def training_state_mb(modules, optimizers) -> float:
 
 def peak_rss_mb() -> float:
     """Peak resident memory of this process in MB (Linux ru_maxrss is in KiB)."""
-    import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import math
 import os
 import re
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -366,8 +368,6 @@ def build(cls, values: dict):
 
 def _field_comments(cls) -> dict[str, str]:
     """{field name: its trailing `# comment`} over `cls` and its groups: the comments are the help text."""
-    import inspect
-    import re
 
     out = {}
     for c in (cls, *(typing.get_type_hints(cls)[f.name] for f in dataclasses.fields(cls)
@@ -431,7 +431,6 @@ def build_parser(cls) -> argparse.ArgumentParser:
 
 def parse_args(cls, argv: list[str] | None = None):
     """CLI (+ optional --config YAML) -> validated `cls` instance."""
-    import sys
 
     leaves = _leaf_fields(cls)
     parser = build_parser(cls)

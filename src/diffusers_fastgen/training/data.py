@@ -6,6 +6,7 @@ at 8x8 and scaled to [-1, 1]. The split is fixed (a seeded permutation): 1,437 t
 
 from __future__ import annotations
 
+import datasets
 import numpy as np
 import torch
 
@@ -19,7 +20,6 @@ from ..evaluation.digits_data import (  # noqa: F401 (re-exported: the scripts' 
 
 def load_digits_dataset(split: str = "train"):
     """The digits as a `datasets.Dataset` with columns image ((1, 8, 8) floats) and label."""
-    import datasets
 
     images, labels = load_digits_arrays(split)
     return datasets.Dataset.from_dict({"image": images.tolist(), "label": labels.tolist()}).with_format("torch")
@@ -28,7 +28,6 @@ def load_digits_dataset(split: str = "train"):
 def load_image_dataset(dataset_name: str | None = None, train_data_dir: str | None = None, *, resolution: int = 8,
                        channels: int = 1, image_column: str = "image", label_column: str | None = "label"):
     """A user's images (Hub name offline-cached, or an imagefolder) as (images in [-1, 1], labels or None)."""
-    import datasets
 
     if (dataset_name is None) == (train_data_dir is None):
         raise ValueError("pass exactly one of `dataset_name` or `train_data_dir`.")

@@ -145,17 +145,24 @@ def finish_text_to_image_run(accelerator, modules: dict, params: dict, optimizer
     accelerator.end_training()
 
 
+def resume_step(accelerator, run, ema, logger) -> int:
+    """`--resume_from_checkpoint` (a path or "latest"): the accelerate state and the student EMA restored, the
+    step to continue from returned (0 without a checkpoint)."""
+    checkpoint = resolve_checkpoint(run.output_dir, run.resume_from_checkpoint)
+    if checkpoint is None:
+        return 0
+    step = load_checkpoint(accelerator, checkpoint, emas={"student": ema})["step"]
+    logger.info("resumed from %s at step %d", checkpoint, step)
+    return step
+
+
 def digits_batches(accelerator, run, ema, logger):
     """(batches over the digits train split, first step): resumes from `run.resume_from_checkpoint`
     (accelerate state + the student EMA) and moves the data order to that step. One batch per step."""
     images, labels = (torch.from_numpy(a) for a in load_digits_arrays("train"))
     batches = InfiniteBatches(images, labels, batch_size=run.train_batch_size, seed=run.seed,
                               rank=accelerator.process_index, world_size=accelerator.num_processes)
-    step = 0
-    checkpoint = resolve_checkpoint(run.output_dir, run.resume_from_checkpoint)
-    if checkpoint is not None:
-        step = load_checkpoint(accelerator, checkpoint, emas={"student": ema})["step"]
-        logger.info("resumed from %s at step %d", checkpoint, step)
+    step = resume_step(accelerator, run, ema, logger)
     batches.state_at(step * run.gradient_accumulation_steps)
     return batches, step
 

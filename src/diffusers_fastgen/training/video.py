@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 import torch
+from diffusers import WanTransformer3DModel
 
 from ..evaluation.moving_digits import (
     CANVAS,
@@ -117,7 +118,6 @@ def validate_video_student(accelerator, model, ema, *, num_frames_per_block: int
     """Four moving-digits videos (classes 0-3, one row of frames each) of the EMA student with its
     recipe: samples/step_<step>.png and the trackers. Sampled from a fresh WanTransformer3DModel holding the
     EMA weights, so the training model (its causal processors, its weights) is not touched."""
-    from diffusers import WanTransformer3DModel
 
     trained = accelerator.unwrap_model(model)
     fresh = WanTransformer3DModel.from_config(trained.config).to(trained.device)
@@ -139,7 +139,6 @@ def validate_video_student(accelerator, model, ema, *, num_frames_per_block: int
 
 def load_video_transformer(path: str):
     """The stock WanTransformer3DModel of a CausalWanPipeline folder (no causal processors installed)."""
-    from diffusers import WanTransformer3DModel
 
     return WanTransformer3DModel.from_pretrained(path, subfolder="transformer")
 

@@ -9,6 +9,7 @@ import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
 
 from ...models.digits import NULL_CLASS
 from ...models.interval import interval_embedding
@@ -128,7 +129,6 @@ class DigitsPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
 
     @staticmethod
     def numpy_to_pil(images: np.ndarray):
-        from PIL import Image
 
         images = (images * 255).round().astype("uint8")
         return [Image.fromarray(im[..., 0], mode="L") if im.shape[-1] == 1 else Image.fromarray(im) for im in images]

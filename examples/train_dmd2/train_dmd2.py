@@ -62,7 +62,13 @@ from diffusers_fastgen.training.distribution_matching_steps import (
     student_step,
 )
 from diffusers_fastgen.training.image_data import TextToImageData
-from diffusers_fastgen.training.players import finish_text_to_image_run, log_and_checkpoint, resume_step, validate_digits_student
+from diffusers_fastgen.training.players import (
+    finish_text_to_image_run,
+    log_and_checkpoint,
+    resume_step,
+    validate_digits_student,
+    validate_text_to_image_student,
+)
 from diffusers_fastgen.training.progress import TrainingProgress
 
 logger = get_logger("train_dmd2", log_level="INFO")
@@ -108,9 +114,6 @@ class DMD2Args:
             if not self.backward_simulation and self.num_student_steps > 1:
                 raise ValueError("`backward_simulation` false noises real images: pass `train_data_dir` or "
                                  "`dataset_name`, or keep it true.")
-            if self.run.validation_steps:
-                raise ValueError("`validation_steps` is not available with `pretrained_model_name_or_path` yet (the "
-                                 "text encoders are released after the prompts are embedded); set it to 0.")
         if self.num_student_steps < 1:
             raise ValueError(f"`num_student_steps` must be >= 1, got {self.num_student_steps}.")
         if self.student_update_freq < 1:
@@ -187,6 +190,9 @@ def main(argv=None):
 
     # 2. Alternating updates: the student on every `student_update_freq`-th iteration, the fake score on the others.
     def validate(s):  # a sample grid of the EMA student every `validation_steps`
+        if t2i is not None:  # the teacher's pipeline class, precomputed embeddings of a few prompts
+            return validate_text_to_image_student(accelerator, modules, ema, t2i, scheduler, data.validation_embeddings(),
+                                                  num_steps=args.num_student_steps, step=s, output_dir=run.output_dir)
         validate_digits_student(accelerator, modules, ema, scheduler, num_steps=args.num_student_steps, step=s,
                                 output_dir=run.output_dir)
 

@@ -51,7 +51,13 @@ from diffusers_fastgen.training import (
     update,
 )
 from diffusers_fastgen.training.data import InfiniteBatches
-from diffusers_fastgen.training.players import finish_text_to_image_run, log_and_checkpoint, resume_step, validate_digits_student
+from diffusers_fastgen.training.players import (
+    finish_text_to_image_run,
+    log_and_checkpoint,
+    resume_step,
+    validate_digits_student,
+    validate_text_to_image_student,
+)
 from diffusers_fastgen.training.progress import TrainingProgress
 from diffusers_fastgen.training.teachers import TextToImageTeacher, load_prompts
 
@@ -90,9 +96,6 @@ class KDArgs:
             raise ValueError(f"`num_pairs` must be >= 1, got {self.num_pairs}.")
         if self.teacher_guidance_scale < 0:
             raise ValueError(f"`teacher_guidance_scale` must be >= 0, got {self.teacher_guidance_scale}.")
-        if self.text.pretrained_model_name_or_path is not None and self.run.validation_steps:
-            raise ValueError("`validation_steps` is not available with `pretrained_model_name_or_path` yet (the "
-                             "text encoders are released after the prompts are embedded); set it to 0.")
 
 
 def generate_pairs(teacher: Denoiser, t_list: torch.Tensor, args: KDArgs, seed: int, conditions):
@@ -266,6 +269,10 @@ def main(argv=None):
     batches.state_at(step * run.gradient_accumulation_steps)
 
     def validate(s):  # a 1-step sample grid of the EMA student every `validation_steps`
+        if t2i is not None:  # the teacher's pipeline class, precomputed embeddings of a few prompts
+            first = {k: v[:4] for k, v in embeddings.items()}
+            return validate_text_to_image_student(accelerator, {"student": unet}, ema, t2i, scheduler, first,
+                                                  num_steps=1, step=s, output_dir=run.output_dir)
         validate_digits_student(accelerator, {"student": unet}, ema, scheduler, num_steps=1, step=s,
                                 output_dir=run.output_dir)
 

@@ -59,6 +59,7 @@ from diffusers_fastgen.training.players import (
     resume_step,
     student_ema,
     validate_digits_student,
+    validate_text_to_image_student,
 )
 from diffusers_fastgen.training.progress import TrainingProgress
 
@@ -93,8 +94,6 @@ class SCMArgs:
     def __post_init__(self):
         check_pipeline_folder(self.teacher, "DigitsPipeline", "teacher")
         self.text.require(images=True)  # sCD and sCT both start from noised real images
-        if self.text.pretrained_model_name_or_path is not None and self.run.validation_steps:
-            raise ValueError("`validation_steps` is not available with `pretrained_model_name_or_path` yet; set it to 0.")
         if self.source not in SOURCES:
             raise ValueError(f"`source` must be one of {SOURCES}, got {self.source!r}.")
         if self.jvp_method not in JVP_METHODS:
@@ -165,6 +164,9 @@ def main(argv=None):
 
     # 2. The loop: one sCM step per iteration.
     def validate(s):  # a 1-step sample grid of the EMA student every `validation_steps`
+        if t2i is not None:  # the teacher's pipeline class, precomputed embeddings of a few prompts
+            return validate_text_to_image_student(accelerator, modules, ema, t2i, scheduler, data.validation_embeddings(),
+                                                  num_steps=1, step=s, output_dir=run.output_dir)
         validate_digits_student(accelerator, modules, ema, scheduler, num_steps=1, step=s, output_dir=run.output_dir)
 
     guard = NonFiniteGuard(run.max_nonfinite_skips)

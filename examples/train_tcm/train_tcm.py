@@ -60,6 +60,7 @@ from diffusers_fastgen.training.players import (
     resume_step,
     student_ema,
     validate_digits_student,
+    validate_text_to_image_student,
 )
 from diffusers_fastgen.training.progress import TrainingProgress
 from diffusers_fastgen.training.teachers import read_pipeline_class
@@ -100,8 +101,6 @@ class TCMArgs:
         self.text.require(images=True)  # consistency pairs start from noised real images
         if self.text.pretrained_model_name_or_path is not None:  # stage 1: a train_cm student of the same teacher
             check_pipeline_folder(self.stage1, read_pipeline_class(self.text.pretrained_model_name_or_path), "stage1")
-            if self.run.validation_steps:
-                raise ValueError("`validation_steps` is not available with `pretrained_model_name_or_path` yet; set it to 0.")
         else:
             check_pipeline_folder(self.stage1, "DigitsPipeline", "stage1")
         if self.source not in SOURCES:
@@ -187,6 +186,9 @@ def main(argv=None):
 
     # 2. The loop: one truncated consistency step per iteration.
     def validate(s):  # a 1-step sample grid of the EMA student every `validation_steps`
+        if t2i is not None:  # the teacher's pipeline class, precomputed embeddings of a few prompts
+            return validate_text_to_image_student(accelerator, modules, ema, t2i, scheduler, data.validation_embeddings(),
+                                                  num_steps=1, step=s, output_dir=run.output_dir)
         validate_digits_student(accelerator, modules, ema, scheduler, num_steps=1, step=s, output_dir=run.output_dir)
 
     guard = NonFiniteGuard(run.max_nonfinite_skips)

@@ -167,8 +167,9 @@ def test_kd_student_samples_its_deterministic_recipe_with_stock_diffusers(teache
     run_script("kd", ["--pretrained_model_name_or_path", teachers[name], "--prompts", teachers["prompts"],
                       "--output_dir", out, "--max_train_steps", "2", "--train_batch_size", "2", "--num_student_steps", "2",
                       "--teacher_steps", "4", "--num_pairs", "4", "--pairs_batch_size", "2", "--resolution", "16",
-                      "--report_to", "none", "--validation_steps", "0", "--teacher_guidance_scale", "2",
+                      "--report_to", "none", "--validation_steps", "2", "--teacher_guidance_scale", "2",
                       "--learning_rate", "1e-3"])
+    assert os.listdir(os.path.join(out, "samples")) == ["step_000002.png"]  # its deterministic 1-step grid
     pipe = DiffusionPipeline.from_pretrained(out)
     expected = DDIMScheduler if name in ("sd", "sdxl") else FlowMatchEulerDiscreteScheduler
     assert type(pipe.scheduler) is expected and not pipe.scheduler.config.get("stochastic_sampling", False)
@@ -281,6 +282,26 @@ def test_real_images_need_a_dataset_with_the_columns(teachers, tmp_path):
     with pytest.raises(ValueError, match="`caption_column` 'caption' is not a column"):
         run_script("cm", argv + ["--train_data_dir", teachers["images"], "--caption_column", "caption"])
     assert not os.path.exists(tmp_path / "x")
+
+
+@pytest.mark.parametrize("name,extra", [("sd", []), ("sd3", ["--lora_rank", "4"]), ("flux_guidance", []),
+                                        ("sdxl", ["--weight_dtype", "bf16"])])
+def test_validation_grids_do_not_change_training(teachers, name, extra, tmp_path):
+    """--validation_steps on the text-to-image path: a grid of the EMA student through the teacher's class with
+    precomputed embeddings at every N steps; the trained weights are bit-identical to a run without them."""
+    runs = {}
+    for every in ("0", "1"):
+        out = str(tmp_path / f"v{every}")
+        argv = _argv(teachers, name, out, *extra)
+        argv[argv.index("--validation_steps") + 1] = every
+        run_script("dmd2", argv)
+        runs[every] = out
+    assert sorted(os.listdir(os.path.join(runs["1"], "samples"))) == ["step_000001.png", "step_000002.png"]
+    assert Image.open(os.path.join(runs["1"], "samples", "step_000002.png")).size[1] >= 16
+    weights = "pytorch_lora_weights.safetensors" if extra[:1] == ["--lora_rank"] else os.path.join(
+        "unet" if name.startswith("sd") and name != "sd3" else "transformer", "diffusion_pytorch_model.safetensors")
+    a, b = (load_file(os.path.join(runs[e], weights)) for e in ("0", "1"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_embedding_cache_gives_the_same_student_bit_for_bit(teachers, tmp_path):

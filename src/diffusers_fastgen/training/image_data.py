@@ -208,6 +208,14 @@ class TextToImageData:
     def state_at(self, iteration: int) -> None:
         self.batches.state_at(iteration)
 
+    def validation_embeddings(self, n: int = 4) -> dict:
+        """Embeddings of the first `n` prompts (or captions) for validation grids."""
+        if self.shards is not None:
+            rows = self.shards.rows(torch.arange(min(n, len(self.shards))))
+            rows.pop("latents")
+            return rows
+        return {k: v[:n] for k, v in self.embeddings.items()}
+
     def next(self, device):
         """(real x0 (B, C, h, w) or None, cond, uncond) of the next micro-batch."""
         index = next(self.batches)

@@ -7,6 +7,7 @@ the end of a digits run (save the student as a pipeline folder, reload it, write
 
 from __future__ import annotations
 
+import copy
 import os
 
 import torch
@@ -107,6 +108,43 @@ def finish_digits_run(accelerator, modules: dict, params: dict, optimizers: dict
                                   num_samples=eval_num_samples, step_counts=step_counts or [num_steps]))
     accelerator.wait_for_everyone()  # ranks tear the process group down together (a lone gloo rank can hang)
     accelerator.end_training()
+
+
+@torch.no_grad()
+def validate_text_to_image_student(accelerator, modules: dict, ema, teacher, scheduler, embeddings: dict, *,
+                                   num_steps: int, step: int, output_dir: str) -> None:
+    """Samples of the EMA student for a few prompts through the teacher's own pipeline class (its VAE, the
+    recipe scheduler, precomputed embeddings: the text encoders are released): samples/step_<step>.png and the
+    trackers. The EMA weights are swapped in and the training weights restored after; LoRA mode runs the
+    student adapter. Everything runs in fp32 (a bf16 VAE is copied once to fp32)."""
+    model = accelerator.unwrap_model(modules["base"] if "base" in modules else modules["student"])
+    backup = {n: p.detach().clone() for n, p in model.named_parameters() if n in ema.shadow}
+    was_training = model.training
+    components = dict(teacher.pipe.components)
+    if components.get("vae") is not None and components["vae"].dtype != torch.float32:
+        if getattr(teacher, "_vae_fp32", None) is None:
+            teacher._vae_fp32 = copy.deepcopy(components["vae"]).float()
+        components["vae"] = teacher._vae_fp32
+    try:
+        ema.copy_to(model)
+        components[teacher.component] = model.eval()
+        components["scheduler"] = type(scheduler).from_config(scheduler.config)
+        pipe = type(teacher.pipe)(**components)
+        pipe.set_progress_bar_config(disable=True)
+        # SD3 / Flux draw their re-noising from the global generator: seeded here, the training RNG put back after.
+        with torch.random.fork_rng(devices=[]), use_adapter(model, "student" if "base" in modules else None):
+            torch.manual_seed(0)
+            images = pipe(**teacher.prompt_kwargs(embeddings, torch.float32), height=teacher.resolution,
+                          width=teacher.resolution, output_type="pt", generator=torch.Generator().manual_seed(0),
+                          **teacher.sampling_kwargs(num_steps)).images
+    finally:
+        for n, p in model.named_parameters():
+            if n in backup:
+                p.copy_(backup[n])
+        model.train(was_training)
+    images = images * 2 - 1
+    save_image_grid(images, os.path.join(output_dir, "samples", f"step_{step:06d}.png"), nrow=len(images))
+    log_image_grid(accelerator, images, step, tag="student", nrow=len(images))
 
 
 def finish_text_to_image_run(accelerator, modules: dict, params: dict, optimizers: dict, ema, teacher, scheduler, *,

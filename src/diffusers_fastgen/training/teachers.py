@@ -233,6 +233,14 @@ class TextToImageTeacher:
         embedding carries it."""
         return 1.0 if self.flux_guidance else self.guidance_scale
 
+    def prompt_kwargs(self, embeddings: dict, dtype=None) -> dict:
+        """Stock pipeline call arguments carrying precomputed embeddings (the text encoders may be released)."""
+        e = {k: (v.to(dtype) if dtype is not None else v) for k, v in embeddings.items()}
+        if self.kind == "sd":
+            return {"prompt_embeds": e["encoder_hidden_states"]}
+        pooled = e["text_embeds"] if self.kind == "sdxl" else e["pooled_projections"]
+        return {"prompt_embeds": e["encoder_hidden_states"], "pooled_prompt_embeds": pooled}
+
     # --- the student's sampling recipe --------------------------------------------------------------
     def student_scheduler(self, shift: float | None = None, *, stochastic: bool = True):
         """The student's sampler as a stock scheduler. stochastic (DMD2, CM): x0, then fresh noise at the next

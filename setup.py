@@ -31,5 +31,6 @@ setup(
         "sentencepiece",
     ],
     entry_points={"console_scripts": ["diffusers-fastgen = diffusers_fastgen.cli:main"]},
-    extras_require={"test": ["pytest>=8", "ruff>=0.6"], "wandb": ["wandb"]},
+    extras_require={"test": ["pytest>=8", "ruff>=0.6", "gradio>=5", "selenium>=4.20"], "serve": ["gradio>=5"],
+                    "wandb": ["wandb"]},
 )

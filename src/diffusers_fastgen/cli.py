@@ -82,7 +82,30 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--quantize", choices=["int8"], default=None,
                      help="int8 dynamic quantization of the denoiser's Linear layers (CPU, fp32)")
     gen.add_argument("--output_dir", default="outputs/generate", help="where the images / videos go")
+    srv = commands.add_parser(
+        "serve", allow_abbrev=False, help="a small web UI (gradio) over a pipeline folder",
+        description="Serve a pipeline folder in the browser: prompt or class label, steps, seed, guidance, Generate; "
+                    "CausalWanPipeline frames stream in block by block; --teacher adds a side-by-side teacher.")
+    srv.add_argument("--model", required=True, help="pipeline folder or Hub id")
+    srv.add_argument("--teacher", default=None, help="a second pipeline run side by side on the same seed")
+    srv.add_argument("--teacher_steps", type=int, default=50, help="the teacher's steps in the side-by-side mode")
+    srv.add_argument("--lora", default=None, help="a LoRA student folder for --model")
+    srv.add_argument("--quantize", choices=["int8"], default=None)
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=7860)
     return parser
+
+
+def _serve(args) -> int:
+    try:
+        from .serve import serve  # noqa: PLC0415 (gradio is the optional `serve` extra)
+    except ImportError as err:
+        raise ValueError(f"`serve` needs gradio: pip install 'diffusers_fastgen[serve]' ({err}).") from None
+    pipeline_class_name(args.model)  # a folder that is not a pipeline: before anything starts
+    disable_progress_bar()
+    serve(args.model, teacher=args.teacher, teacher_steps=args.teacher_steps, lora=args.lora, host=args.host,
+          port=args.port, quantize=args.quantize)
+    return 0
 
 
 def _generate(args) -> int:
@@ -109,13 +132,13 @@ def _generate(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "generate":
+    if args.command in ("generate", "serve"):
         try:
-            return _generate(args)
+            return _generate(args) if args.command == "generate" else _serve(args)
         except (ValueError, TypeError, OSError) as err:
             lines = str(err).strip().splitlines() or [""]
             more = f" (+{len(lines) - 1} more lines)" if len(lines) > 1 else ""
-            print(f"diffusers-fastgen generate: error: {lines[0][:400]}{more}", file=sys.stderr)
+            print(f"diffusers-fastgen {args.command}: error: {lines[0][:400]}{more}", file=sys.stderr)
             return 2
     try:
         pipe = convert_causal_checkpoint(

@@ -49,7 +49,7 @@ from diffusers_fastgen.training import (
     setup_accelerator,
     update,
 )
-from diffusers_fastgen.training.causal import block_step_indices, step_generator
+from diffusers_fastgen.training.causal import block_step_indices, step_generator, with_clean_point
 from diffusers_fastgen.training.players import log_and_checkpoint, prepare_players, resume_step, student_ema
 from diffusers_fastgen.training.progress import TrainingProgress
 from diffusers_fastgen.training.teachers import load_prompts
@@ -81,6 +81,7 @@ class CausalKDArgs:
     teacher: str = MOVING_DIGITS_TEACHER_PATH  # CausalWanPipeline folder of the bidirectional moving-digits teacher
     num_frames_per_block: int = 2  # causal block size (frames)
     num_student_steps: int = 4  # few-step schedule per block: t_i = 1 - i / K
+    clean_blocks: bool = True  # blocks also drawn clean (t = 0, the ODE path's end), as the inference cache holds them
     num_pairs: int = 1024  # teacher ODE solutions generated once
     teacher_steps: int = 24  # Euler steps of the teacher ODE (a multiple of num_student_steps)
     guidance_scale: float = 3.0  # CFG of the teacher ODE; 3 = best for the shipped teacher (docs/results.md)
@@ -159,10 +160,13 @@ def load_or_generate_pairs(accelerator, teacher, t_list, args: CausalKDArgs, gen
 
 
 def causal_kd_step(student: Denoiser, states: torch.Tensor, x0: torch.Tensor, cond: dict, t_list: torch.Tensor,
-                   num_frames_per_block: int) -> torch.Tensor:
-    """states (B, K, C, F, H, W): per block, the ODE state at a random schedule point; regress x0."""
+                   num_frames_per_block: int, *, include_clean: bool = True) -> torch.Tensor:
+    """states (B, K, C, F, H, W): per block, the ODE state at a random schedule point (with include_clean also
+    the path's end, the clean x0 at t = 0, as the inference cache holds it); regress x0."""
     b, _, _, f = states.shape[:4]
-    idx = block_step_indices(b, f, num_frames_per_block, len(t_list), states.device)  # (B, F)
+    if include_clean:
+        states, t_list = torch.cat([states, x0[:, None]], 1), with_clean_point(t_list)
+    idx = block_step_indices(b, f, num_frames_per_block, states.shape[1], states.device)  # (B, F)
     x_t = states.gather(1, idx[:, None, None, :, None, None].expand(-1, 1, *states.shape[2:])).squeeze(1)
     prediction = student(x_t, t_list[idx], cond)  # x0 prediction, per-frame t
     return kd_loss(prediction, x0).mean()
@@ -230,7 +234,8 @@ def main(argv=None):
         else:
             cond = {"encoder_hidden_states": pairs["cond"][idx].to(accelerator.device)}
         with accelerator.autocast():
-            loss = causal_kd_step(student, states, x0, cond, t_list, args.num_frames_per_block)
+            loss = causal_kd_step(student, states, x0, cond, t_list, args.num_frames_per_block,
+                                  include_clean=args.clean_blocks)
         if not update(accelerator, loss, params["student"], optimizer, lr_scheduler, args.optimizer.max_grad_norm,
                       guard=guard, accumulator=accumulator, step=step + 1):
             continue  # a skipped non-finite update (--max_nonfinite_skips)

@@ -75,6 +75,7 @@ class CausVidArgs:
     student_init: str | None = None  # CausalWanPipeline folder initialising the student (None = the teacher)
     num_frames_per_block: int = 2  # causal block size (frames)
     num_student_steps: int = 4  # few-step schedule per block: t_i = 1 - i / K
+    clean_blocks: bool = True  # blocks also drawn clean (t = 0), as the inference cache holds them (CausVid's list has 0)
     context_noise: int = 0  # timestep at which finished blocks are written into the cache
     fake_score_learning_rate: float = 1e-4  # the fake score's AdamW learning rate
     student_update_freq: int = 5  # of every N iterations, 1 updates the student and N - 1 the fake score
@@ -147,7 +148,8 @@ def main(argv=None):
     while step < run.max_train_steps:
         batch = next(batches)
         cond = {"encoder_hidden_states": batch["cond"].to(accelerator.device)}
-        x_t, t = diffusion_forcing_inputs(batch["video"].to(accelerator.device), t_list, args.num_frames_per_block)
+        x_t, t = diffusion_forcing_inputs(batch["video"].to(accelerator.device), t_list, args.num_frames_per_block,
+                                          include_clean=args.clean_blocks)
         iteration += 1
         if ((iteration - 1) // run.gradient_accumulation_steps + 1) % args.student_update_freq:  # fake-score update
             loss = fake_score_step(student, fake_score, x_t, t, cond)

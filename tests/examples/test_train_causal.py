@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from script_utils import VIDEO_COMMON as COMMON
-from script_utils import assert_changed, file_digest, run_script
+from script_utils import assert_changed, file_digest, load_script, run_script
 
 from diffusers_fastgen.evaluation.moving_digits import moving_digits_cond, sample_motion
 from diffusers_fastgen.pipelines import CausalWanPipeline
@@ -71,3 +71,27 @@ def test_cond_dropout_out_of_range_is_a_clear_error(tmp_path):
 def test_missing_teacher_is_a_clear_error(script, tmp_path):
     with pytest.raises(ValueError, match="teacher"):
         run_script(script, ["--teacher", str(tmp_path / "nothing"), "--output_dir", str(tmp_path / "out")])
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_causal_kd_also_regresses_from_clean_blocks(seed):
+    """CausalKD's path ends in the clean latent: with clean_blocks (the default) some blocks are given as x0
+    at t = 0; without, every block is an ODE state at t > 0."""
+    step = load_script("causal_kd").causal_kd_step
+    seen = {}
+
+    def student(x_t, t, cond):
+        seen["x_t"], seen["t"] = x_t, t
+        return torch.zeros_like(x_t)
+
+    states, x0 = torch.randn(16, 4, 1, 8, 4, 4), torch.randn(16, 1, 8, 4, 4)
+    t_list = torch.tensor([1.0, 0.75, 0.5, 0.25])
+    torch.manual_seed(seed)
+    step(student, states, x0, {}, t_list, 2)
+    clean = seen["t"] == 0
+    assert clean.any()
+    frames = clean[:, None, :, None, None].expand_as(x0)
+    torch.testing.assert_close(seen["x_t"][frames], x0[frames])
+    torch.manual_seed(seed)
+    step(student, states, x0, {}, t_list, 2, include_clean=False)
+    assert (seen["t"] > 0).all()

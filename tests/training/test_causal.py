@@ -82,14 +82,33 @@ def test_block_indices_and_diffusion_forcing_inputs():
     assert set(idx.unique().tolist()) == {0, 1, 2, 3}
     x0 = torch.randn(64, 1, 8, 4, 4)
     t_list = student_t_list(4)
-    torch.manual_seed(1)
+    for include_clean in (False, True):
+        torch.manual_seed(1)
+        x_t, t = diffusion_forcing_inputs(x0, t_list, 2, include_clean=include_clean)
+        torch.manual_seed(1)  # the same draws, by hand: per-block index, then eps
+        points = torch.cat([t_list, torch.zeros(1)]) if include_clean else t_list
+        t_ref = points[block_step_indices(64, 8, 2, 4, include_clean=include_clean)]
+        eps = torch.randn_like(x0)
+        torch.testing.assert_close(t, t_ref)
+        tb = t_ref[:, None, :, None, None]
+        torch.testing.assert_close(x_t, (1 - tb) * x0 + tb * eps)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_clean_blocks_appear_as_in_the_inference_cache(seed):
+    """Deviation 1 of the fidelity issue: with include_clean (the default) some blocks are drawn at t = 0 and
+    given to the student clean, as CausVid's step list (with 0) does; without it no block ever is."""
+    torch.manual_seed(seed)
+    x0, t_list = torch.randn(32, 1, 8, 4, 4), student_t_list(4)
     x_t, t = diffusion_forcing_inputs(x0, t_list, 2)
-    torch.manual_seed(1)  # the same draws, by hand: per-block index, then eps
-    t_ref = t_list[block_step_indices(64, 8, 2, 4)]
-    eps = torch.randn_like(x0)
-    torch.testing.assert_close(t, t_ref)
-    tb = t_ref[:, None, :, None, None]
-    torch.testing.assert_close(x_t, (1 - tb) * x0 + tb * eps)
+    clean = t == 0  # (B, F)
+    assert 0 < clean.float().mean() < 0.4  # about 1 in 5 blocks
+    assert torch.equal(clean[:, 0::2], clean[:, 1::2])  # whole blocks
+    frames = clean[:, None, :, None, None].expand_as(x0)
+    torch.testing.assert_close(x_t[frames], x0[frames])
+    torch.manual_seed(seed)
+    _, t_old = diffusion_forcing_inputs(x0, t_list, 2, include_clean=False)
+    assert (t_old > 0).all()
 
 
 def test_teacher_ode_with_guidance_follows_the_guided_flow():

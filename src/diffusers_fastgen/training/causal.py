@@ -12,18 +12,28 @@ from ..models.causal_wan import CausalWan
 from ..parametrization import RectifiedFlow, add_noise
 
 
-def block_step_indices(b: int, num_frames: int, num_frames_per_block: int, num_steps: int, device=None) -> torch.Tensor:
+def block_step_indices(b: int, num_frames: int, num_frames_per_block: int, num_steps: int, device=None, *,
+                       include_clean: bool = False) -> torch.Tensor:
     """(B, F) index into t_list per frame, one uniform draw per block (diffusion forcing on the
-    student's own schedule, CausVid sec. 4)."""
-    idx = torch.randint(0, num_steps, (b, num_frames // num_frames_per_block), device=device)
+    student's own schedule, CausVid sec. 4). include_clean: the draw is over num_steps + 1 points, index
+    num_steps standing for t = 0 (a clean block, as the inference cache holds; CausVid's and Self-Forcing's
+    step lists include 0)."""
+    idx = torch.randint(0, num_steps + int(include_clean), (b, num_frames // num_frames_per_block), device=device)
     return idx.repeat_interleave(num_frames_per_block, dim=1)
 
 
-def diffusion_forcing_inputs(x0: torch.Tensor, t_list: torch.Tensor, num_frames_per_block: int):
-    """CausVid's student inputs: x0 (B, C, F, H, W) noised per block at a point of the schedule ->
-    (x_t, t (B, F))."""
-    idx = block_step_indices(x0.shape[0], x0.shape[2], num_frames_per_block, len(t_list), x0.device)
-    t = t_list.to(x0.device)[idx]
+def with_clean_point(t_list: torch.Tensor) -> torch.Tensor:
+    """t_list with t = 0 appended (the index `len(t_list)` of `block_step_indices(include_clean=True)`)."""
+    return torch.cat([t_list, t_list.new_zeros(1)])
+
+
+def diffusion_forcing_inputs(x0: torch.Tensor, t_list: torch.Tensor, num_frames_per_block: int, *,
+                             include_clean: bool = True):
+    """CausVid's student inputs: x0 (B, C, F, H, W) noised per block at a point of the schedule (or, with
+    include_clean, left clean at t = 0) -> (x_t, t (B, F))."""
+    idx = block_step_indices(x0.shape[0], x0.shape[2], num_frames_per_block, len(t_list), x0.device,
+                             include_clean=include_clean)
+    t = with_clean_point(t_list.to(x0.device))[idx]
     return add_noise(RectifiedFlow(), x0, torch.randn_like(x0), t), t
 
 

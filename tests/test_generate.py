@@ -11,8 +11,10 @@ from PIL import Image
 
 from diffusers_fastgen.cli import main
 from diffusers_fastgen.evaluation import DIGITS_TEACHER_PATH
+from diffusers_fastgen.generate import load_pipeline
+from diffusers_fastgen.models.digits import digits_unet
 from diffusers_fastgen.pipelines import CausalWanPipeline, DigitsPipeline
-from diffusers_fastgen.schedulers import FlowMatchFewStepScheduler
+from diffusers_fastgen.schedulers import FlowMatchFewStepScheduler, flow_map_scheduler
 from diffusers_fastgen.testing import tiny as T
 
 
@@ -94,8 +96,6 @@ def test_a_folder_that_is_not_a_pipeline_and_an_empty_prompt_file(tmp_path, caps
 
 
 def test_int8_quantization_replaces_every_linear_and_stays_close(tmp_path):
-    from diffusers_fastgen.generate import load_pipeline
-
     eager = load_pipeline(DIGITS_TEACHER_PATH)
     linears = sum(isinstance(m, torch.nn.Linear) for m in eager.unet.modules())
     q = load_pipeline(DIGITS_TEACHER_PATH, quantize="int8")
@@ -105,3 +105,16 @@ def test_int8_quantization_replaces_every_linear_and_stays_close(tmp_path):
     assert 0 < (a - b).abs().max() < 0.1  # quantized (not identical), and close
     with pytest.raises(ValueError, match="CPU in fp32"):
         load_pipeline(DIGITS_TEACHER_PATH, quantize="int8", dtype="bf16")
+
+
+def test_compiled_denoiser_agrees_with_eager_within_1e_4(tmp_path):
+    """--compile wraps the denoiser in torch.compile (inductor on CPU); a small digits UNet keeps the compile short."""
+    folder = str(tmp_path / "small")
+    DigitsPipeline(unet=digits_unet((16, 16), 1), scheduler=flow_map_scheduler()).save_pretrained(folder)
+    labels = [0, 3, 7, 9]
+    outs = []
+    for compile_ in (False, True):
+        pipe = load_pipeline(folder, compile=compile_)
+        assert compile_ == (type(pipe.unet).__name__ == "OptimizedModule")
+        outs.append(pipe(labels, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="latent").images)
+    assert (outs[0] - outs[1]).abs().max() < 1e-4

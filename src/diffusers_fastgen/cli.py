@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--quantize", choices=["int8"], default=None,
                      help="int8 dynamic quantization of the denoiser's Linear layers (CPU, fp32)")
+    gen.add_argument("--compile", action="store_true",
+                     help="torch.compile the denoiser (compiled during --warmup; needs a C++ compiler on CPU)")
     gen.add_argument("--output_dir", default="outputs/generate", help="where the images / videos go")
     srv = commands.add_parser(
         "serve", allow_abbrev=False, help="a small web UI (gradio) over a pipeline folder",
@@ -113,7 +115,8 @@ def _generate(args) -> int:
     check_request(pipeline_class_name(args.model), prompts=prompts, class_labels=args.class_labels, steps=args.steps,
                   batch_size=args.batch_size, num_images=args.num_images, warmup=args.warmup, repeats=args.repeats)
     disable_progress_bar()  # diffusers' loading bars would interleave with the table and the error line
-    pipe = load_pipeline(args.model, lora=args.lora, dtype=args.dtype, device=args.device, quantize=args.quantize)
+    pipe = load_pipeline(args.model, lora=args.lora, dtype=args.dtype, device=args.device, quantize=args.quantize,
+                         compile=args.compile)
     out = generate(pipe, prompts=prompts, class_labels=args.class_labels, num_images=args.num_images,
                    batch_size=args.batch_size, steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed,
                    warmup=args.warmup, repeats=args.repeats, output_dir=args.output_dir, height=args.height,

@@ -72,9 +72,10 @@ def quantize_int8(module: torch.nn.Module) -> int:
 
 
 def load_pipeline(model: str, *, lora: str | None = None, dtype: str = "fp32", device: str = "cpu",
-                  quantize: str | None = None):
+                  quantize: str | None = None, compile: bool = False):
     """The pipeline of a folder (or Hub id); ValueError naming `model` / `lora` when they do not fit.
-    quantize='int8': the denoiser's Linear layers in int8 (`quantize_int8`, CPU, fp32 only)."""
+    quantize='int8': the denoiser's Linear layers in int8 (`quantize_int8`, CPU, fp32 only).
+    compile: the denoiser wrapped in torch.compile (inductor; compiled on the first call, so keep --warmup)."""
     if dtype not in DTYPES:
         raise ValueError(f"`dtype` must be one of {sorted(DTYPES)}, got {dtype!r}.")
     if quantize not in (None, "int8"):
@@ -103,7 +104,11 @@ def load_pipeline(model: str, *, lora: str | None = None, dtype: str = "fp32", d
     pipe.set_progress_bar_config(disable=True)
     if quantize == "int8":
         quantize_int8(getattr(pipe, "unet", None) or pipe.transformer)
-    return pipe.to(device)
+    pipe = pipe.to(device)
+    if compile:
+        name = "unet" if getattr(pipe, "unet", None) is not None else "transformer"
+        setattr(pipe, name, torch.compile(getattr(pipe, name)))
+    return pipe
 
 
 def _batches(items: list, batch_size: int) -> list[list]:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import (
+    AutoPipelineForText2Image,
     DDIMScheduler,
     DDPMScheduler,
     DiffusionPipeline,
@@ -115,6 +116,7 @@ def test_dmd2_full_student_is_the_teachers_pipeline_class_and_samples_its_recipe
     pipe = DiffusionPipeline.from_pretrained(out)  # stock loading, no diffusers_fastgen class in the folder
     teacher = TextToImageTeacher(teachers[name], resolution=16, guidance_scale=2.0)
     assert type(pipe) is type(teacher.pipe)
+    assert type(AutoPipelineForText2Image.from_pretrained(out)) is type(pipe)
     expected = LCMScheduler if name.startswith("sd") and name != "sd3" else FlowMatchEulerDiscreteScheduler
     assert type(pipe.scheduler) is expected
     trained, base = getattr(pipe, teacher.component).state_dict(), teacher.model.state_dict()

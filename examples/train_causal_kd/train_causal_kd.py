@@ -52,7 +52,6 @@ from diffusers_fastgen.training import (
 from diffusers_fastgen.training.causal import block_step_indices, step_generator, with_clean_point
 from diffusers_fastgen.training.players import log_and_checkpoint, prepare_players, resume_step, student_ema
 from diffusers_fastgen.training.progress import TrainingProgress
-from diffusers_fastgen.training.teachers import load_prompts
 from diffusers_fastgen.training.video import (
     finish_video_run,
     finish_wan_run,
@@ -183,15 +182,7 @@ def main(argv=None):
     # 1. Teacher (frozen) and the causal student (a copy of it); the ODE pairs.
     wan = None  # a stock WanPipeline teacher (--pretrained_model_name_or_path), else the moving-digits teacher
     if args.video.pretrained_model_name_or_path is not None:
-        video = args.video
-        wan = WanTeacher(video.pretrained_model_name_or_path, num_frames=video.num_frames, height=video.height,
-                         width=video.width, revision=video.revision, variant=video.variant, cache_dir=video.cache_dir,
-                         weight_dtype=video.weight_dtype, guidance_scale=args.guidance_scale,
-                         max_sequence_length=video.max_sequence_length)
-        prompts = load_prompts(video.prompts, video.caption_column)
-        embeddings, negative = wan.embed_prompts(prompts, negative_prompt=video.negative_prompt,
-                                                 batch_size=video.encode_batch_size, cache_dir=video.embeddings_cache)
-        wan.release_text_encoders()
+        wan, prompts, embeddings, negative = WanTeacher.from_args(args.video, guidance_scale=args.guidance_scale)
         teacher_model = wan.model.requires_grad_(False)
     else:
         teacher_model = load_video_transformer(args.teacher).requires_grad_(False)

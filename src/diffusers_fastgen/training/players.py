@@ -7,6 +7,7 @@ the end of a digits run (save the student as a pipeline folder, reload it, write
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 
@@ -118,15 +119,12 @@ def validate_text_to_image_student(accelerator, modules: dict, ema, teacher, sch
     trackers. The EMA weights are swapped in and the training weights restored after; LoRA mode runs the
     student adapter. Everything runs in fp32 (a bf16 VAE is copied once to fp32)."""
     model = accelerator.unwrap_model(modules["base"] if "base" in modules else modules["student"])
-    backup = {n: p.detach().clone() for n, p in model.named_parameters() if n in ema.shadow}
-    was_training = model.training
     components = dict(teacher.pipe.components)
     if components.get("vae") is not None and components["vae"].dtype != torch.float32:
         if getattr(teacher, "_vae_fp32", None) is None:
             teacher._vae_fp32 = copy.deepcopy(components["vae"]).float()
         components["vae"] = teacher._vae_fp32
-    try:
-        ema.copy_to(model)
+    with ema_weights(model, ema):
         components[teacher.component] = model.eval()
         components["scheduler"] = type(scheduler).from_config(scheduler.config)
         pipe = type(teacher.pipe)(**components)
@@ -137,11 +135,6 @@ def validate_text_to_image_student(accelerator, modules: dict, ema, teacher, sch
             images = pipe(**teacher.prompt_kwargs(embeddings, torch.float32), height=teacher.resolution,
                           width=teacher.resolution, output_type="pt", generator=torch.Generator().manual_seed(0),
                           **teacher.sampling_kwargs(num_steps)).images
-    finally:
-        for n, p in model.named_parameters():
-            if n in backup:
-                p.copy_(backup[n])
-        model.train(was_training)
     images = images * 2 - 1
     save_image_grid(images, os.path.join(output_dir, "samples", f"step_{step:06d}.png"), nrow=len(images))
     log_image_grid(accelerator, images, step, tag="student", nrow=len(images))
@@ -220,25 +213,34 @@ def log_and_checkpoint(accelerator, run, step: int, scalars: dict, ema, progress
         save_checkpoint(accelerator, run.output_dir, step, emas={"student": ema}, total_limit=run.checkpoints_total_limit)
 
 
+@contextlib.contextmanager
+def ema_weights(model, ema):
+    """`model` holds the EMA weights inside the block; its training weights and train/eval mode are put back
+    after, also on an error."""
+    backup = {n: p.detach().clone() for n, p in model.named_parameters() if n in ema.shadow}
+    was_training = model.training
+    try:
+        ema.copy_to(model)
+        yield model
+    finally:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n in backup:
+                    p.copy_(backup[n])
+        model.train(was_training)
+
+
 @torch.no_grad()
 def validate_digits_student(accelerator, modules: dict, ema, scheduler, *, num_steps: int, step: int, output_dir: str):
     """A 10x10 sample grid (one column per class) of the EMA student with `scheduler` at `num_steps`:
     samples/step_<step>.png and the trackers. The EMA weights are swapped in and the training weights
     restored after; in LoRA mode the student adapter is active for the sampling."""
     model = accelerator.unwrap_model(modules["base"] if "base" in modules else modules["student"])
-    backup = {n: p.detach().clone() for n, p in model.named_parameters() if n in ema.shadow}
-    was_training = model.training
-    try:
-        ema.copy_to(model)
+    with ema_weights(model, ema):
         pipe = DigitsPipeline(unet=model.eval(), scheduler=scheduler)
         pipe.set_progress_bar_config(disable=True)
         with use_adapter(model, "student" if "base" in modules else None):
             images = pipe(torch.arange(10).repeat(10), num_inference_steps=num_steps, output_type="latent",
                           generator=torch.Generator().manual_seed(0)).images
-    finally:
-        for n, p in model.named_parameters():
-            if n in backup:
-                p.copy_(backup[n])
-        model.train(was_training)
     save_image_grid(images, os.path.join(output_dir, "samples", f"step_{step:06d}.png"), nrow=10, upscale=4)
     log_image_grid(accelerator, images, step, tag="student", nrow=10)

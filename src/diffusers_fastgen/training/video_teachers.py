@@ -25,7 +25,7 @@ from ..parametrization import RectifiedFlow
 from ..pipelines import CausalWanPipeline
 from ..schedulers import FlowMatchFewStepScheduler
 from .nonfinite import check_finite
-from .teachers import WEIGHT_DTYPES, TextToImageTeacher, read_pipeline_class
+from .teachers import WEIGHT_DTYPES, TextToImageTeacher, load_prompts, read_pipeline_class
 
 TEXT_TO_VIDEO = {"WanPipeline": "wan"}
 
@@ -82,6 +82,20 @@ class WanTeacher(TextToImageTeacher):
         # student is sampled with the text conditioning it was trained on.
         self.max_sequence_length = max_sequence_length or 512
         self.resolution = None
+
+    @classmethod
+    def from_args(cls, video, *, guidance_scale: float = 1.0):
+        """(teacher, prompts, embeddings (N, ...), negative (1, ...)) from a script's `TextToVideoArgs`: the
+        prompts embedded once (or read from `embeddings_cache`), then UMT5 released."""
+        teacher = cls(video.pretrained_model_name_or_path, num_frames=video.num_frames, height=video.height,
+                      width=video.width, revision=video.revision, variant=video.variant, cache_dir=video.cache_dir,
+                      weight_dtype=video.weight_dtype, guidance_scale=guidance_scale,
+                      max_sequence_length=video.max_sequence_length)
+        prompts = load_prompts(video.prompts, video.caption_column)
+        embeddings, negative = teacher.embed_prompts(prompts, negative_prompt=video.negative_prompt,
+                                                     batch_size=video.encode_batch_size, cache_dir=video.embeddings_cache)
+        teacher.release_text_encoders()
+        return teacher, prompts, embeddings, negative
 
     @torch.no_grad()
     def _encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:

@@ -54,7 +54,7 @@ from diffusers_fastgen.training.players import (
     finish_text_to_image_run,
     log_and_checkpoint,
     prepare_players,
-    resume_step,
+    resumed_batches,
     student_ema,
     validate_digits_student,
     validate_text_to_image_student,
@@ -137,9 +137,7 @@ def main(argv=None):
     ema = student_ema(accelerator, modules, args.ema, run.train_batch_size)
     if t2i is not None:  # x0, then fresh noise: LCMScheduler (VP) / stochastic flow-matching Euler (RF)
         scheduler = t2i.student_scheduler(stochastic=True)
-        batches = data
-        step = resume_step(accelerator, run, ema, logger)
-        batches.state_at(step * run.gradient_accumulation_steps)
+        batches, step = resumed_batches(accelerator, run, ema, logger, data)
     else:
         scheduler = flow_match_sde_scheduler(shift=args.shift)
         batches, step = digits_batches(accelerator, run, ema, logger)

@@ -56,7 +56,7 @@ from diffusers_fastgen.training.players import (
     finish_text_to_image_run,
     log_and_checkpoint,
     prepare_players,
-    resume_step,
+    resumed_batches,
     student_ema,
     validate_digits_student,
     validate_text_to_image_student,
@@ -155,9 +155,7 @@ def main(argv=None):
         scheduler = t2i.student_scheduler(shift=None if t2i.kind in ("sd", "sdxl") else 1.0, stochastic=True)
         ratio = torch.tensor(args.sigma_d * math.tan(args.intermediate_t), dtype=torch.float64)
         t2i.set_custom_schedule([1.0, float(t2i.process.t_from_noise_ratio(ratio))])
-        batches = data
-        step = resume_step(accelerator, run, ema, logger)
-        batches.state_at(step * run.gradient_accumulation_steps)
+        batches, step = resumed_batches(accelerator, run, ema, logger, data)
     else:
         scheduler = scm_rf_scheduler(args.sigma_d, args.intermediate_t)
         batches, step = digits_batches(accelerator, run, ema, logger)

@@ -57,7 +57,7 @@ from diffusers_fastgen.training.players import (
     finish_text_to_image_run,
     log_and_checkpoint,
     prepare_players,
-    resume_step,
+    resumed_batches,
     student_ema,
     validate_digits_student,
     validate_text_to_image_student,
@@ -177,9 +177,7 @@ def main(argv=None):
         midpoint = float(t2i.student_t_list(scheduler, 2)[1])
         if midpoint < args.t_boundary:
             raise ValueError(f"`t_boundary` {args.t_boundary} is above the stock 2-step sampler's midpoint {midpoint:.4f}.")
-        batches = data
-        step = resume_step(accelerator, run, ema, logger)
-        batches.state_at(step * run.gradient_accumulation_steps)
+        batches, step = resumed_batches(accelerator, run, ema, logger, data)
     else:
         scheduler = flow_match_sde_scheduler(shift=args.shift)
         batches, step = digits_batches(accelerator, run, ema, logger)

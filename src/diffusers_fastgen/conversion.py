@@ -36,15 +36,14 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, UMT5EncoderModel
 
 from .pipelines import CausalWanPipeline
-from .schedulers import FlowMatchFewStepScheduler
+from .schedulers import FlowMatchFewStepScheduler, shift_times
 from .training.nonfinite import check_finite
 
 
 def warp_timesteps(timesteps, shift: float) -> list[float]:
     """Model timesteps of a shifted flow-matching grid: t -> 1000 * s u / (1 + (s - 1) u), u = t / 1000 (in
     float32, as Self-Forcing's `warp_denoising_step` computes them)."""
-    u = torch.tensor(timesteps, dtype=torch.float32) / 1000
-    return (1000 * shift * u / (1 + (shift - 1) * u)).tolist()
+    return (1000 * shift_times(torch.tensor(timesteps, dtype=torch.float32) / 1000, shift)).tolist()
 
 
 def table_sigmas(timesteps, shift: float, num_train_timesteps: int = 1000) -> list[float]:

@@ -5,6 +5,7 @@ from .recipes import (
     scm_rf_scheduler,
     scm_scheduler,
     scm_set_timesteps_kwargs,
+    shift_times,
     t_list_from_scheduler,
 )
 from .scheduling_flow_match_few_step import FlowMatchFewStepScheduler

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 
 import torch
-from diffusers import FlowMapEulerDiscreteScheduler, LCMScheduler, SCMScheduler
+from diffusers import DDIMScheduler, FlowMapEulerDiscreteScheduler, LCMScheduler, SCMScheduler
 
 from .scheduling_flow_match_few_step import FlowMatchFewStepScheduler
 
@@ -85,6 +85,11 @@ def scm_set_timesteps_kwargs(num_inference_steps: int, *, max_timesteps: float =
     return dict(max_timesteps=max_timesteps, intermediate_timesteps=None)
 
 
+def shift_times(u: torch.Tensor, shift: float) -> torch.Tensor:
+    """Flow-matching time shift t = s u / (1 + (s - 1) u), in u's dtype (Self-Forcing warps in float32)."""
+    return shift * u / (1 + (shift - 1) * u)
+
+
 def t_list_from_scheduler(scheduler, num_inference_steps: int, **set_timesteps_kwargs) -> torch.Tensor:
     """The continuous-time t_list (ending at 0) that `scheduler` samples at for N steps.
 
@@ -98,7 +103,7 @@ def t_list_from_scheduler(scheduler, num_inference_steps: int, **set_timesteps_k
         scheduler.set_timesteps(num_inference_steps, **kwargs)
         return scheduler.timesteps.float().clone()
     scheduler.set_timesteps(num_inference_steps, **set_timesteps_kwargs)
-    if isinstance(scheduler, LCMScheduler):
+    if isinstance(scheduler, (LCMScheduler, DDIMScheduler)):  # VP: t = timestep / (T - 1)
         t = scheduler.timesteps.double() / (scheduler.config.num_train_timesteps - 1)
         return torch.cat([t, t.new_zeros(1)]).float()
     if hasattr(scheduler, "sigmas"):

@@ -196,12 +196,13 @@ class TextToImageData:
             count = len(self.shards)
         if text.prompts is not None:
             self.prompts = load_prompts(text.prompts, text.caption_column)
-        if self.shards is None:
-            self.embeddings, _ = self.teacher.embed_prompts(self.prompts, negative_prompt=text.negative_prompt,
-                                                            batch_size=text.encode_batch_size,
-                                                            cache_dir=text.embeddings_cache)
+        if self.shards is None:  # the negative prompt comes with the prompts' embeddings (and their cache)
+            self.embeddings, self.negative = self.teacher.embed_prompts(
+                self.prompts, negative_prompt=text.negative_prompt, batch_size=text.encode_batch_size,
+                cache_dir=text.embeddings_cache)
             count = len(self.prompts)
-        self.negative = {k: v.detach().cpu() for k, v in self.teacher._encode([text.negative_prompt]).items()}
+        else:
+            self.negative = {k: v.detach().cpu() for k, v in self.teacher._encode([text.negative_prompt]).items()}
         self.teacher.release_text_encoders()
         self.batches = PromptBatches(count, run.train_batch_size, seed=run.seed, rank=accelerator.process_index)
 

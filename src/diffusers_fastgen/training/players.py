@@ -193,6 +193,12 @@ def digits_batches(accelerator, run, ema, logger):
     images, labels = (torch.from_numpy(a) for a in load_digits_arrays("train"))
     batches = InfiniteBatches(images, labels, batch_size=run.train_batch_size, seed=run.seed,
                               rank=accelerator.process_index, world_size=accelerator.num_processes)
+    return resumed_batches(accelerator, run, ema, logger, batches)
+
+
+def resumed_batches(accelerator, run, ema, logger, batches):
+    """(batches, first step): `resume_step`, then the data order (`batches.state_at`) moved to that step for
+    one batch per step (a script with several iterations per step positions its batches itself)."""
     step = resume_step(accelerator, run, ema, logger)
     batches.state_at(step * run.gradient_accumulation_steps)
     return batches, step

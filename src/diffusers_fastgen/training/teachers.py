@@ -38,7 +38,7 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from ..parametrization import process_from_scheduler
-from ..schedulers import lcm_scheduler
+from ..schedulers import lcm_scheduler, t_list_from_scheduler
 from .nonfinite import check_finite
 
 TEXT_TO_IMAGE = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl",
@@ -283,9 +283,7 @@ class TextToImageTeacher:
             scheduler.set_timesteps(sigmas=custom, mu=0.0)
             return scheduler.sigmas.float().clone()
         if isinstance(scheduler, (LCMScheduler, DDIMScheduler)):  # VP: t = timestep / (T - 1)
-            scheduler.set_timesteps(num_steps)
-            t = scheduler.timesteps.double() / (scheduler.config.num_train_timesteps - 1)
-            return torch.cat([t, t.new_zeros(1)]).float()
+            return t_list_from_scheduler(scheduler, num_steps)
         # FluxPipeline passes sigmas = linspace(1, 1/N, N) itself; SD3 gets them in the call (`sampling_kwargs`),
         # since its default grid ends at sigma 1/1000 (a 2-step schedule would spend its second step at ~0.009).
         scheduler.set_timesteps(sigmas=self._sigmas(num_steps), mu=0.0)

@@ -23,7 +23,7 @@ from transformers import AutoTokenizer, UMT5EncoderModel
 
 from ..parametrization import RectifiedFlow
 from ..pipelines import CausalWanPipeline
-from ..schedulers import FlowMatchFewStepScheduler
+from ..schedulers import FlowMatchFewStepScheduler, shift_times
 from .nonfinite import check_finite
 from .teachers import WEIGHT_DTYPES, TextToImageTeacher, load_prompts, read_pipeline_class
 
@@ -108,9 +108,8 @@ class WanTeacher(TextToImageTeacher):
 
     def student_t_list(self, num_steps: int, shift: float | None = None) -> torch.Tensor:
         """The per-block schedule t_i = warp(1 - i/K) on the teacher's shift (float32, as Self-Forcing warps)."""
-        s = self.shift if shift is None else shift
         u = 1.0 - torch.arange(num_steps, dtype=torch.float32) / num_steps
-        return s * u / (1 + (s - 1) * u)
+        return shift_times(u, self.shift if shift is None else shift)
 
     def save_student(self, output_dir: str, student, *, num_frames_per_block: int, denoising_timesteps,
                      context_noise: int = 0, prompts=("",)) -> CausalWanPipeline:

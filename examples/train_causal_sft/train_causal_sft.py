@@ -45,6 +45,7 @@ from diffusers_fastgen.training import (
     check_pipeline_folder,
     make_optimizer,
     parse_args,
+    run_main,
     save_config,
     setup_accelerator,
     update,
@@ -170,4 +171,4 @@ def main(argv=None):
     progress.summary("train_causal_sft", logger)
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

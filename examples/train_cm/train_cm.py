@@ -42,6 +42,7 @@ from diffusers_fastgen.training import (
     check_pipeline_folder,
     make_optimizer,
     parse_args,
+    run_main,
     save_config,
     setup_accelerator,
     update,
@@ -184,4 +185,4 @@ def main(argv=None):
     progress.summary("train_cm", logger)
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

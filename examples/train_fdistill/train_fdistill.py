@@ -40,6 +40,7 @@ from diffusers_fastgen.training import (
     check_pipeline_folder,
     make_optimizer,
     parse_args,
+    run_main,
     save_config,
     setup_accelerator,
     update,
@@ -227,4 +228,4 @@ def main(argv=None):
     progress.summary("train_fdistill", logger)
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

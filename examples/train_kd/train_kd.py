@@ -45,6 +45,7 @@ from diffusers_fastgen.training import (
     log_image_grid,
     make_optimizer,
     parse_args,
+    run_main,
     save_config,
     save_image_grid,
     setup_accelerator,
@@ -311,4 +312,4 @@ def main(argv=None):
     progress.summary("train_kd", logger)
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -374,3 +374,76 @@ def test_bad_prompt_files_are_named(teachers, tmp_path):
     del argv[2:4]
     with pytest.raises(ValueError, match="needs `prompts`"):
         run_script("dmd2", argv)
+
+
+def _denoising_mse(pipe, latents, cond, *, target: str, seed: int = 0) -> float:
+    """The stock scheduler's own forward process (add_noise) and target (noise or get_velocity) at fixed
+    timesteps and noise: an independent measure of how well `pipe.unet` fits `latents`."""
+    g = torch.Generator().manual_seed(seed)
+    sched, total = pipe.scheduler, 0.0
+    for timestep in (100, 400, 700, 950):
+        t = torch.full((latents.shape[0],), timestep, dtype=torch.long)
+        noise = torch.randn(latents.shape, generator=g)
+        x_t = sched.add_noise(latents, noise, t)
+        want = noise if target == "epsilon" else sched.get_velocity(latents, noise, t)
+        with torch.no_grad():
+            pred = pipe.unet(x_t, t, encoder_hidden_states=cond).sample
+        total += (pred - want).square().mean().item()
+    return total / 4
+
+
+@pytest.mark.parametrize("name,target", [("sd", "epsilon"), ("sd_v", "v_prediction")])
+def test_sft_fits_the_captioned_images_in_the_teachers_own_target(teachers, name, target, tmp_path):
+    """SFT on a stock SD pipeline: the saved folder is the same pipeline class with the teacher's own scheduler,
+    and its UNet fits the encoded training latents better than the starting UNet in the scheduler's own target
+    (eps or v): training toward the wrong target would make this worse."""
+    from diffusers_fastgen.training.image_data import LatentShards
+
+    out = str(tmp_path / "sft")
+    run_script("sft", ["--pretrained_model_name_or_path", teachers[name], "--train_data_dir", teachers["images"],
+                       "--resolution", "16", "--output_dir", out, "--max_train_steps", "25", "--train_batch_size", "6",
+                       "--learning_rate", "2e-3", "--lr_warmup_steps", "0", "--ema_schedule", "constant",
+                       "--ema_decay", "0", "--cond_dropout", "0", "--validation_steps", "0", "--checkpointing_steps", "0",
+                       "--validation_num_inference_steps", "3", "--report_to", "none"])
+    before, after = DiffusionPipeline.from_pretrained(teachers[name]), DiffusionPipeline.from_pretrained(out)
+    assert type(after) is type(before) and type(after.scheduler) is type(before.scheduler)
+    assert dict(after.scheduler.config) == dict(before.scheduler.config)
+    folder = next(os.path.join(out, "latents", d) for d in os.listdir(os.path.join(out, "latents")))
+    rows = LatentShards(folder).rows(torch.arange(6))
+    latents, cond = rows["latents"], rows["encoder_hidden_states"]
+    first, last = (_denoising_mse(p, latents, cond, target=target) for p in (before, after))
+    assert last < 0.8 * first, (first, last)
+    card = open(os.path.join(out, "README.md")).read()
+    assert "fine-tuned with SFT" in card and "num_inference_steps=3" in card
+    assert os.path.isfile(os.path.join(out, "samples.png"))
+
+
+def test_sft_caption_dropout_replaces_whole_rows_by_the_negative_prompt():
+    from diffusers_fastgen.training.teachers import drop_prompts
+
+    cond = {"encoder_hidden_states": torch.randn(4000, 3, 2) + 5,
+            "added_cond_kwargs": {"text_embeds": torch.randn(4000, 2) + 5, "time_ids": torch.ones(4000, 6)}}
+    uncond = {"encoder_hidden_states": torch.zeros(4000, 3, 2),
+              "added_cond_kwargs": {"text_embeds": torch.zeros(4000, 2), "time_ids": torch.ones(4000, 6)}}
+    assert drop_prompts(cond, uncond, 0.0) is cond
+    for seed in range(3):
+        out = drop_prompts(cond, uncond, 0.25, generator=torch.Generator().manual_seed(seed))
+        dropped = (out["encoder_hidden_states"] == 0).all(dim=(1, 2))
+        kept = (out["encoder_hidden_states"] == cond["encoder_hidden_states"]).all(dim=(1, 2))
+        assert bool((dropped ^ kept).all())  # whole rows, one or the other
+        assert torch.equal((out["added_cond_kwargs"]["text_embeds"] == 0).all(dim=1), dropped)  # nested: same rows
+        assert abs(dropped.float().mean().item() - 0.25) < 0.03
+    with pytest.raises(ValueError, match="cond_dropout"):
+        drop_prompts(cond, uncond, 1.0)
+
+
+@pytest.mark.parametrize("extra,match", [
+    ([], "needs real images"),  # SFT learns from images, not from a prompt file alone
+    (["--train_data_dir", "IMAGES", "--init_from", "TEACHER"], "init_from"),
+])
+def test_sft_text_to_image_arguments_are_named_before_any_work(teachers, tmp_path, extra, match):
+    argv = ["--pretrained_model_name_or_path", teachers["sd"], "--output_dir", str(tmp_path / "o"),
+            *[teachers["images"] if a == "IMAGES" else teachers["sd"] if a == "TEACHER" else a for a in extra]]
+    with pytest.raises(ValueError, match=match):
+        run_script("sft", argv)
+    assert not os.path.exists(tmp_path / "o")

@@ -3,6 +3,7 @@ from .accelerate_setup import (
     check_replicas_in_sync,
     make_optimizer,
     peak_rss_mb,
+    run_main,
     setup_accelerator,
     training_state_mb,
     update,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import resource
+import sys
 
 import torch
 from accelerate import Accelerator
@@ -147,3 +148,22 @@ def peak_rss_mb() -> float:
     """Peak resident memory of this process in MB (Linux ru_maxrss is in KiB)."""
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_main(main) -> None:
+    """A training script's entry point: `main()`, then, in a multi-process launch (WORLD_SIZE > 1), flush the
+    logs and streams and leave with `os._exit(0)` instead of interpreter finalization.
+
+    Why: `destroy_process_group` leaves gloo's worker threads running, and CPython before 3.14 kills a native
+    thread that takes the GIL while the interpreter finalizes (gh-87135), which aborts the process with
+    "terminate called without an active exception" after the run has finished and saved. A plain accelerate
+    DDP script on two CPU processes beside one busy process failed 6 of 40 launches that way, 0 of 40 through
+    this exit (benchmarks/ddp_exit.py, docs/results.md). Everything the scripts write is closed by then
+    (end_training finishes the trackers; files are written atomically).
+    An exception from `main` propagates as usual."""
+    main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)

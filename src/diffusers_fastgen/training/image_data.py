@@ -99,7 +99,7 @@ def encode_image_dataset(teacher, *, train_data_dir: str | None = None, dataset_
     os.makedirs(folder, exist_ok=True)
     rng = np.random.default_rng(seed)
     stream = _load_stream(train_data_dir, dataset_name, split=split, cache_dir=cache_dir)
-    count, shard, pixels, captions = 0, 0, [], []
+    count, shard, pixels, captions, first_captions = 0, 0, [], [], []
 
     def flush():
         nonlocal shard, pixels, captions
@@ -118,6 +118,8 @@ def encode_image_dataset(teacher, *, train_data_dir: str | None = None, dataset_
         flip = random_flip and bool(rng.integers(0, 2))
         pixels.append(preprocess_image(row[image_column], teacher.resolution, center_crop=center_crop, flip=flip, rng=rng))
         captions.append(str(row.get(caption_column) or ""))
+        if len(first_captions) < 16:
+            first_captions.append(captions[-1])
         count += 1
         if len(pixels) == shard_size:
             flush()
@@ -126,7 +128,7 @@ def encode_image_dataset(teacher, *, train_data_dir: str | None = None, dataset_
     if count == 0:
         raise ValueError(f"the dataset {train_data_dir or dataset_name!r} gave no images.")
     with open(done + ".tmp", "w") as f:
-        json.dump({"num_samples": count, "num_shards": shard}, f)
+        json.dump({"num_samples": count, "num_shards": shard, "first_captions": first_captions}, f)
     os.replace(done + ".tmp", done)
     return folder
 
@@ -145,6 +147,7 @@ class LatentShards:
                 self.sizes.append(f.get_slice("latents").get_shape()[0])
         self.offsets = np.cumsum([0] + self.sizes)
         self.num_samples = int(self.offsets[-1])
+        self.first_captions = info.get("first_captions", [])  # the first rows' captions (sample grids)
 
     def __len__(self) -> int:
         return self.num_samples
@@ -194,6 +197,7 @@ class TextToImageData:
             accelerator.wait_for_everyone()
             self.shards = LatentShards(encode_image_dataset(self.teacher, **kwargs))
             count = len(self.shards)
+            self.prompts = self.shards.first_captions or self.prompts
         if text.prompts is not None:
             self.prompts = load_prompts(text.prompts, text.caption_column)
         if self.shards is None:  # the negative prompt comes with the prompts' embeddings (and their cache)

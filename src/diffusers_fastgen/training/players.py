@@ -142,7 +142,8 @@ def validate_text_to_image_student(accelerator, modules: dict, ema, teacher, sch
 
 def finish_text_to_image_run(accelerator, modules: dict, params: dict, optimizers: dict, ema, teacher, scheduler, *,
                              output_dir: str, num_steps: int, method: str, prompts: list[str], logger,
-                             push_to_hub: bool = False, hub_model_id: str | None = None) -> None:
+                             push_to_hub: bool = False, hub_model_id: str | None = None,
+                             sampling: dict | None = None) -> None:
     """End of a run on a stock text-to-image teacher (`training.teachers.TextToImageTeacher`): check that DDP
     replicas agree, save the EMA student as the teacher's pipeline class with its recipe scheduler (or, in
     LoRA mode, the teacher's `save_lora_weights` file + scheduler) and a model card, reload it with stock
@@ -157,16 +158,19 @@ def finish_text_to_image_run(accelerator, modules: dict, params: dict, optimizer
             base = accelerator.unwrap_model(modules["base"])
             ema.copy_to(base)
             pipe = teacher.save_student(output_dir, None, scheduler, num_steps=num_steps, method=method,
-                                        lora_layers=lora_state(base, "student"), lora_config=lora_config(base, "student"))
+                                        lora_layers=lora_state(base, "student"), lora_config=lora_config(base, "student"),
+                                        sampling=sampling)
         else:
             student = accelerator.unwrap_model(modules["student"])
             ema.copy_to(student)
-            pipe = teacher.save_student(output_dir, student, scheduler, num_steps=num_steps, method=method)
+            pipe = teacher.save_student(output_dir, student, scheduler, num_steps=num_steps, method=method,
+                                        sampling=sampling)
         logger.info("saved the student to %s", output_dir)
         pipe.set_progress_bar_config(disable=True)
         torch.manual_seed(0)  # SD3 / Flux draw the re-noising noise from the global generator
         images = pipe(prompts[:8], height=teacher.resolution, width=teacher.resolution, output_type="pt",
-                      generator=torch.Generator().manual_seed(0), **teacher.sampling_kwargs(num_steps)).images
+                      generator=torch.Generator().manual_seed(0),
+                      **(sampling if sampling is not None else teacher.sampling_kwargs(num_steps))).images
         save_image_grid(images * 2 - 1, os.path.join(output_dir, "samples.png"), nrow=min(8, len(images)), upscale=1)
         if push_to_hub:  # the folder as saved (no checkpoints), to the user's repo
             repo_id = create_repo(hub_model_id or os.path.basename(os.path.abspath(output_dir)), exist_ok=True).repo_id

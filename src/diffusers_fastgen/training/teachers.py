@@ -312,11 +312,13 @@ class TextToImageTeacher:
 
     # --- output -------------------------------------------------------------------------------------
     def save_student(self, output_dir: str, student, scheduler, *, num_steps: int, method: str,
-                     lora_layers: dict | None = None, lora_config: dict | None = None) -> DiffusionPipeline:
+                     lora_layers: dict | None = None, lora_config: dict | None = None,
+                     sampling: dict | None = None) -> DiffusionPipeline:
         """Write the student: full mode, the teacher's pipeline class with `student` as its denoiser and
         `scheduler`; LoRA mode (`lora_layers`, a peft state dict of the student adapter), the teacher's
-        `save_lora_weights` file plus `scheduler/`. Both with a model card. Returns the reloaded pipeline
-        (stock `DiffusionPipeline.from_pretrained`, and `load_lora_weights` for LoRA)."""
+        `save_lora_weights` file plus `scheduler/`. Both with a model card showing the stock call that samples
+        it (`sampling`, default `sampling_kwargs(num_steps)`). Returns the reloaded pipeline (stock
+        `DiffusionPipeline.from_pretrained`, and `load_lora_weights` for LoRA)."""
         os.makedirs(output_dir, exist_ok=True)
         cls = type(self.pipe)
         if lora_layers is None:
@@ -334,7 +336,7 @@ class TextToImageTeacher:
                                                  f"{self.component}_lora_adapter_metadata": lora_config})
             scheduler.save_pretrained(os.path.join(output_dir, "scheduler"))
         self._write_model_card(output_dir, num_steps=num_steps, method=method, lora=lora_layers is not None,
-                               scheduler=scheduler)
+                               scheduler=scheduler, sampling=sampling)
         if lora_layers is None:
             return DiffusionPipeline.from_pretrained(output_dir)
         pipe = DiffusionPipeline.from_pretrained(self.path, **self.load_kwargs)
@@ -342,9 +344,11 @@ class TextToImageTeacher:
         pipe.scheduler = type(scheduler).from_pretrained(output_dir, subfolder="scheduler")
         return pipe
 
-    def _write_model_card(self, output_dir: str, *, num_steps: int, method: str, lora: bool, scheduler) -> None:
-        calls = [", ".join(f"{k}={v!r}" for k, v in self.sampling_kwargs(n).items())
-                 for n in ((1, 2) if num_steps == 1 else (num_steps,))]
+    def _write_model_card(self, output_dir: str, *, num_steps: int, method: str, lora: bool, scheduler,
+                          sampling: dict | None = None) -> None:
+        recipes = [sampling] if sampling is not None else [self.sampling_kwargs(n)
+                                                           for n in ((1, 2) if num_steps == 1 else (num_steps,))]
+        calls = [", ".join(f"{k}={v!r}" for k, v in kwargs.items()) for kwargs in recipes]
         if lora:
             load = (f'pipe = DiffusionPipeline.from_pretrained("{self.path}")\n'
                     f'pipe.load_lora_weights("{output_dir}")\n'
@@ -355,7 +359,7 @@ class TextToImageTeacher:
             imports = "from diffusers import DiffusionPipeline"
         description = (
             f"# {method} student of {self.path}\n\n"
-            f"A {num_steps}-step {'LoRA ' if lora else ''}student distilled with {method} by diffusers_fastgen from "
+            f"A {num_steps}-step {'LoRA ' if lora else ''}student {'fine-tuned' if method == 'SFT' else 'distilled'} with {method} by diffusers_fastgen from "
             f"the {self.class_name} `{self.path}`. Its sampling recipe is the saved "
             f"`{type(scheduler).__name__}`; sample it with exactly this call:\n\n"
             f"```python\n{imports}\n\n{load}\n" + "".join(f"image = pipe(\"a prompt\", {c}).images[0]\n" for c in calls)
@@ -367,6 +371,24 @@ class TextToImageTeacher:
         card = populate_model_card(card, tags=["diffusers", "diffusers_fastgen", method.lower(), "distillation",
                                                "lora" if lora else "full"])
         card.save(os.path.join(output_dir, "README.md"))
+
+
+def drop_prompts(cond: dict, uncond: dict, p: float, generator: torch.Generator | None = None) -> dict:
+    """CFG training: each row of a batch's conditioning (`TextToImageTeacher.cond`, nested dicts too) replaced by
+    the same row of `uncond` (the negative prompt's) with probability p."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"`cond_dropout` must be in [0, 1), got {p}.")
+    if p == 0.0:
+        return cond
+    first = next(v for v in cond.values() if torch.is_tensor(v))
+    keep = torch.rand(first.shape[0], generator=generator).to(first.device) >= p
+
+    def mix(a, u):
+        if torch.is_tensor(a):
+            return torch.where(keep.view(-1, *[1] * (a.ndim - 1)), a, u.to(a.dtype))
+        return {k: mix(a[k], u[k]) for k in a} if isinstance(a, dict) else a
+
+    return mix(cond, uncond)
 
 
 class PromptBatches:

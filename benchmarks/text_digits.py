@@ -1,0 +1,104 @@
+"""Score text-to-image digits pipelines (the shipped StableDiffusionPipeline teacher and its students).
+
+    # the teacher table: its own stock scheduler at 1/2/4/8/25/50 steps, CFG 1/2/4
+    python benchmarks/text_digits.py --teacher_table
+    # a full student folder, sampled with the call its model card gives (steps, and the saved scheduler)
+    python benchmarks/text_digits.py --student outputs/dmd2_text_digits --num_inference_steps 1
+    # a LoRA student: the teacher with `load_lora_weights` and the saved scheduler
+    python benchmarks/text_digits.py --lora outputs/dmd2_text_digits_lora --num_inference_steps 1
+
+Rows: NFE, seconds per 1,000 images (VAE decode included; median of --repeats passes), FD / accuracy /
+diversity against the held-out digits with the digits benchmark's classifier, prompted with phrasings never
+seen in training (`evaluation.text_digits.HELD_OUT_PHRASINGS`). `--seeds 0 1 2` adds the mean and std over
+sampling seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import diffusers
+import torch
+from diffusers import DiffusionPipeline, SchedulerMixin
+
+from diffusers_fastgen.evaluation.digits_benchmark import DigitsReference
+from diffusers_fastgen.evaluation.text_digits import TEXT_DIGITS_TEACHER_PATH, score_text_digits_pipeline
+
+COLUMNS = ("model", "nfe", "s_per_1k", "fd", "accuracy", "diversity")
+
+
+def rows_over_seeds(pipe, reference, *, name, seeds, num_samples, repeats, **call) -> dict:
+    rows = [score_text_digits_pipeline(pipe, reference, name=name, num_samples=num_samples, seed=s, repeats=repeats,
+                                       **call) for s in seeds]
+    out = dict(rows[0])
+    for key in ("fd", "accuracy", "diversity"):
+        values = [r[key] for r in rows]
+        out[key] = statistics.mean(values)
+        out[key + "_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    return out
+
+
+def fmt(row: dict) -> str:
+    def cell(key):
+        v = row[key]
+        if key in ("fd", "accuracy", "diversity") and row.get(key + "_std"):
+            scale = 100 if key == "accuracy" else 1
+            return f"{v * scale:.{1 if key == 'accuracy' else 2}f} ± {row[key + '_std'] * scale:.2f}"
+        if key == "accuracy":
+            return f"{v * 100:.1f}%"
+        return f"{v:.2f}" if isinstance(v, float) else str(v)
+    return "| " + " | ".join(cell(k) for k in COLUMNS) + " |"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teacher", default=TEXT_DIGITS_TEACHER_PATH)
+    parser.add_argument("--teacher_table", action="store_true")
+    parser.add_argument("--student", default=None, help="a full student pipeline folder")
+    parser.add_argument("--lora", default=None, help="a LoRA student folder (weights + scheduler/) of --teacher")
+    parser.add_argument("--name", default=None)
+    parser.add_argument("--num_inference_steps", type=int, nargs="+", default=[1])
+    parser.add_argument("--guidance_scale", type=float, default=1.0)
+    parser.add_argument("--num_samples", type=int, default=1000)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--json", default=None, help="also write the rows here")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    reference = DigitsReference()
+    common = dict(seeds=args.seeds, num_samples=args.num_samples, repeats=args.repeats)
+    rows = [{"model": "real train digits", "nfe": 0, "s_per_1k": 0.0, **reference.reference_rows()[0]}]
+    if args.teacher_table:
+        pipe = DiffusionPipeline.from_pretrained(args.teacher)
+        for cfg in (1.0, 2.0, 4.0):
+            for steps in (1, 2, 4, 8, 25, 50):
+                rows.append(rows_over_seeds(pipe, reference, name=f"teacher {type(pipe.scheduler).__name__} "
+                                            f"{steps} steps CFG {cfg:g}", num_inference_steps=steps,
+                                            guidance_scale=cfg, **common))
+                print(fmt(rows[-1]), flush=True)
+    for folder, lora in ((args.student, False), (args.lora, True)):
+        if folder is None:
+            continue
+        if lora:
+            pipe = DiffusionPipeline.from_pretrained(args.teacher)
+            pipe.load_lora_weights(folder)
+            config = SchedulerMixin.load_config(folder, subfolder="scheduler")
+            pipe.scheduler = getattr(diffusers, config["_class_name"]).from_config(config)  # the saved recipe
+        else:
+            pipe = DiffusionPipeline.from_pretrained(folder)
+        for steps in args.num_inference_steps:
+            rows.append(rows_over_seeds(pipe, reference, name=f"{args.name or folder} {steps} step(s)",
+                                        num_inference_steps=steps, guidance_scale=args.guidance_scale, **common))
+            print(fmt(rows[-1]), flush=True)
+    print("| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS))
+    for row in rows:
+        print(fmt(row))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -54,6 +54,49 @@ def test_f_divergence_weights():
         f_divergence_weight(logits, "tv")
 
 
+def test_f_divergence_weights_clip_the_ratio_like_the_reference():
+    """r is clipped to [0.1, 20] before h: a KL batch with one huge logit no longer gives that sample ~all
+    the weight (the old clamp of log r at 10 let r reach 2.2e4)."""
+    logits = torch.tensor([[12.0], [0.0], [0.0], [-30.0]])  # r = e^12 (-> 20), 1, 1, ~0 (-> 0.1)
+    h = torch.tensor([20.0, 1.0, 1.0, 0.1])
+    torch.testing.assert_close(f_divergence_weight(logits, "kl"), h / h.mean())
+    j = h + 1
+    torch.testing.assert_close(f_divergence_weight(logits, "jeffreys"), j / j.mean())
+    assert f_divergence_weight(logits, "kl")[0] < 4  # 20 / 5.525, was ~4 of a batch of 4 (all the weight)
+    with pytest.raises(ValueError, match="ratio_range"):
+        f_divergence_weight(logits, "kl", ratio_range=(1.0, 0.5))
+
+
+def test_f_divergence_weights_are_normalised_per_time_bin_and_across_ranks():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):  # several random batches
+        logits = torch.randn(64, 1, generator=g) * 2
+        t = torch.rand(64, generator=g)
+        w = f_divergence_weight(logits, "kl", t)
+        r = logits[:, 0].clamp(math.log(0.1), math.log(20)).exp()
+        bins = (t * 10).long().clamp_max(9)
+        for b in bins.unique():  # each bin's weights average 1, and are r over that bin's mean r
+            torch.testing.assert_close(w[bins == b].mean(), torch.tensor(1.0))
+            torch.testing.assert_close(w[bins == b], r[bins == b] / r[bins == b].mean())
+        # two "ranks" whose bin sums and counts are summed get the weights of the concatenated batch
+        other_logits, other_t = torch.randn(64, 1, generator=g) * 2, torch.rand(64, generator=g)
+        other = list(_bin_stats(other_logits, other_t))  # the other rank's (sums, counts), in call order
+
+        def all_reduce(x):  # a SUM all-reduce over the two ranks
+            x += other.pop(0)
+
+        whole = f_divergence_weight(torch.cat([logits, other_logits]), "kl", torch.cat([t, other_t]))
+        torch.testing.assert_close(f_divergence_weight(logits, "kl", t, all_reduce=all_reduce), whole[:64])
+        assert not other
+
+
+def _bin_stats(logits, t, num_bins=10):
+    """Independent KL bin statistics: (sum of clipped r, count) per time bin."""
+    r = logits[:, 0].clamp(math.log(0.1), math.log(20)).exp()
+    bins = (t * num_bins).long().clamp_max(num_bins - 1)
+    return (torch.zeros(num_bins).index_add_(0, bins, r), torch.zeros(num_bins).index_add_(0, bins, torch.ones_like(r)))
+
+
 def test_denoising_loss_targets():
     x0, eps, t = _t(2, 1, 2, 2), _t(2, 1, 2, 2, seed=1), torch.tensor([0.2, 0.7])
     # RF flow target eps - x0: a perfect prediction has zero loss, an offset of 1 has loss 1.

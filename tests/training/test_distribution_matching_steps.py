@@ -145,7 +145,7 @@ def test_one_pass_student_step_equals_two_forward_reference(divergence, gan_weig
         x0_teacher = guided_prediction(teacher, noisy, s, cond, uncond, 2.0)
         x0_fake = fake(noisy, s, cond)
     logits = head(run_until_tap(fake, noisy if gan_weight else noisy.detach(), s, cond, "mid_block"))
-    ref = f_divergence_weight(logits, divergence) * dmd_generator_loss(x0, x0_teacher, x0_fake)
+    ref = f_divergence_weight(logits, divergence, s) * dmd_generator_loss(x0, x0_teacher, x0_fake)
     ref = (ref + gan_weight * gan_generator_loss(logits)).mean()
     ref.backward()
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-7)

@@ -29,6 +29,7 @@ from .classifier import ASSETS
 from .digits_benchmark import DigitsReference
 
 TEXT_DIGITS_TEACHER_PATH = os.path.join(ASSETS, "text_digits_teacher")  # StableDiffusionPipeline folder
+TEXT_DIGITS_PROMPTS_PATH = os.path.join(ASSETS, "text_digits_prompts.txt")  # every training phrasing x class (--prompts)
 RESOLUTION = 16  # pixels; the 8x8 digits upscaled 2x
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 # {n}: the numeral, {w}: the word. Training uses TRAIN_PHRASINGS; the benchmark prompts with the held-out ones.

@@ -5,6 +5,8 @@ Time convention: RF, t = 0 data, x_t = (1 - t) x0 + t eps. All losses are per-sa
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -49,7 +51,9 @@ def approx_r1_loss(logits_real: torch.Tensor, logits_real_perturbed: torch.Tenso
 F_DIVERGENCES = ("reverse_kl", "kl", "js", "squared_hellinger", "jeffreys")
 
 
-def f_divergence_weight(logits: torch.Tensor, divergence: str) -> torch.Tensor:
+def f_divergence_weight(logits: torch.Tensor, divergence: str, t: torch.Tensor | None = None, *,
+                        ratio_range: tuple[float, float] = (0.1, 20.0), num_bins: int = 10,
+                        all_reduce=None) -> torch.Tensor:
     """Per-sample weight h(r) = f''(r) r^2 of the DMD gradient for D_f(p_data || p_student)
     (f-distill, Xu et al. arXiv:2502.15681), r = p_data / p_student = exp(D(x_t)) read from a
     discriminator logit trained with `gan_discriminator_loss` (its optimum is D = log r).
@@ -59,13 +63,20 @@ def f_divergence_weight(logits: torch.Tensor, divergence: str) -> torch.Tensor:
                     js          r log r - (r+1) log((r+1)/2) -> r / (r + 1)
                     squared_hellinger (sqrt r - 1)^2 -> sqrt(r) / 2
                     jeffreys    (r - 1) log r    -> r + 1
-    log r is clamped to [-10, 10] and h is divided by its batch mean (the paper normalises the
-    weights so the step size stays comparable to DMD's). Returns (B,), detached.
-    """
+
+    As the reference implementation does: r is clipped to `ratio_range` (so no single sample of a KL or
+    Jeffreys batch takes nearly all the weight), and h is divided by its mean over the samples in the same
+    time bin (`t`, the noise level each sample was scored at, in `num_bins` equal bins of [0, 1]; t None:
+    one bin), the bin sums and counts summed over ranks by `all_reduce` (an in-place sum, e.g.
+    torch.distributed.all_reduce) when given. Returns (B,), detached."""
     if divergence not in F_DIVERGENCES:
         raise ValueError(f"`divergence` must be one of {F_DIVERGENCES}, got {divergence!r}.")
-    log_r = logits.detach().float().flatten(1).mean(1).clamp(-10, 10)  # (B,)
-    r = log_r.exp()
+    if not 0 < ratio_range[0] < ratio_range[1]:
+        raise ValueError(f"`ratio_range` must be (low, high) with 0 < low < high, got {ratio_range}.")
+    if num_bins < 1:
+        raise ValueError(f"`num_bins` must be >= 1, got {num_bins}.")
+    log_r = logits.detach().float().flatten(1).mean(1)  # (B,)
+    r = log_r.clamp(math.log(ratio_range[0]), math.log(ratio_range[1])).exp()
     h = {
         "reverse_kl": torch.ones_like(r),
         "kl": r,
@@ -73,7 +84,16 @@ def f_divergence_weight(logits: torch.Tensor, divergence: str) -> torch.Tensor:
         "squared_hellinger": 0.5 * r.sqrt(),
         "jeffreys": r + 1,
     }[divergence]
-    return h / h.mean().clamp_min(1e-8)
+    if t is None:
+        bins = torch.zeros(h.shape, dtype=torch.long, device=h.device)
+    else:
+        bins = (t.detach().float().reshape(-1).clamp(0, 1) * num_bins).long().clamp_max(num_bins - 1)
+    sums = torch.zeros(num_bins, device=h.device).index_add_(0, bins, h)
+    counts = torch.zeros(num_bins, device=h.device).index_add_(0, bins, torch.ones_like(h))
+    if all_reduce is not None:
+        all_reduce(sums)
+        all_reduce(counts)
+    return h / (sums / counts.clamp_min(1)).clamp_min(1e-8)[bins]
 
 
 def ladd_generator_loss(logits_fake: list[torch.Tensor]) -> torch.Tensor:

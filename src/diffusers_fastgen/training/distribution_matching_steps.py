@@ -104,7 +104,9 @@ def student_step(student, teacher, fake_score, x_t, t, cond, uncond, *, guidance
     with frozen(critic_params), without_gradient_checkpointing(fake_score.model):
         x0_fake, features = forward_with_tap_grad(unsynced(fake_score), noisy, s, cond, feature_module)
         logits = unwrap_model(head)(features)  # (B, 1)
-    weight = f_divergence_weight(logits, divergence)  # (B,), detached; 1 for reverse KL
+    # (B,), detached; 1 for reverse KL. Normalised per noise-level bin over all ranks (every rank runs this step).
+    ddp = torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+    weight = f_divergence_weight(logits, divergence, s, all_reduce=torch.distributed.all_reduce if ddp else None)
     loss = weight * dmd_generator_loss(x0, x0_teacher, x0_fake)
     if gan:
         loss = loss + gan_weight * gan_generator_loss(logits)

@@ -1,0 +1,120 @@
+"""The text-to-image digits benchmark: exact pixel mapping, a stock CLIP tokenizer that keeps every prompt
+word whole, held-out phrasings only in the benchmark prompts, a scorer that puts the held-out digits themselves
+at the floor, and the shipped StableDiffusionPipeline teacher."""
+
+import os
+import types
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DiffusionPipeline, StableDiffusionPipeline
+from transformers import CLIPTokenizer
+
+from diffusers_fastgen.evaluation.digits_benchmark import DigitsReference
+from diffusers_fastgen.evaluation.digits_data import load_digits_arrays
+from diffusers_fastgen.evaluation.text_digits import (
+    HELD_OUT_PHRASINGS,
+    NUMBER_WORDS,
+    TEXT_DIGITS_TEACHER_PATH,
+    TRAIN_PHRASINGS,
+    benchmark_prompts,
+    build_clip_tokenizer,
+    digit_prompt,
+    score_text_digits_pipeline,
+    to_digits,
+    to_pixels,
+)
+
+
+def test_pixels_round_trip_exactly_and_bad_shapes_are_named():
+    x = torch.from_numpy(load_digits_arrays("held_out")[0][:50])
+    pixels = to_pixels(x)
+    assert pixels.shape == (50, 3, 16, 16)
+    assert torch.equal(pixels[:, :, ::2, ::2], x.expand(-1, 3, -1, -1))  # nearest 2x: each pixel a 2x2 block
+    torch.testing.assert_close(to_digits(pixels), x, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="digits"):
+        to_pixels(torch.zeros(2, 1, 16, 16))
+    with pytest.raises(ValueError, match="images"):
+        to_digits(torch.zeros(2, 1, 16, 16))
+    with pytest.raises(ValueError, match="label"):
+        digit_prompt(10, TRAIN_PHRASINGS[0])
+
+
+def test_tokenizer_is_stock_clip_and_keeps_every_prompt_word_whole(tmp_path):
+    tok = build_clip_tokenizer()
+    tok.save_pretrained(tmp_path)
+    tok = CLIPTokenizer.from_pretrained(tmp_path)
+    for phrasing in TRAIN_PHRASINGS + HELD_OUT_PHRASINGS:
+        for label in range(10):
+            prompt = digit_prompt(label, phrasing)
+            ids = tok(prompt).input_ids
+            words = prompt.replace(",", " ,").split()
+            assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
+            assert tok.convert_ids_to_tokens(ids[1:-1]) == [w + "</w>" for w in words], prompt
+    assert len(tok("the handwritten number 7", padding="max_length").input_ids) == tok.model_max_length == 16
+    assert tok.pad_token_id == tok.eos_token_id  # SD1.5's convention
+
+
+def test_benchmark_prompts_are_balanced_and_held_out():
+    prompts, labels = benchmark_prompts(1000)
+    assert np.bincount(labels).tolist() == [100] * 10
+    train = {digit_prompt(c, p) for c in range(10) for p in TRAIN_PHRASINGS}
+    assert not set(prompts) & train
+    for phrasing in HELD_OUT_PHRASINGS:  # both phrasings, every class
+        assert {digit_prompt(c, phrasing) for c in range(10)} <= set(prompts)
+    assert all(NUMBER_WORDS[c] in p or str(c) in p for p, c in zip(prompts, labels))
+
+
+class _Replay:
+    """A pipeline stand-in returning given digits for the prompts' classes (images in [0, 1], like
+    output_type="pt")."""
+
+    def __init__(self, digits, labels):
+        self.by_class = {c: to_pixels(torch.from_numpy(digits[labels == c])) for c in range(10)}
+        self.seen = {c: 0 for c in range(10)}
+        self.calls = []
+
+    def set_progress_bar_config(self, **_):
+        pass
+
+    def __call__(self, prompts, **kwargs):
+        self.calls.append(kwargs)
+        out = []
+        for p in prompts:
+            c = next(c for c in range(10) if NUMBER_WORDS[c] in p.split(",")[0].split() or str(c) in p.split())
+            pool = self.by_class[c]
+            out.append(pool[self.seen[c] % len(pool)])
+            self.seen[c] += 1
+        return types.SimpleNamespace(images=(torch.stack(out) + 1) / 2)
+
+
+def test_scorer_puts_the_reference_digits_at_the_floor_and_shuffled_labels_at_chance():
+    reference = DigitsReference()
+    held, labels = load_digits_arrays("held_out")
+    row = score_text_digits_pipeline(_Replay(held, labels), reference, name="held-out", num_samples=360,
+                                     num_inference_steps=4, guidance_scale=2.0)
+    # balanced classes resample the held-out digits (36 per class vs 27..43 held): below the train-vs-held 0.48
+    assert row["nfe"] == 8 and row["accuracy"] > 0.97 and row["fd"] < 0.3
+    rng = np.random.default_rng(0)
+    row = score_text_digits_pipeline(_Replay(held, rng.permutation(labels)), reference, name="shuffled",
+                                     num_samples=360, num_inference_steps=1)
+    assert row["accuracy"] < 0.3
+
+
+@pytest.mark.skipif(not os.path.isdir(TEXT_DIGITS_TEACHER_PATH), reason="the text-to-image digits teacher is not built")
+def test_shipped_teacher_is_a_small_stock_sd_pipeline_that_draws_the_prompted_digit():
+    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(TEXT_DIGITS_TEACHER_PATH) for f in fs)
+    assert size <= 8 * 2**20
+    pipe = DiffusionPipeline.from_pretrained(TEXT_DIGITS_TEACHER_PATH)
+    assert type(pipe) is StableDiffusionPipeline and pipe.scheduler.config.prediction_type == "epsilon"
+    row = score_text_digits_pipeline(pipe, name="teacher", num_samples=200, num_inference_steps=25, guidance_scale=2.0)
+    assert row["accuracy"] > 0.9, row
+
+
+def test_shipped_prompt_file_is_every_training_phrasing_of_every_class():
+    from diffusers_fastgen.evaluation.text_digits import TEXT_DIGITS_PROMPTS_PATH
+    from diffusers_fastgen.training.teachers import load_prompts
+
+    prompts = load_prompts(TEXT_DIGITS_PROMPTS_PATH)
+    assert sorted(prompts) == sorted(digit_prompt(c, p) for p in TRAIN_PHRASINGS for c in range(10))

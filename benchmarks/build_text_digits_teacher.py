@@ -18,17 +18,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
 import sys
 import time
 
-import numpy as np
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from diffusers_fastgen.evaluation.digits_benchmark import DigitsReference
@@ -36,11 +33,10 @@ from diffusers_fastgen.evaluation.digits_data import load_digits_arrays
 from diffusers_fastgen.evaluation.text_digits import (
     MAX_TOKENS,
     RESOLUTION,
-    TRAIN_PHRASINGS,
     build_clip_tokenizer,
-    digit_prompt,
     to_digits,
     to_pixels,
+    write_imagefolder,
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -103,23 +99,6 @@ def build_init(vae: AutoencoderKL, folder: str, seed: int) -> None:
     pipe.save_pretrained(folder)
 
 
-def write_images(folder: str) -> int:
-    """Every training digit once per training phrasing, as 16x16 PNGs with their captions."""
-    os.makedirs(folder, exist_ok=True)
-    images, labels = load_digits_arrays("train")
-    pixels = ((to_pixels(torch.from_numpy(images)) + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
-    rows = []
-    for i, (image, label) in enumerate(zip(pixels, labels)):
-        name = f"{i:04d}.png"
-        Image.fromarray(image).save(os.path.join(folder, name))
-        rows += [{"file_name": name, "text": digit_prompt(label, p)} for p in TRAIN_PHRASINGS]
-    order = np.random.default_rng(0).permutation(len(rows))  # phrasings and classes mixed across shards
-    with open(os.path.join(folder, "metadata.jsonl"), "w") as f:
-        for j in order:
-            f.write(json.dumps(rows[j]) + "\n")
-    return len(rows)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="outputs/text_digits_build")
@@ -128,10 +107,15 @@ def main():
     parser.add_argument("--sft_steps", type=int, default=3000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ship_to", default=None, help="copy the trained teacher folder here")
+    parser.add_argument("--images_only", action="store_true", help="only write <output_dir>/images (for the "
+                        "scripts' --train_data_dir with the shipped teacher) and stop")
     args = parser.parse_args()
     torch.set_num_threads(1)
     out = args.output_dir
     init, images, teacher = (os.path.join(out, n) for n in ("init", "images", "teacher"))
+    if args.images_only:
+        print(f"{write_imagefolder(images)} training images with captions in {images}")
+        return
     reference = DigitsReference()
     if not os.path.isfile(os.path.join(init, "model_index.json")):
         vae = train_vae(args.vae_steps, 64, args.kl_weight, args.seed)
@@ -139,7 +123,7 @@ def main():
             print(row, flush=True)
         build_init(vae, init, args.seed)
     if not os.path.isfile(os.path.join(images, "metadata.jsonl")):
-        print(f"{write_images(images)} training images with captions in {images}", flush=True)
+        print(f"{write_imagefolder(images)} training images with captions in {images}", flush=True)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--mixed_precision", "no",
            "--dynamo_backend", "no", os.path.join(ROOT, "examples", "train_sft", "train_sft.py"),
            "--pretrained_model_name_or_path", init, "--train_data_dir", images, "--resolution", str(RESOLUTION),

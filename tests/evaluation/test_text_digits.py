@@ -118,3 +118,25 @@ def test_shipped_prompt_file_is_every_training_phrasing_of_every_class():
 
     prompts = load_prompts(TEXT_DIGITS_PROMPTS_PATH)
     assert sorted(prompts) == sorted(digit_prompt(c, p) for p in TRAIN_PHRASINGS for c in range(10))
+
+
+def test_imagefolder_holds_every_training_digit_in_every_training_phrasing(tmp_path):
+    import json
+
+    from PIL import Image
+
+    from diffusers_fastgen.evaluation.text_digits import write_imagefolder
+
+    n = write_imagefolder(str(tmp_path / "images"))
+    images, labels = load_digits_arrays("train")
+    assert n == len(images) * len(TRAIN_PHRASINGS)
+    rows = [json.loads(line) for line in open(tmp_path / "images" / "metadata.jsonl")]
+    assert len(rows) == n and len({(r["file_name"], r["text"]) for r in rows}) == n
+    for r in rows[:20]:
+        i = int(r["file_name"][:4])
+        assert r["text"] in {digit_prompt(labels[i], p) for p in TRAIN_PHRASINGS}
+        pixels = torch.from_numpy(np.asarray(Image.open(tmp_path / "images" / r["file_name"]), dtype=np.float32))
+        expected = to_pixels(torch.from_numpy(images[i:i + 1]))[0].permute(1, 2, 0)
+        torch.testing.assert_close(pixels / 127.5 - 1, expected, rtol=0, atol=1 / 127.5)
+    with pytest.raises(ValueError, match="already holds"):
+        write_imagefolder(str(tmp_path / "images"))

@@ -17,6 +17,7 @@ Built by `benchmarks/build_text_digits_teacher.py`; shipped at `TEXT_DIGITS_TEAC
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import time
@@ -58,6 +59,32 @@ def to_digits(images: torch.Tensor) -> torch.Tensor:
     if images.ndim != 4 or images.shape[1] != 3 or images.shape[2:] != (RESOLUTION, RESOLUTION):
         raise ValueError(f"`images` must be (N, 3, {RESOLUTION}, {RESOLUTION}), got {tuple(images.shape)}.")
     return F.avg_pool2d(images.float().mean(dim=1, keepdim=True), 2)
+
+
+def write_imagefolder(folder: str) -> int:
+    """Every training digit once per training phrasing, as 16x16 PNGs with their captions in datasets'
+    imagefolder layout (metadata.jsonl, rows shuffled): the scripts' `--train_data_dir`. Returns the row count.
+    Refuses a folder that already holds a metadata.jsonl (nothing is overwritten)."""
+    from PIL import Image
+
+    from .digits_data import load_digits_arrays
+
+    if os.path.exists(os.path.join(folder, "metadata.jsonl")):
+        raise ValueError(f"`folder` {folder!r} already holds a metadata.jsonl; pick a new folder.")
+    os.makedirs(folder, exist_ok=True)
+    images, labels = load_digits_arrays("train")
+    pixels = ((to_pixels(torch.from_numpy(images)) + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1)
+    rows = []
+    for i, (image, label) in enumerate(zip(pixels.numpy(), labels)):
+        name = f"{i:04d}.png"
+        Image.fromarray(image).save(os.path.join(folder, name))
+        rows += [{"file_name": name, "text": digit_prompt(label, p)} for p in TRAIN_PHRASINGS]
+    order = np.random.default_rng(0).permutation(len(rows))  # phrasings and classes mixed across shards
+    with open(os.path.join(folder, "metadata.jsonl.tmp"), "w") as f:
+        for j in order:
+            f.write(json.dumps(rows[j]) + "\n")
+    os.replace(os.path.join(folder, "metadata.jsonl.tmp"), os.path.join(folder, "metadata.jsonl"))
+    return len(rows)
 
 
 # --- the tokenizer --------------------------------------------------------------------------------------

@@ -72,30 +72,39 @@ def test_adaptive_weight():
         torch.testing.assert_close(loss, mse / (mse + 1e-3) ** p, rtol=1e-6, atol=1e-12)
 
 
-def test_boundary_stencil_and_warmup():
-    """With t_max the finite-difference stencil is centred at c = min(t, t_max - eps) on the same trajectory
-    (z_c = z + (c - t) v): the target at t = t_max is v - (t - r) du/dt at (z_c, c) (closed form, central
-    differences error O(eps^2)), the network is never evaluated past t_max; warmup = 0 gives v itself.
+def test_finite_difference_stencil_is_one_sided_at_r_zero_and_t_max_and_warmup():
+    """The finite-difference stencil along (v, 1) is central inside [max(r, 0), t_max], forward from t where
+    t - eps would cross below r or 0, backward to t where t + eps would pass t_max (the reference's rule), and
+    the network is never evaluated outside that interval; warmup = 0 gives v itself.
 
-    Seeded, in float64 end to end, and the central difference's own error is part of the closed form: along
-    (v, 1) this u is a cubic in the step s whose s^3 coefficient is v, so (f(eps) - f(-eps)) / (2 eps) = du/dt +
-    eps^2 v exactly. (It once failed at 2.4e-5 against 1e-5: the difference was taken in float32, whose
-    rounding of u, divided by 2 eps, depended on the unseeded draws.)"""
+    Closed form, seeded, float64: along the trajectory s -> (z + s v, t + s) this u is the cubic
+    f(s) = 0.5 (z + s v)^2 + (t + s)^2 (z + s v), and each quotient is checked against f evaluated by hand.
+    (The old centred-at-min(t, t_max - eps) stencil, and a central stencil crossing below r, both fail this.)"""
     g = torch.Generator().manual_seed(0)
-    z = torch.randn(4, 3, dtype=torch.float64, generator=g)
-    v = torch.randn(4, 3, dtype=torch.float64, generator=g)
-    t, r = torch.ones(4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64)
-    calls = []
+    eps = 0.2
+    # central (t = 0.5, r = 0.1), forward (t - r < eps), forward (t < eps, r = 0), backward (t = t_max = 1),
+    # and r = t (the derivative term vanishes; must stay finite)
+    t = torch.tensor([0.5, 0.5, 0.1, 1.0, 0.3], dtype=torch.float64)
+    r = torch.tensor([0.1, 0.4, 0.0, 0.0, 0.3], dtype=torch.float64)
+    z = torch.randn(5, 3, dtype=torch.float64, generator=g)
+    v = torch.randn(5, 3, dtype=torch.float64, generator=g)
+    seen = []
 
     def u_fn(z_, r_, t_):
-        calls.append(t_.max().item())
-        return 0.5 * z_ ** 2 + (t_ ** 2).view(-1, 1) * z_  # du/dt along (v, 1) = z v + t^2 v + 2 t z
+        seen.append(t_.clone())
+        return 0.5 * z_ ** 2 + (t_ ** 2).view(-1, 1) * z_
 
-    _, tgt = meanflow_target(u_fn, z, r, t, v, jvp_method="finite_difference", eps=1e-3, t_max=1.0)
-    c = 1.0 - 1e-3
-    z_c = z + (c - 1.0) * v
-    dudt = z_c * v + c ** 2 * v + 2 * c * z_c
-    torch.testing.assert_close(tgt, v - (dudt + 1e-3 ** 2 * v), atol=1e-10, rtol=1e-9)
-    assert max(calls) <= 1.0 + 1e-12  # never evaluated past t_max
-    _, tgt0 = meanflow_target(u_fn, z, r, t, v, jvp_method="finite_difference", eps=1e-3, t_max=1.0, warmup=0.0)
+    def f(i, step):  # u at step `step` along the trajectory of sample i
+        zz, tt = z[i] + step * v[i], t[i] + step
+        return 0.5 * zz ** 2 + tt ** 2 * zz
+
+    _, tgt = meanflow_target(u_fn, z, r, t, v, jvp_method="finite_difference", eps=eps, t_max=1.0)
+    quotients = [(f(0, eps) - f(0, -eps)) / (2 * eps), (f(1, eps) - f(1, 0)) / eps, (f(2, eps) - f(2, 0)) / eps,
+                 (f(3, 0) - f(3, -eps)) / eps]
+    for i, q in enumerate(quotients):
+        torch.testing.assert_close(tgt[i], v[i] - (t[i] - r[i]) * q, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(tgt[4], v[4])  # r = t: plain v, finite
+    stencil = torch.stack(seen[1:])  # the two stencil evaluations (the first call is the prediction)
+    assert bool((stencil >= r.clamp(min=0) - 1e-12).all()) and bool((stencil <= 1.0 + 1e-12).all())
+    _, tgt0 = meanflow_target(u_fn, z, r, t, v, jvp_method="finite_difference", eps=eps, t_max=1.0, warmup=0.0)
     torch.testing.assert_close(tgt0, v)

@@ -26,24 +26,31 @@ def meanflow_target(u_fn, z_t: torch.Tensor, r: torch.Tensor, t: torch.Tensor, v
 
     u_fn(z, r, t) -> u: the network's average velocity (B, ...) for z (B, ...), r and t (B,).
     v: the velocity at (z_t, t) — eps - x for training from data, the (CFG) teacher's velocity for
-    distillation. The JVP is exact (forward-mode AD) or a central finite difference (`jvp_method`) with
-    step `eps`; with `t_max` the difference stencil is centred at min(t, t_max - eps) along the same
-    trajectory (z moves with v), so the network is never evaluated past the end of time (the 1-step jump
-    starts at t = t_max). warmup in [0, 1] scales the derivative term (tangent warm-up, as in sCM: 0 is
-    flow matching on v, 1 the MeanFlow target). u keeps its graph (it is the prediction); u_tgt is detached.
+    distillation. The JVP is exact (forward-mode AD) or a finite difference with step `eps` along the
+    trajectory (z moves with v, r fixed): central where t - eps and t + eps both lie inside
+    [max(r, 0), t_max], one-sided where one of them does not (forward from t when t - eps would cross below r
+    or 0, backward to t when t + eps would pass t_max), as the reference implementation does, so the network
+    is never evaluated outside that interval (t_max None: no upper bound). warmup in [0, 1] scales the
+    derivative term (tangent warm-up, as in sCM: 0 is flow matching on v, 1 the MeanFlow target). u keeps its
+    graph (it is the prediction); u_tgt is detached.
     """
     if not 0.0 <= warmup <= 1.0:
         raise ValueError(f"`warmup` must be in [0, 1], got {warmup}.")
     view = (-1,) + (1,) * (z_t.ndim - 1)
-    if jvp_method == "finite_difference" and t_max is not None:
+    if jvp_method == "finite_difference":
         u = u_fn(z_t, r, t)
-        centre = torch.clamp(t, max=t_max - eps)
+        low = torch.clamp(r, min=0.0)
+        high = torch.full_like(t, float("inf") if t_max is None else t_max)
+        room_below, room_above = t - eps >= low, t + eps <= high
+        # both sides inside: central; one side: one-sided from / to t; neither: the widest stencil inside
+        plus = torch.where(room_above, t + eps, torch.where(room_below, t, torch.minimum(high, t + eps)))
+        minus = torch.where(room_below, t - eps, torch.where(room_above, t, torch.maximum(low, t - eps)))
         with torch.no_grad():
-            plus, minus = centre + eps, centre - eps
             u_plus = u_fn(z_t + (plus - t).view(view) * v, r, plus)
             u_minus = u_fn(z_t + (minus - t).view(view) * v, r, minus)
         wide = torch.promote_types(u_plus.dtype, torch.float32)  # fp32 at least; float64 stays float64
-        dudt = (u_plus.to(wide) - u_minus.to(wide)) / (2 * eps)
+        width = (plus - minus).to(wide).clamp_min(torch.finfo(wide).tiny).view(view)  # r = t: 0 / tiny = 0
+        dudt = (u_plus.to(wide) - u_minus.to(wide)) / width
     else:
         u, dudt = jvp(lambda z, tt: u_fn(z, r, tt), (z_t, t), (v, torch.ones_like(t)), method=jvp_method, eps=eps)
     u_tgt = v - warmup * (t - r).view(view) * dudt  # fp32 target; the tangent output carries no graph

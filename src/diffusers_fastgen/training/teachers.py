@@ -357,9 +357,10 @@ class TextToImageTeacher:
         else:
             load = f'pipe = DiffusionPipeline.from_pretrained("{output_dir}")'
             imports = "from diffusers import DiffusionPipeline"
+        verb = "fine-tuned" if method == "SFT" else "distilled"
         description = (
             f"# {method} student of {self.path}\n\n"
-            f"A {num_steps}-step {'LoRA ' if lora else ''}student {'fine-tuned' if method == 'SFT' else 'distilled'} with {method} by diffusers_fastgen from "
+            f"A {num_steps}-step {'LoRA ' if lora else ''}student {verb} with {method} by diffusers_fastgen from "
             f"the {self.class_name} `{self.path}`. Its sampling recipe is the saved "
             f"`{type(scheduler).__name__}`; sample it with exactly this call:\n\n"
             f"```python\n{imports}\n\n{load}\n" + "".join(f"image = pipe(\"a prompt\", {c}).images[0]\n" for c in calls)

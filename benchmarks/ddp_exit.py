@@ -5,7 +5,9 @@
 Each run launches a plain accelerate DDP script (a Linear layer, two backward passes, wait_for_everyone,
 end_training) on two CPU processes while `--load` busy-looping processes compete for the cores. "finalize"
 lets the interpreter finalize as usual; "run_main" leaves through `run_main` (flush, os._exit). A failure is a
-non-zero exit code (rank 1 aborting with "terminate called without an active exception").
+non-zero exit code (a rank aborting with "terminate called without an active exception") or a hang (a rank
+deadlocked in ~ProcessGroupGloo, joining a gloo worker that waits for the GIL the finalizing main thread
+holds; seen with gdb).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ def main():
     parser.add_argument("--runs", type=int, default=40)
     parser.add_argument("--load", type=int, default=1, help="busy-looping processes beside the launch")
     parser.add_argument("--port", type=int, default=29790)
+    parser.add_argument("--timeout", type=float, default=120.0, help="a launch still running after this hung")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         script = os.path.join(tmp, "ddp_exit_probe.py")
@@ -51,16 +54,21 @@ def main():
         busy = [subprocess.Popen([sys.executable, "-c", BUSY]) for _ in range(args.load)]
         try:
             for mode in ("finalize", "run_main"):
-                failures, aborts = 0, 0
+                failures, aborts, hangs = 0, 0, 0
                 for _ in range(args.runs):
-                    proc = subprocess.run(
-                        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                         "--num_machines", "1", "--main_process_port", str(args.port), script, mode],
-                        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                           "--num_machines", "1", "--main_process_port", str(args.port), script, mode]
+                    try:
+                        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
+                                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+                    except subprocess.TimeoutExpired:  # killed with its process group below
+                        failures, hangs = failures + 1, hangs + 1
+                        subprocess.run(["pkill", "-9", "-f", script])
+                        continue
                     failures += proc.returncode != 0
                     aborts += "terminate called without an active exception" in proc.stderr
-                print(f"{mode}: {failures}/{args.runs} runs failed ({aborts} with 'terminate called without an active "
-                      f"exception'); load {args.load}", flush=True)
+                print(f"{mode}: {failures}/{args.runs} runs failed ({aborts} aborted with 'terminate called without an "
+                      f"active exception', {hangs} hung past {args.timeout:g} s); load {args.load}", flush=True)
         finally:
             for p in busy:
                 p.kill()

@@ -154,9 +154,10 @@ def run_main(main) -> None:
     """A training script's entry point: `main()`, then, in a multi-process launch (WORLD_SIZE > 1), flush the
     logs and streams and leave with `os._exit(0)` instead of interpreter finalization.
 
-    Why: `destroy_process_group` leaves gloo's worker threads running, and CPython before 3.14 kills a native
-    thread that takes the GIL while the interpreter finalizes (gh-87135), which aborts the process with
-    "terminate called without an active exception" after the run has finished and saved. A plain accelerate
+    Why: `destroy_process_group` leaves gloo's worker threads running, and at interpreter finalization a
+    worker that takes the GIL either is killed (CPython before 3.14, gh-87135: the process aborts with
+    "terminate called without an active exception") or blocks while the main thread, holding the GIL, joins
+    it in ~ProcessGroupGloo (the process hangs; seen with gdb) — after the run has finished and saved. A plain accelerate
     DDP script on two CPU processes beside one busy process failed 6 of 40 launches that way, 0 of 40 through
     this exit (benchmarks/ddp_exit.py, docs/results.md). Everything the scripts write is closed by then
     (end_training finishes the trackers; files are written atomically).

@@ -364,7 +364,7 @@ def test_bad_prompt_files_are_named(teachers, tmp_path):
     empty.write_text("\n\n")
     jsonl = tmp_path / "p.jsonl"
     jsonl.write_text('{"caption": "a cat"}\n')
-    for prompts, match in ((str(tmp_path / "missing.txt"), "is not a file"), (str(empty), "holds no prompt"),
+    for prompts, match in ((str(tmp_path / "missing.txt"), "neither a .txt"), (str(empty), "holds no prompt"),
                            (str(jsonl), "caption_column")):
         argv = _argv(teachers, "sd", str(tmp_path / "out"))
         argv[3] = prompts
@@ -374,6 +374,22 @@ def test_bad_prompt_files_are_named(teachers, tmp_path):
     del argv[2:4]
     with pytest.raises(ValueError, match="needs `prompts`"):
         run_script("dmd2", argv)
+
+
+def test_prompts_from_a_datasets_folder_read_only_the_caption_column(teachers, tmp_path):
+    from diffusers_fastgen.training.teachers import load_prompts
+
+    # an imagefolder dataset (images + metadata.jsonl): the captions, in order, images never needed
+    assert sorted(load_prompts(teachers["images"])) == sorted(PROMPTS + ["a small digit", "the big one"])
+    folder = tmp_path / "csv_dataset"
+    folder.mkdir()
+    (folder / "train.csv").write_text("id,caption\n1,a red cat\n2,\n3,three green apples\n")
+    assert load_prompts(str(folder), "caption") == ["a red cat", "three green apples"]
+    with pytest.raises(ValueError, match="caption_column"):
+        load_prompts(str(folder), "text")
+    run_script("dmd2", _argv(teachers, "sd", str(tmp_path / "out"))[:3] + [str(folder), "--caption_column", "caption"]
+               + _argv(teachers, "sd", str(tmp_path / "out"))[4:])
+    assert os.path.isfile(tmp_path / "out" / "model_index.json")
 
 
 def _denoising_mse(pipe, latents, cond, *, target: str, seed: int = 0) -> float:

@@ -92,27 +92,45 @@ def check_text_to_image_teacher(path: str, resolution: int | None, *, revision=N
     return name
 
 
-def load_prompts(path: str, caption_column: str = "text") -> list[str]:
-    """Prompts from a .txt (one per line), .jsonl or .csv (`caption_column`) file; empty lines are skipped."""
-    if not os.path.isfile(path):
-        raise ValueError(f"`prompts` {path!r} is not a file (.txt, .jsonl or .csv).")
-    ext = os.path.splitext(path)[1].lower()
-    if ext == ".txt":
-        with open(path, encoding="utf-8") as f:
-            prompts = [line.strip() for line in f]
-    elif ext in (".jsonl", ".csv"):
-        with open(path, encoding="utf-8", newline="") as f:
-            rows = [json.loads(line) for line in f if line.strip()] if ext == ".jsonl" else list(csv.DictReader(f))
-        columns = sorted({k for row in rows for k in row})
-        if rows and caption_column not in columns:
-            raise ValueError(f"`caption_column` {caption_column!r} is not in {path!r}; its columns: {columns}.")
-        prompts = [str(row.get(caption_column) or "").strip() for row in rows]
+def load_prompts(path: str, caption_column: str = "text", split: str = "train") -> list[str]:
+    """Prompts from a .txt (one per line), .jsonl or .csv (`caption_column`) file, or from the
+    `caption_column` of a 🤗 datasets dataset (`path` a folder or a Hub name that `datasets.load_dataset`
+    opens, streamed; `split`); empty prompts are skipped."""
+    if os.path.isfile(path):
+        ext = os.path.splitext(path)[1].lower()
+        if ext == ".txt":
+            with open(path, encoding="utf-8") as f:
+                prompts = [line.strip() for line in f]
+        elif ext in (".jsonl", ".csv"):
+            with open(path, encoding="utf-8", newline="") as f:
+                rows = [json.loads(line) for line in f if line.strip()] if ext == ".jsonl" else list(csv.DictReader(f))
+            columns = sorted({k for row in rows for k in row})
+            if rows and caption_column not in columns:
+                raise ValueError(f"`caption_column` {caption_column!r} is not in {path!r}; its columns: {columns}.")
+            prompts = [str(row.get(caption_column) or "").strip() for row in rows]
+        else:
+            raise ValueError(f"`prompts` must be a .txt, .jsonl or .csv file or a datasets name / folder, got {path!r}.")
     else:
-        raise ValueError(f"`prompts` must be a .txt, .jsonl or .csv file, got {path!r}.")
+        prompts = _dataset_prompts(path, caption_column, split)
     prompts = [p for p in prompts if p]
     if not prompts:
         raise ValueError(f"`prompts` {path!r} holds no prompt.")
     return prompts
+
+
+def _dataset_prompts(name: str, caption_column: str, split: str) -> list[str]:
+    import datasets
+
+    try:
+        stream = datasets.load_dataset(name, split=split, streaming=True)
+        first = next(iter(stream), None)
+    except Exception as err:  # no such dataset, offline, no such split
+        raise ValueError(f"`prompts` {name!r} is neither a .txt / .jsonl / .csv file nor a dataset that "
+                         f"datasets.load_dataset opens ({type(err).__name__}: {err}).") from None
+    if first is not None and caption_column not in first:
+        raise ValueError(f"`caption_column` {caption_column!r} is not a column of {name!r}; its columns: {sorted(first)}.")
+    # only the caption column is read (images, if any, are never decoded)
+    return [str(row.get(caption_column) or "").strip() for row in stream.select_columns([caption_column])]
 
 
 class TextToImageTeacher:

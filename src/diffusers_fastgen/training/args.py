@@ -135,7 +135,7 @@ class TextToImageArgs:
     revision: str | None = None  # Hub revision of that pipeline
     variant: str | None = None  # weight variant to load (e.g. fp16)
     cache_dir: str | None = None  # Hub download cache
-    prompts: str | None = None  # training prompts: .txt (one per line), .jsonl / .csv or a datasets name / folder (--caption_column)
+    prompts: str | None = None  # .txt (one per line), .jsonl / .csv, or a datasets name / folder (--caption_column)
     caption_column: str = "text"  # the prompt column of a .jsonl / .csv prompts file
     negative_prompt: str = ""  # the unconditional branch of CFG
     resolution: int | None = None  # image side in pixels (default: the model's sample size x the VAE factor)
@@ -206,7 +206,7 @@ class TextToVideoArgs:
     revision: str | None = None  # Hub revision of that pipeline
     variant: str | None = None  # weight variant to load (e.g. fp16)
     cache_dir: str | None = None  # Hub download cache
-    prompts: str | None = None  # training prompts: .txt (one per line), .jsonl / .csv or a datasets name / folder (--caption_column)
+    prompts: str | None = None  # .txt (one per line), .jsonl / .csv, or a datasets name / folder (--caption_column)
     caption_column: str = "text"  # the prompt column of a .jsonl / .csv prompts file
     negative_prompt: str = ""  # the unconditional branch of CFG
     num_frames: int = 81  # video frames in pixels (1 + a multiple of the VAE's temporal factor)

@@ -86,6 +86,8 @@ class SCMArgs:
     t_std: float = 1.4
     warmup_steps: int = 300  # tangent warm-up: the x_t + dF/dt term ramps 0 -> 1 over these steps
     tangent_c: float = 0.1  # tangent normalisation g / (||g|| + c) (0 = off)
+    tangent_norm: Literal["rms", "l2"] = "rms"  # ||g|| as the RMS over elements (the reference's) or the L2 norm
+    prior_weighting: bool = True  # weight the loss by 1 / (sigma_d tan t) (the reference's prior weight)
     logvar_learning_rate: float = 1e-2  # AdamW lr of the log-variance head (adaptive weighting)
     adaptive_weighting: bool = True  # learned log-variance weighting (off: plain mean squared error)
     intermediate_t: float = 1.1  # 2-step sampler's second time (TrigFlow radians)
@@ -184,7 +186,8 @@ def main(argv=None):
         cfg_scale = t2i.cfg_scale if t2i is not None else args.guidance_scale  # guidance-distilled Flux: no CFG
         loss, logs = scm_step(student, x0, eps, t, cond, sigma_d=args.sigma_d, teacher=teacher, uncond=uncond,
                               guidance_scale=cfg_scale, warmup=warmup, tangent_c=args.tangent_c,
-                              logvar_head=modules.get("logvar"), jvp_method=args.jvp_method)
+                              logvar_head=modules.get("logvar"), jvp_method=args.jvp_method,
+                              tangent_norm=args.tangent_norm, prior_weight=args.prior_weighting)
         if not update(accelerator, loss, all_params, optimizer, lr_scheduler, args.optimizer.max_grad_norm,
                       guard=guard, accumulator=accumulator, step=step + 1):
             continue  # a skipped non-finite update (--max_nonfinite_skips)

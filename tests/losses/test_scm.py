@@ -70,10 +70,18 @@ def test_normalisation_and_adaptive_weight():
 
     loss, aux = scm_loss(F, x, t, velocity(x, t), sigma_d=SD, tangent_c=0.1)
     g = aux["g"]
-    g_used = g / (g.norm(dim=1, keepdim=True) + 0.1)
-    torch.testing.assert_close(aux["mse"], g_used.square().mean(1))  # F - F^- = 0 in value
+    rms = g.square().mean(dim=1, keepdim=True).sqrt()  # the reference's RMS normalisation (default)
+    torch.testing.assert_close(aux["mse"], (g / (rms + 0.1)).square().mean(1))  # F - F^- = 0 in value
+    prior = 1 / (SD * torch.tan(t))  # the reference's prior weight 1 / (sigma_d tan t) (default)
+    torch.testing.assert_close(loss, prior * aux["mse"])
+    _, aux_l2 = scm_loss(F, x, t, velocity(x, t), sigma_d=SD, tangent_c=0.1, tangent_norm="l2")
+    torch.testing.assert_close(aux_l2["mse"], (g / (g.norm(dim=1, keepdim=True) + 0.1)).square().mean(1))
+    unweighted, _ = scm_loss(F, x, t, velocity(x, t), sigma_d=SD, tangent_c=0.1, prior_weight=False)
+    torch.testing.assert_close(unweighted, aux["mse"])
     logvar = torch.tensor([0.0, 1.0, -1.0, 2.0], dtype=torch.float64)
     weighted, _ = scm_loss(F, x, t, velocity(x, t), sigma_d=SD, tangent_c=0.1, logvar=logvar)
-    torch.testing.assert_close(weighted, aux["mse"] * torch.exp(-logvar) + logvar)
+    torch.testing.assert_close(weighted, prior * aux["mse"] * torch.exp(-logvar) + logvar)
+    with pytest.raises(ValueError, match="tangent_norm"):
+        scm_loss(F, x, t, velocity(x, t), sigma_d=SD, tangent_norm="l1")
     with pytest.raises(ValueError, match="warmup"):
         scm_loss(F, x, t, velocity(x, t), sigma_d=SD, warmup=1.5)

@@ -463,3 +463,22 @@ def test_sft_text_to_image_arguments_are_named_before_any_work(teachers, tmp_pat
     with pytest.raises(ValueError, match=match):
         run_script("sft", argv)
     assert not os.path.exists(tmp_path / "o")
+
+
+def test_the_shipped_text_digits_teacher_distils_through_the_real_pipeline_flags(tmp_path):
+    """The shipped StableDiffusionPipeline of the digits goes through the same flags as a user's SD1.5: DMD2
+    on its prompt file, saved as a stock StableDiffusionPipeline with an LCMScheduler recipe."""
+    from diffusers import StableDiffusionPipeline
+
+    from diffusers_fastgen.evaluation.text_digits import TEXT_DIGITS_PROMPTS_PATH, TEXT_DIGITS_TEACHER_PATH
+
+    out = str(tmp_path / "student")
+    run_script("dmd2", ["--pretrained_model_name_or_path", TEXT_DIGITS_TEACHER_PATH, "--prompts",
+                        TEXT_DIGITS_PROMPTS_PATH, "--resolution", "16", "--output_dir", out, "--max_train_steps", "2",
+                        "--train_batch_size", "4", "--student_update_freq", "2", "--guidance_scale", "2",
+                        "--report_to", "none", "--validation_steps", "0"])
+    pipe = DiffusionPipeline.from_pretrained(out)
+    assert type(pipe) is StableDiffusionPipeline and type(pipe.scheduler) is LCMScheduler
+    images = pipe(["the handwritten number 3"], num_inference_steps=1, guidance_scale=1.0, height=16, width=16,
+                  output_type="pt", generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (1, 3, 16, 16) and bool(torch.isfinite(images).all())

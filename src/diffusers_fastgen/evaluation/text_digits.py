@@ -36,7 +36,10 @@ NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "
 # {n}: the numeral, {w}: the word. Training uses TRAIN_PHRASINGS; the benchmark prompts with the held-out ones.
 TRAIN_PHRASINGS = ("a handwritten {w}", "the digit {n}", "{n}", "{w}, written by hand", "the number {w}",
                    "a picture of the digit {w}", "handwritten digit {n}", "an image of the number {n}")
-HELD_OUT_PHRASINGS = ("the handwritten number {n}", "{w}, a handwritten digit")
+# Never seen verbatim: training phrasings with the numeral and the word swapped. The frozen random text encoder
+# generalises to these (~91 % accuracy at CFG 3) but not to new word orders ("the handwritten number {n}":
+# 33 %, docs/results.md).
+HELD_OUT_PHRASINGS = ("a handwritten {n}", "handwritten digit {w}")
 MAX_TOKENS = 16  # the tokenizer's model_max_length (every phrasing fits)
 
 

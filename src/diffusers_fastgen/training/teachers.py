@@ -387,7 +387,8 @@ class TextToImageTeacher:
         # output folder up on the Hub, which fails for a local path or offline).
         card = ModelCard.from_template(card_data=ModelCardData(library_name="diffusers", base_model=self.path),
                                        template_path=MODEL_CARD_TEMPLATE_PATH, model_description=description)
-        card = populate_model_card(card, tags=["diffusers", "diffusers_fastgen", method.lower(), "distillation",
+        card = populate_model_card(card, tags=["diffusers", "diffusers_fastgen", method.lower(),
+                                               "fine-tuning" if method == "SFT" else "distillation",
                                                "lora" if lora else "full"])
         card.save(os.path.join(output_dir, "README.md"))
 

@@ -88,3 +88,29 @@ def test_trigflow_time_is_logit_normal_on_the_rf_path():
     assert stats.kstest(logits, stats.norm(loc=-0.8, scale=1.6).cdf).pvalue > 0.01
     with pytest.raises(ValueError, match="sigma_d"):
         sample_trigflow_time((2,), sigma_d=0.0)
+
+
+def test_ect_pairs_on_a_vp_schedule_stay_ordered_where_the_ratio_is_out_of_its_range():
+    """SD1.5's VP schedule spans noise ratios 0.029 .. 14.6: ECT's log-normal(-1.1, 2) draws outside that span
+    used to map t and r to the same end (t = r = 0 or 1, a 0 / 0 loss: NaN at the first step of train_cm on a
+    stock SD teacher). Several draws, every stage's gap; inside the span the times are unchanged."""
+    from diffusers_fastgen.parametrization import RectifiedFlow, vp_from_betas
+
+    vp = vp_from_betas()
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        for iteration in (0, 700, 1499):
+            sigma, sigma_r = ts.sample_t_r_ect((4096,), iteration=iteration, total_iterations=1500, num_stages=4,
+                                               mean=-1.1, std=2.0, dtype=torch.float64, generator=g)
+            old_t, old_r = vp.t_from_noise_ratio(sigma).float(), vp.t_from_noise_ratio(sigma_r).float()
+            assert bool((old_t <= old_r).any())  # the collisions the old mapping produced
+            t, r = ts.times_from_noise_ratios(vp, sigma, sigma_r / sigma)
+            assert bool((r < t).all()) and bool((r >= 0).all()) and bool((t <= 1).all())
+            inside = (sigma > 0.03) & (sigma < 14.0)
+            torch.testing.assert_close(t[inside], old_t[inside])
+            torch.testing.assert_close(r[inside & (sigma_r > 0.03)], old_r[inside & (sigma_r > 0.03)])
+    rf = RectifiedFlow()  # the whole ratio axis: nothing clamps
+    sigma = torch.exp(torch.randn(1000, dtype=torch.float64) * 2)
+    t, r = ts.times_from_noise_ratios(rf, sigma, 0.5)
+    torch.testing.assert_close(t, rf.t_from_noise_ratio(sigma).float())
+    torch.testing.assert_close(r, rf.t_from_noise_ratio(sigma * 0.5).float())

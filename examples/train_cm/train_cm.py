@@ -31,7 +31,7 @@ from diffusers_fastgen.models.digits import NULL_CLASS, digits_cond
 from diffusers_fastgen.parametrization import process_from_scheduler
 from diffusers_fastgen.pipelines import DigitsPipeline
 from diffusers_fastgen.schedulers import flow_match_sde_scheduler
-from diffusers_fastgen.timesteps import sample_t_r_ect
+from diffusers_fastgen.timesteps import sample_t_r_ect, times_from_noise_ratios
 from diffusers_fastgen.training import (
     Accumulator,
     EMAArgs,
@@ -100,11 +100,12 @@ class CMArgs:
 
 
 def sample_pair(b: int, step: int, args: CMArgs, process, device):
-    """ECT's (t, r) on the EDM noise ratio, mapped to `process` time (r < t for every sample)."""
+    """ECT's (t, r) on the EDM noise ratio, mapped to `process` time (r < t for every sample, also where a VP
+    schedule cannot represent the ratio: `timesteps.times_from_noise_ratios`)."""
     sigma, sigma_r = sample_t_r_ect((b,), iteration=step, total_iterations=args.run.max_train_steps,
                                     num_stages=args.num_stages, mean=args.t_mean, std=args.t_std, device=device,
                                     dtype=torch.float64)
-    return process.t_from_noise_ratio(sigma).float(), process.t_from_noise_ratio(sigma_r).float()
+    return times_from_noise_ratios(process, sigma, sigma_r / sigma)
 
 
 def main(argv=None):

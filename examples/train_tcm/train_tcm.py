@@ -34,7 +34,7 @@ from diffusers_fastgen.models.digits import NULL_CLASS, digits_cond
 from diffusers_fastgen.parametrization import process_from_scheduler
 from diffusers_fastgen.pipelines import DigitsPipeline
 from diffusers_fastgen.schedulers import flow_match_sde_scheduler
-from diffusers_fastgen.timesteps import ect_ratio, sample_log_normal
+from diffusers_fastgen.timesteps import ect_ratio, sample_log_normal, times_from_noise_ratios
 from diffusers_fastgen.training import (
     Accumulator,
     EMAArgs,
@@ -131,7 +131,7 @@ def sample_pair(b: int, step: int, args: TCMArgs, process, device):
     sigma = torch.where(torch.rand(b, device=device) < args.boundary_fraction, torch.full_like(sigma, ratio_b), sigma)
     stage = args.start_stage + step * (args.num_stages - args.start_stage) // args.run.max_train_steps
     n = ect_ratio(stage, total_iterations=args.num_stages, num_stages=args.num_stages)  # 1 / 2^(stage + 1)
-    return process.t_from_noise_ratio(sigma).float(), process.t_from_noise_ratio(sigma * (1 - n)).float()
+    return times_from_noise_ratios(process, sigma, 1 - n)  # r < t also where a VP schedule clamps the ratio
 
 
 def main(argv=None):

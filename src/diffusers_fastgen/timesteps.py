@@ -102,6 +102,26 @@ def sample_t_r_ect(shape, *, iteration: int, total_iterations: int, num_stages: 
     return t.to(dtype), (t * (1 - n)).to(dtype)
 
 
+def times_from_noise_ratios(process, sigma: torch.Tensor, r_factor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t, r) of `process` for the EDM noise ratio sigma (t) and sigma * r_factor (r), r_factor in [0, 1)
+    (a float or a (B,) tensor), with r < t for every sample.
+
+    A process may represent only part of the ratio axis: a VP schedule spans sigma(0)/alpha(0) ..
+    sigma(1)/alpha(1) (SD1.5's: 0.029 .. 14.6), and ratios outside map to t = 0 or t = 1, where t and r would
+    coincide (a 0 / 0 consistency loss). So sigma is first clamped into that span (just above its lower end),
+    and r's ratio is taken from the clamped sigma; below the span r is the process's t = 0. Inside the span
+    the times are `process.t_from_noise_ratio` unchanged."""
+    ends = torch.tensor([0.0, float(getattr(process, "t_max", 1.0))], dtype=torch.float64, device=sigma.device)
+    with torch.no_grad():
+        alpha, sig = process.alpha(ends).to(torch.float64), process.sigma(ends).to(torch.float64)
+    low = float(sig[0] / alpha[0]) if alpha[0] > 0 else 0.0
+    high = float(sig[1] / alpha[1]) if alpha[1] > 0 else float("inf")
+    sigma = sigma.to(torch.float64).clamp(min=low * 1.01 if low > 0 else 0.0, max=high)
+    t = process.t_from_noise_ratio(sigma).float()
+    r = process.t_from_noise_ratio(sigma * r_factor).float()
+    return t, torch.minimum(r, t * (1 - 1e-6))  # float32 rounding of two close ratios: keep r < t
+
+
 def sample_trigflow_time(shape, *, sigma_d: float = 0.5, mean: float = -1.0, std: float = 1.4, device=None,
                          dtype=torch.float32, generator=None):
     """TrigFlow time of sCM (arXiv:2410.11081 Sec. 4): t = arctan(exp(n) / sigma_d), n ~ N(mean, std^2),

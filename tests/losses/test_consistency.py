@@ -83,3 +83,23 @@ def test_tcm_loss_takes_the_stage1_target_below_the_boundary():
     loss = tcm_loss(f_t, f_r, f_r_stage1, t, r, t_boundary=0.4, boundary_weight=3.0, huber_c=0.0)
     expected = torch.tensor([3.0 * 4.0 / 0.2, 2.0 / 0.15, 2.0 / 0.2], dtype=torch.float64)  # ||.|| = 2 sqrt(c^2)
     torch.testing.assert_close(loss, expected)
+
+
+def test_ect_weight_is_taken_in_the_noise_ratio():
+    """ECT weights d(f_t, f_r) by 1 / (sigma_t - sigma_r) in the EDM noise ratio (the reference), not by the
+    process-time gap: on RF sigma = t / (1 - t); on a VP schedule the lowest times keep a finite weight."""
+    from diffusers_fastgen.losses.consistency import noise_ratio_gap
+    from diffusers_fastgen.parametrization import RectifiedFlow, vp_from_betas
+
+    t, r = torch.tensor([0.5, 0.9, 0.2]), torch.tensor([0.25, 0.8, 0.1])
+    gap = noise_ratio_gap(RectifiedFlow(), t, r)
+    torch.testing.assert_close(gap, t / (1 - t) - r / (1 - r))
+    off = torch.full((3, 4), 2.0)
+    plain = consistency_loss(off, torch.zeros(3, 4), t, r, huber_c=0.0)  # / (t - r)
+    torch.testing.assert_close(consistency_loss(off, torch.zeros(3, 4), t, r, huber_c=0.0, gap=gap), plain * (t - r) / gap)
+    vp = vp_from_betas()
+    t, r = torch.tensor([3e-5, 0.5]), torch.tensor([0.0, 0.4])
+    gap = noise_ratio_gap(vp, t, r)
+    ratio = lambda x: vp.sigma(x.double()) / vp.alpha(x.double())  # noqa: E731
+    torch.testing.assert_close(gap, (ratio(t) - ratio(r)).float())
+    assert float(1 / gap[0]) < 1e4 < float(1 / (t[0] - r[0]))  # the VP-time gap would weigh it 3e4

@@ -56,15 +56,28 @@ def ddim_step(process: Process, x_t: torch.Tensor, x0: torch.Tensor, t: torch.Te
 
 
 def consistency_loss(f_t: torch.Tensor, f_r: torch.Tensor, t: torch.Tensor, r: torch.Tensor, *,
-                     huber_c: float | None = None) -> torch.Tensor:
-    """ECT's per-sample loss  d(f_t, sg f_r) / (t - r)  (B,). f_t = f_theta(x_t, t) carries the graph;
-    f_r = f_theta(x_r, r) (same network, run without grad or detached here) is the target. Needs r < t
-    for every sample (the (t, r) samplers guarantee it; not checked here, which would sync the device)."""
-    return pseudo_huber(f_t, f_r.detach(), huber_c) / (t - r).to(torch.promote_types(t.dtype, torch.float32))
+                     huber_c: float | None = None, gap: torch.Tensor | None = None) -> torch.Tensor:
+    """ECT's per-sample loss  d(f_t, sg f_r) / gap  (B,), gap = t - r unless given (ECT takes it in the EDM
+    noise ratio, sigma_t - sigma_r: `noise_ratio_gap`). f_t = f_theta(x_t, t) carries the graph; f_r =
+    f_theta(x_r, r) (same network, run without grad or detached here) is the target. Needs r < t for every
+    sample (the (t, r) samplers guarantee it; not checked here, which would sync the device)."""
+    gap = (t - r) if gap is None else gap
+    return pseudo_huber(f_t, f_r.detach(), huber_c) / gap.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def noise_ratio_gap(process, t: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """sigma(t)/alpha(t) - sigma(r)/alpha(r): ECT's t - r on the EDM noise-ratio axis, for any process
+    (RF: t/(1-t) - r/(1-r); on a VP schedule it stays O(0.03) at the lowest times, where t - r in VP time can
+    be 1e-5 and its inverse a weight of 1e5)."""
+    def ratio(x):
+        x64 = x.to(torch.float64)
+        return process.sigma(x64).to(torch.float64) / process.alpha(x64).to(torch.float64)
+    return (ratio(t) - ratio(r)).to(torch.promote_types(t.dtype, torch.float32))
 
 
 def tcm_loss(f_t: torch.Tensor, f_r: torch.Tensor, f_r_stage1: torch.Tensor, t: torch.Tensor, r: torch.Tensor, *,
-             t_boundary: float, boundary_weight: float = 1.0, huber_c: float | None = None) -> torch.Tensor:
+             t_boundary: float, boundary_weight: float = 1.0, huber_c: float | None = None,
+             gap: torch.Tensor | None = None) -> torch.Tensor:
     """TCM stage-2 per-sample loss (B,): w d(f_t, sg target) / (t - r) with
     target = f_r_stage1 (frozen stage-1 CM at (x_r, r)) where r < t_boundary, else f_r (the network
     itself at (x_r, r)); w = boundary_weight on the boundary samples, 1 elsewhere. t >= t_boundary > r
@@ -73,4 +86,4 @@ def tcm_loss(f_t: torch.Tensor, f_r: torch.Tensor, f_r_stage1: torch.Tensor, t: 
     below = r < t_boundary  # (B,) boundary samples
     target = torch.where(below.view(view), f_r_stage1, f_r).detach()
     weight = torch.where(below, boundary_weight, 1.0).to(torch.promote_types(t.dtype, torch.float32))
-    return weight * consistency_loss(f_t, target, t, r, huber_c=huber_c)
+    return weight * consistency_loss(f_t, target, t, r, huber_c=huber_c, gap=gap)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..guidance import guided_prediction
-from ..losses.consistency import consistency_loss, ddim_step, tcm_loss
+from ..losses.consistency import consistency_loss, ddim_step, noise_ratio_gap, tcm_loss
 from ..losses.meanflow import meanflow_loss
 from ..losses.scm import scm_loss
 from ..models.trigflow import trigflow_network
@@ -34,7 +34,8 @@ def _ode_point(student, teacher, x0, eps, x_t, t, r, cond, uncond, guidance_scal
 
 def cm_step(student, x0, eps, t, r, cond, *, teacher=None, uncond=None, guidance_scale: float = 1.0,
             huber_c: float | None = None):
-    """ECT / consistency distillation: d(f(x_t, t), sg f(x_r, r)) / (t - r), f = student's x0.
+    """ECT / consistency distillation: d(f(x_t, t), sg f(x_r, r)) / (sigma_t - sigma_r) (ECT's weight, in the EDM
+    noise ratio sigma = sigma(t) / alpha(t) of the process), f = student's x0.
 
     Network evaluations: student fwd (no grad) at r, student fwd + bwd at t; distillation: + teacher fwd
     (one 2B call with CFG)."""
@@ -43,7 +44,8 @@ def cm_step(student, x0, eps, t, r, cond, *, teacher=None, uncond=None, guidance
         x_r = _ode_point(student, teacher, x0, eps, x_t, t, r, cond, uncond, guidance_scale)
         f_r = student(x_r, r, cond)
     f_t = student(x_t, t, cond)
-    return consistency_loss(f_t, f_r, t, r, huber_c=huber_c).mean(), {}
+    gap = noise_ratio_gap(student.process, t, r)  # ECT's weight 1 / (sigma_t - sigma_r), in the noise ratio
+    return consistency_loss(f_t, f_r, t, r, huber_c=huber_c, gap=gap).mean(), {}
 
 
 def tcm_step(student, stage1, x0, eps, t, r, cond, *, t_boundary: float, boundary_weight: float,
@@ -59,7 +61,8 @@ def tcm_step(student, stage1, x0, eps, t, r, cond, *, t_boundary: float, boundar
         x_r = _ode_point(student, teacher, x0, eps, x_t, t, r, cond, uncond, guidance_scale)
         f_r, f_r_stage1 = student(x_r, r, cond), stage1(x_r, r, cond)
     f_t = student(x_t, t, cond)
-    loss = tcm_loss(f_t, f_r, f_r_stage1, t, r, t_boundary=t_boundary, boundary_weight=boundary_weight, huber_c=huber_c)
+    loss = tcm_loss(f_t, f_r, f_r_stage1, t, r, t_boundary=t_boundary, boundary_weight=boundary_weight, huber_c=huber_c,
+                    gap=noise_ratio_gap(student.process, t, r))
     return loss.mean(), {"boundary_fraction": (r < t_boundary).float().mean()}
 
 

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 
 import diffusers
 import numpy as np
 import torch
-from diffusers import DiffusionPipeline, SchedulerMixin
+from diffusers import DiffusionPipeline
 
 from diffusers_fastgen.evaluation.digits_benchmark import DigitsReference
 from diffusers_fastgen.evaluation.digits_data import load_digits_arrays
@@ -106,8 +107,9 @@ def main():
         if lora:
             pipe = DiffusionPipeline.from_pretrained(args.teacher)
             pipe.load_lora_weights(folder)
-            config = SchedulerMixin.load_config(folder, subfolder="scheduler")
-            pipe.scheduler = getattr(diffusers, config["_class_name"]).from_config(config)  # the saved recipe
+            with open(os.path.join(folder, "scheduler", "scheduler_config.json")) as f:
+                name = json.load(f)["_class_name"]
+            pipe.scheduler = getattr(diffusers, name).from_pretrained(folder, subfolder="scheduler")  # the saved recipe
         else:
             pipe = DiffusionPipeline.from_pretrained(folder)
         for steps in args.num_inference_steps:

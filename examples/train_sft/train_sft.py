@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from accelerate.logging import get_logger
@@ -130,10 +131,12 @@ def drop_labels(labels: torch.Tensor, cond_dropout: float) -> dict:
     return digits_cond(torch.where(drop, torch.full_like(labels, NULL_CLASS), labels))
 
 
-def sft_step(denoiser: Denoiser, x0: torch.Tensor, cond, *, logit_mean: float, logit_std: float) -> torch.Tensor:
-    """One denoising loss evaluation (mean over the batch) at logit-normal times."""
+def sft_step(denoiser: Denoiser, x0: torch.Tensor, make_cond, *, logit_mean: float, logit_std: float) -> torch.Tensor:
+    """One denoising loss evaluation (mean over the batch) at logit-normal times. make_cond() draws the batch's
+    (dropped-out) conditioning after the noise and times (the digits teacher's draw order)."""
     eps = torch.randn_like(x0)
     t = sample_logit_normal((x0.shape[0],), mean=logit_mean, std=logit_std, device=x0.device)
+    cond = make_cond()
     x_t = add_noise(denoiser.process, x0, eps, t)
     prediction = denoiser(x_t, t, cond, target=denoiser.prediction_type)
     return denoising_loss(prediction, x0, eps, t, process=denoiser.process,
@@ -203,11 +206,11 @@ def main(argv=None):
     while step < run.max_train_steps:
         if t2i is not None:  # VAE latents of real images, their captions' embeddings
             x0, cond, uncond = data.next(accelerator.device)
-            cond = drop_prompts(cond, uncond, args.cond_dropout)
+            make_cond = partial(drop_prompts, cond, uncond, args.cond_dropout)
         else:
             x0, y = (t.to(accelerator.device) for t in next(batches))
-            cond = drop_labels(y, args.cond_dropout)
-        loss = sft_step(denoiser, x0, cond, logit_mean=args.logit_mean, logit_std=args.logit_std)
+            make_cond = partial(drop_labels, y, args.cond_dropout)
+        loss = sft_step(denoiser, x0, make_cond, logit_mean=args.logit_mean, logit_std=args.logit_std)
         applied = update(accelerator, loss, unet.parameters(), optimizer, lr_scheduler,
                          args.optimizer.max_grad_norm, guard=guard, accumulator=accumulator, step=step + 1)
         if not applied:  # a micro-batch, or a skipped non-finite update

@@ -82,6 +82,8 @@ def main():
     parser.add_argument("--lora", default=None, help="a LoRA student folder (weights + scheduler/) of --teacher")
     parser.add_argument("--name", default=None)
     parser.add_argument("--num_inference_steps", type=int, nargs="+", default=[1])
+    parser.add_argument("--timesteps", type=int, nargs="+", default=None,
+                        help="a custom schedule the model card passes as `timesteps` (e.g. sCD's 2 steps: 999 557)")
     parser.add_argument("--guidance_scale", type=float, default=1.0)
     parser.add_argument("--num_samples", type=int, default=1000)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -112,9 +114,11 @@ def main():
             pipe.scheduler = getattr(diffusers, name).from_pretrained(folder, subfolder="scheduler")  # the saved recipe
         else:
             pipe = DiffusionPipeline.from_pretrained(folder)
-        for steps in args.num_inference_steps:
-            rows.append(rows_over_seeds(pipe, reference, name=f"{args.name or folder} {steps} step(s)",
-                                        num_inference_steps=steps, guidance_scale=args.guidance_scale, **common))
+        calls = ([{"num_inference_steps": len(args.timesteps), "timesteps": args.timesteps}] if args.timesteps
+                 else [{"num_inference_steps": steps} for steps in args.num_inference_steps])
+        for call in calls:
+            rows.append(rows_over_seeds(pipe, reference, name=f"{args.name or folder} {call['num_inference_steps']} step(s)",
+                                        guidance_scale=args.guidance_scale, **call, **common))
             print(fmt(rows[-1]), flush=True)
     print("| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS))
     for row in rows:

@@ -5,7 +5,7 @@
    so f(x, 0) = x holds by construction.
 2. Each step draws real digits x0, noise eps and a pair r < t: sigma ~ LogNormal on the EDM noise
    ratio, r's ratio = sigma (1 - n), with n halved every stage (`timesteps.sample_t_r_ect`), both mapped
-   to the student's process. The loss is pseudo-Huber d(f(x_t, t), sg f(x_r, r)) / (t - r) with x_r on the
+   to the student's process. The loss is pseudo-Huber d(f(x_t, t), sg f(x_r, r)) / (sigma_t - sigma_r) with x_r on the
    same noise (`--source data`: consistency training) or one teacher DDIM step from x_t (`--source
    teacher`: consistency distillation, CFG optional).
 3. The student is saved as a DigitsPipeline with the CM multistep sampler (x0, then fresh noise)

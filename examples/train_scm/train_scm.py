@@ -85,7 +85,7 @@ class SCMArgs:
     t_mean: float = -1.0  # proposal: log(sigma_d tan t) ~ N(t_mean, t_std^2)
     t_std: float = 1.4
     warmup_steps: int = 300  # tangent warm-up: the x_t + dF/dt term ramps 0 -> 1 over these steps
-    tangent_c: float = 0.1  # tangent normalisation g / (||g|| + c) (0 = off)
+    tangent_c: float = 0.1  # tangent normalisation g / (||g|| + c) (0 = off; ||g|| per --tangent_norm)
     tangent_norm: Literal["rms", "l2"] = "rms"  # ||g|| as the RMS over elements (the reference's) or the L2 norm
     prior_weighting: bool = True  # weight the loss by 1 / (sigma_d tan t) (the reference's prior weight)
     logvar_learning_rate: float = 1e-2  # AdamW lr of the log-variance head (adaptive weighting)

@@ -56,14 +56,13 @@ from diffusers_fastgen.training.progress import TrainingProgress
 from diffusers_fastgen.training.video import (
     finish_video_run,
     finish_wan_run,
-    load_video_transformer,
+    load_video_teacher,
     null_cond,
     student_t_list,
     teacher_ode,
     timesteps_from_t_list,
     validate_video_student,
 )
-from diffusers_fastgen.training.video_teachers import WanTeacher
 
 logger = get_logger("train_causal_kd", log_level="INFO")
 
@@ -181,12 +180,9 @@ def main(argv=None):
         save_config(args, os.path.join(run.output_dir, "train_config.yaml"))
 
     # 1. Teacher (frozen) and the causal student (a copy of it); the ODE pairs.
-    wan = None  # a stock WanPipeline teacher (--pretrained_model_name_or_path), else the moving-digits teacher
-    if args.video.pretrained_model_name_or_path is not None:
-        wan, prompts, embeddings, negative = WanTeacher.from_args(args.video, guidance_scale=args.guidance_scale)
-        teacher_model = wan.model.requires_grad_(False)
-    else:
-        teacher_model = load_video_transformer(args.teacher).requires_grad_(False)
+    # a stock WanPipeline teacher (--pretrained_model_name_or_path; wan set), else the moving-digits teacher
+    wan, teacher_model, prompts, embeddings, negative = load_video_teacher(args.video, args.teacher,
+                                                                           guidance_scale=args.guidance_scale)
     modules = {"teacher": teacher_model, "student": copy.deepcopy(teacher_model).float().requires_grad_(True)}
     params = {"student": list(modules["student"].parameters())}
     schedule = {"num_training_steps": run.max_train_steps, "num_processes": accelerator.num_processes}  # LR schedule

@@ -56,13 +56,13 @@ from diffusers_fastgen.training.video import (
     VideoBatches,
     finish_video_run,
     finish_wan_run,
+    load_video_teacher,
     load_video_transformer,
     null_cond,
     student_t_list,
     timesteps_from_t_list,
     validate_video_student,
 )
-from diffusers_fastgen.training.video_teachers import WanTeacher
 
 logger = get_logger("train_self_forcing", log_level="INFO")
 
@@ -125,12 +125,9 @@ def main(argv=None):
         save_config(args, os.path.join(run.output_dir, "train_config.yaml"))
 
     # 1. Players: teacher (frozen), fake score (bidirectional copy), causal student.
-    wan = None  # a stock WanPipeline teacher (--pretrained_model_name_or_path), else the moving-digits teacher
-    if args.video.pretrained_model_name_or_path is not None:
-        wan, prompts, embeddings, negative = WanTeacher.from_args(args.video, guidance_scale=args.guidance_scale)
-        teacher_model = wan.model.requires_grad_(False)
-    else:
-        teacher_model = load_video_transformer(args.teacher).requires_grad_(False)
+    # a stock WanPipeline teacher (--pretrained_model_name_or_path; wan set), else the moving-digits teacher
+    wan, teacher_model, prompts, embeddings, negative = load_video_teacher(args.video, args.teacher,
+                                                                           guidance_scale=args.guidance_scale)
     # Trained players in fp32 whatever the frozen teacher's dtype.
     student_model = (load_video_transformer(args.student_init) if args.student_init else copy.deepcopy(teacher_model))
     modules = {"teacher": teacher_model, "student": student_model.float().requires_grad_(True),

@@ -130,14 +130,20 @@ class EMAArgs:
 
 
 @dataclass
-class TextToImageArgs:
-    pretrained_model_name_or_path: str | None = None  # SD 1.x/2.x, SDXL, SD3 or Flux pipeline (folder or Hub id) as teacher
+class PipelineSourceArgs:
+    """Where a stock pipeline teacher and its prompts come from (shared by the image and video groups)."""
+
     revision: str | None = None  # Hub revision of that pipeline
     variant: str | None = None  # weight variant to load (e.g. fp16)
     cache_dir: str | None = None  # Hub download cache
     prompts: str | None = None  # .txt (one per line), .jsonl / .csv, or a datasets name / folder (--caption_column)
     caption_column: str = "text"  # the prompt column of a .jsonl / .csv prompts file
     negative_prompt: str = ""  # the unconditional branch of CFG
+
+
+@dataclass
+class TextToImageArgs(PipelineSourceArgs):
+    pretrained_model_name_or_path: str | None = None  # SD 1.x/2.x, SDXL, SD3 or Flux pipeline (folder or Hub id) as teacher
     resolution: int | None = None  # image side in pixels (default: the model's sample size x the VAE factor)
     weight_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # dtype of the frozen teacher, VAE and text encoders
     max_sequence_length: int | None = None  # T5 tokens (SD3 / Flux; default: the pipeline's, capped by the tokenizer)
@@ -201,14 +207,8 @@ class TextToImageArgs:
 
 
 @dataclass
-class TextToVideoArgs:
+class TextToVideoArgs(PipelineSourceArgs):
     pretrained_model_name_or_path: str | None = None  # a stock WanPipeline (folder or Hub id) as teacher; replaces --teacher
-    revision: str | None = None  # Hub revision of that pipeline
-    variant: str | None = None  # weight variant to load (e.g. fp16)
-    cache_dir: str | None = None  # Hub download cache
-    prompts: str | None = None  # .txt (one per line), .jsonl / .csv, or a datasets name / folder (--caption_column)
-    caption_column: str = "text"  # the prompt column of a .jsonl / .csv prompts file
-    negative_prompt: str = ""  # the unconditional branch of CFG
     num_frames: int = 81  # video frames in pixels (1 + a multiple of the VAE's temporal factor)
     height: int = 480  # video height in pixels
     width: int = 832  # video width in pixels
@@ -370,8 +370,9 @@ def _field_comments(cls) -> dict[str, str]:
     """{field name: its trailing `# comment`} over `cls` and its groups: the comments are the help text."""
 
     out = {}
-    for c in (cls, *(typing.get_type_hints(cls)[f.name] for f in dataclasses.fields(cls)
-                     if dataclasses.is_dataclass(typing.get_type_hints(cls)[f.name]))):
+    groups = (cls, *(typing.get_type_hints(cls)[f.name] for f in dataclasses.fields(cls)
+                     if dataclasses.is_dataclass(typing.get_type_hints(cls)[f.name])))
+    for c in (base for group in groups for base in group.__mro__ if dataclasses.is_dataclass(base)):
         try:
             source = inspect.getsource(c)
         except (OSError, TypeError):

@@ -27,6 +27,7 @@ from .accelerate_setup import check_replicas_in_sync
 from .causal import step_generator
 from .nonfinite import check_finite
 from .validation import log_image_grid, save_image_grid
+from .video_teachers import WanTeacher
 
 
 class VideoBatches:
@@ -135,6 +136,16 @@ def validate_video_student(accelerator, model, ema, *, num_frames_per_block: int
     frames = videos.transpose(1, 2).flatten(0, 1)  # (4 * F, 1, H, W), one video per row
     save_image_grid(frames, os.path.join(output_dir, "samples", f"step_{step:06d}.png"), nrow=NUM_FRAMES, upscale=4)
     log_image_grid(accelerator, frames, step, tag="student", nrow=NUM_FRAMES)
+
+
+def load_video_teacher(video, digits_teacher: str, *, guidance_scale: float = 1.0):
+    """A video script's frozen teacher: (WanTeacher or None, teacher model, prompts, embeddings, negative) — the
+    stock WanPipeline of `video.pretrained_model_name_or_path` when given (`WanTeacher.from_args`), else the
+    moving-digits transformer in `digits_teacher` (prompts and embeddings None)."""
+    if video.pretrained_model_name_or_path is None:
+        return None, load_video_transformer(digits_teacher).requires_grad_(False), None, None, None
+    wan, prompts, embeddings, negative = WanTeacher.from_args(video, guidance_scale=guidance_scale)
+    return wan, wan.model.requires_grad_(False), prompts, embeddings, negative
 
 
 def load_video_transformer(path: str):

@@ -28,6 +28,7 @@ setup(
         "scikit-learn",
         "pyyaml",
         "tensorboard",
+        "torchmetrics>=1.4",  # FID / CLIP score of real models (evaluation.quality)
         "sentencepiece",
     ],
     entry_points={"console_scripts": ["diffusers-fastgen = diffusers_fastgen.cli:main"]},

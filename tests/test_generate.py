@@ -11,7 +11,7 @@ from PIL import Image
 
 from diffusers_fastgen.cli import main
 from diffusers_fastgen.evaluation import DIGITS_TEACHER_PATH
-from diffusers_fastgen.generate import load_pipeline
+from diffusers_fastgen.generate import load_pipeline, to_channels_last
 from diffusers_fastgen.models.digits import digits_unet
 from diffusers_fastgen.pipelines import CausalWanPipeline, DigitsPipeline
 from diffusers_fastgen.schedulers import FlowMatchFewStepScheduler, flow_map_scheduler
@@ -118,3 +118,35 @@ def test_compiled_denoiser_agrees_with_eager_within_1e_4(tmp_path):
         assert compile_ == (type(pipe.unet).__name__ == "OptimizedModule")
         outs.append(pipe(labels, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="latent").images)
     assert (outs[0] - outs[1]).abs().max() < 1e-4
+
+
+def test_int8_on_a_causal_wan_student_keeps_the_time_embedder_fp32(tmp_path):
+    """Wan reads its time embedder's dtype off a parameter: quantizing those Linear layers broke sampling."""
+    model = str(tmp_path / "causal")
+    CausalWanPipeline(transformer=T.tiny_wan_transformer(num_layers=1), scheduler=FlowMatchFewStepScheduler(),
+                      num_frames_per_block=1, denoising_timesteps=[1000, 500]).save_pretrained(model)
+    cond = torch.randn(2, 5, T.tiny_wan_transformer(num_layers=1).config.text_dim, generator=torch.Generator().manual_seed(0))
+    outs = []
+    for quantize in (None, "int8"):
+        pipe = load_pipeline(model, quantize=quantize)
+        outs.append(pipe(prompt_embeds=cond, num_frames=2, height=4, width=4, output_type="latent",
+                         generator=torch.Generator().manual_seed(0)).frames)
+    kept = [n for n, m in pipe.transformer.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert kept and all("time_embedder" in n for n in kept)
+    assert 0 < (outs[0] - outs[1]).abs().max() < 0.1
+
+
+def test_channels_last_agrees_with_the_default_layout(tmp_path):
+    outs = []
+    for channels_last in (False, True):
+        pipe = load_pipeline(DIGITS_TEACHER_PATH, channels_last=channels_last)
+        weight = next(m.weight for m in pipe.unet.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1
+                      and m.kernel_size == (3, 3))
+        assert weight.is_contiguous(memory_format=torch.channels_last) == channels_last
+        outs.append(pipe([1, 4, 8], num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                         output_type="latent").images)
+    assert (outs[0] - outs[1]).abs().max() < 1e-4
+    wan = CausalWanPipeline(transformer=T.tiny_wan_transformer(num_layers=1), scheduler=FlowMatchFewStepScheduler(),
+                            num_frames_per_block=1, denoising_timesteps=[1000])
+    with pytest.raises(ValueError, match="channels_last"):
+        to_channels_last(wan)

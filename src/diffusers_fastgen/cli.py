@@ -1,5 +1,6 @@
-"""`diffusers-fastgen` command line: `convert` (published causal Wan students -> CausalWanPipeline folders) and
-`generate` (sample and time any pipeline folder). Errors in the arguments or the files print one line and
+"""`diffusers-fastgen` command line: `convert` (published causal Wan students -> CausalWanPipeline folders),
+`generate` (sample and time any pipeline folder), `serve` (a web UI) and `quality` (FID against a reference
+folder, CLIP score; local weights only). Errors in the arguments or the files print one line and
 exit with status 2."""
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import torch
 from diffusers.utils.logging import disable_progress_bar
 
 from .conversion import RECIPES, convert_causal_checkpoint
+from .evaluation.quality import FEATURES as QUALITY_FEATURES
+from .evaluation.quality import check_local_folder, clip_score, fid, image_paths
 from .generate import DTYPES as GENERATE_DTYPES
 from .generate import check_request, generate, load_pipeline, pipeline_class_name, read_prompts
 
@@ -83,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="int8 dynamic quantization of the denoiser's Linear layers (CPU, fp32)")
     gen.add_argument("--compile", action="store_true",
                      help="torch.compile the denoiser (compiled during --warmup; needs a C++ compiler on CPU)")
+    gen.add_argument("--channels_last", action="store_true",
+                     help="the UNet and VAE in channels-last memory format (convolutional pipelines)")
     gen.add_argument("--output_dir", default="outputs/generate", help="where the images / videos go")
     srv = commands.add_parser(
         "serve", allow_abbrev=False, help="a small web UI (gradio) over a pipeline folder",
@@ -95,7 +100,45 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--quantize", choices=["int8"], default=None)
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=7860)
+    qual = commands.add_parser(
+        "quality", allow_abbrev=False, help="FID of an image folder against reference images, and CLIP score",
+        description="Score a folder of samples (e.g. generate's --output_dir) with weights from local files only: "
+                    "Fréchet distance to --reference in Inception (FID), CLIP or DINOv2 features, and the CLIP score "
+                    "against the prompts.")
+    qual.add_argument("--images", required=True, help="folder of generated images (sorted by name)")
+    qual.add_argument("--reference", default=None, help="folder of reference images (FID)")
+    qual.add_argument("--features", choices=list(QUALITY_FEATURES), default="inception",
+                      help="feature space of the Fréchet distance (inception needs torch-fidelity)")
+    qual.add_argument("--feature_weights", default=None,
+                      help="FID Inception weights file, or a local CLIP / DINOv2 transformers folder")
+    qual.add_argument("--clip_model", default=None, help="local CLIP folder for the CLIP score")
+    qual.add_argument("--prompt", nargs="+", default=None, help="prompt(s) of the images (CLIP score)")
+    qual.add_argument("--prompts_file", default=None, help="prompts, one per line (CLIP score)")
+    qual.add_argument("--image_size", type=int, default=None, help="resize every image first (mixed sizes)")
+    qual.add_argument("--batch_size", type=int, default=50)
     return parser
+
+
+def _quality(args) -> int:
+    if args.reference is None and args.clip_model is None:
+        raise ValueError("nothing to compute: give `--reference` (FID) and/or `--clip_model` (CLIP score).")
+    prompts = read_prompts(args.prompt, args.prompts_file) if args.clip_model else None
+    if args.clip_model and not prompts:
+        raise ValueError("`--clip_model` needs the images' prompts (`--prompt` or `--prompts_file`).")
+    image_paths(args.images, argument="images")  # fid() checks the rest before it reads an image
+    if args.clip_model is not None:
+        check_local_folder(args.clip_model, "clip_model")
+    print("| images | metric | value |")
+    print("|---|---|---|")
+    if args.reference is not None:
+        value = fid(args.images, args.reference, features=args.features, weights=args.feature_weights,
+                    batch_size=args.batch_size, image_size=args.image_size)
+        name = "FID" if args.features == "inception" else f"FD ({args.features})"
+        print(f"| {args.images} | {name} vs {args.reference} | {value:.4f} |")
+    if args.clip_model is not None:
+        value = clip_score(args.images, prompts, weights=args.clip_model, batch_size=args.batch_size)
+        print(f"| {args.images} | CLIP score | {value:.4f} |")
+    return 0
 
 
 def _serve(args) -> int:
@@ -116,7 +159,7 @@ def _generate(args) -> int:
                   batch_size=args.batch_size, num_images=args.num_images, warmup=args.warmup, repeats=args.repeats)
     disable_progress_bar()  # diffusers' loading bars would interleave with the table and the error line
     pipe = load_pipeline(args.model, lora=args.lora, dtype=args.dtype, device=args.device, quantize=args.quantize,
-                         compile=args.compile)
+                         compile=args.compile, channels_last=args.channels_last)
     out = generate(pipe, prompts=prompts, class_labels=args.class_labels, num_images=args.num_images,
                    batch_size=args.batch_size, steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed,
                    warmup=args.warmup, repeats=args.repeats, output_dir=args.output_dir, height=args.height,
@@ -135,9 +178,9 @@ def _generate(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("generate", "serve"):
+    if args.command in ("generate", "serve", "quality"):
         try:
-            return _generate(args) if args.command == "generate" else _serve(args)
+            return {"generate": _generate, "serve": _serve, "quality": _quality}[args.command](args)
         except (ValueError, TypeError, OSError) as err:
             lines = str(err).strip().splitlines() or [""]
             more = f" (+{len(lines) - 1} more lines)" if len(lines) > 1 else ""

@@ -28,6 +28,9 @@ from .training.accelerate_setup import peak_rss_mb
 from .training.teachers import load_prompts
 
 OURS = {"DigitsPipeline": DigitsPipeline, "CausalWanPipeline": CausalWanPipeline}
+# Submodules left in fp32 by `quantize_int8`: diffusers' Wan reads its time embedder's dtype off its first
+# parameter, which a dynamically quantized Linear no longer has (and the embedder is a negligible cost).
+INT8_KEEP_FP32 = ("time_embedder",)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -61,21 +64,36 @@ def quantize_int8(module: torch.nn.Module) -> int:
     engines = torch.backends.quantized.supported_engines
     if not any(e in engines for e in ("fbgemm", "x86", "qnnpack")):
         raise ValueError(f"`quantize` int8 needs torch's quantized CPU backend, which this build lacks ({engines}).")
-    count = sum(isinstance(m, torch.nn.Linear) for m in module.modules())
-    if count == 0:
+    names = {name for name, m in module.named_modules() if isinstance(m, torch.nn.Linear)
+             and not any(part in INT8_KEEP_FP32 for part in name.split("."))}
+    if not names:
         raise ValueError(f"`quantize` int8: {type(module).__name__} has no Linear layer to quantize.")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # torch.ao.quantization's migration notice
         warnings.simplefilter("ignore", UserWarning)
-        torch.ao.quantization.quantize_dynamic(module, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
-    return count
+        torch.ao.quantization.quantize_dynamic(module, names, dtype=torch.qint8, inplace=True)
+    return len(names)
+
+
+def to_channels_last(pipe) -> list[str]:
+    """Put the pipeline's convolutional parts (a UNet denoiser, the VAE) in channels-last memory format, in
+    place; returns their names. ValueError for a pipeline that has neither (a transformer denoiser without a
+    VAE: channels-last is a layout for 4-D convolution inputs)."""
+    names = [n for n in ("unet", "vae") if isinstance(getattr(pipe, n, None), torch.nn.Module)
+             and any(isinstance(m, torch.nn.Conv2d) for m in getattr(pipe, n).modules())]
+    if not names:
+        raise ValueError(f"`channels_last`: {type(pipe).__name__} has no UNet or 2-D VAE to convert.")
+    for name in names:
+        getattr(pipe, name).to(memory_format=torch.channels_last)
+    return names
 
 
 def load_pipeline(model: str, *, lora: str | None = None, dtype: str = "fp32", device: str = "cpu",
-                  quantize: str | None = None, compile: bool = False):
+                  quantize: str | None = None, compile: bool = False, channels_last: bool = False):
     """The pipeline of a folder (or Hub id); ValueError naming `model` / `lora` when they do not fit.
     quantize='int8': the denoiser's Linear layers in int8 (`quantize_int8`, CPU, fp32 only).
-    compile: the denoiser wrapped in torch.compile (inductor; compiled on the first call, so keep --warmup)."""
+    compile: the denoiser wrapped in torch.compile (inductor; compiled on the first call, so keep --warmup).
+    channels_last: the UNet and VAE in channels-last memory format (`to_channels_last`)."""
     if dtype not in DTYPES:
         raise ValueError(f"`dtype` must be one of {sorted(DTYPES)}, got {dtype!r}.")
     if quantize not in (None, "int8"):
@@ -105,6 +123,8 @@ def load_pipeline(model: str, *, lora: str | None = None, dtype: str = "fp32", d
     if quantize == "int8":
         quantize_int8(getattr(pipe, "unet", None) or pipe.transformer)
     pipe = pipe.to(device)
+    if channels_last:
+        to_channels_last(pipe)
     if compile:
         name = "unet" if getattr(pipe, "unet", None) is not None else "transformer"
         setattr(pipe, name, torch.compile(getattr(pipe, name)))

@@ -1,5 +1,5 @@
 """train_dmd2 on stock text-to-image teachers (tiny SD1.5 eps / v, SDXL, SD3, Flux, guidance-distilled Flux,
-saved to a temporary folder): the student reloads with stock diffusers (LoRA students with
+Qwen-Image, saved to a temporary folder): the student reloads with stock diffusers (LoRA students with
 `load_lora_weights`), and the stock pipeline's samples at the student's step count equal the rollout over
 the t_list the script trained on (the saved scheduler is the training recipe)."""
 
@@ -41,6 +41,10 @@ TEACHERS = {
     "flux": lambda: T.tiny_pipeline("flux", FlowMatchEulerDiscreteScheduler(shift=3.0)),
     "flux_guidance": lambda: T.tiny_pipeline("flux", FlowMatchEulerDiscreteScheduler(
         shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15), guidance_embeds=True),
+    # Qwen-Image's own scheduler settings (dynamic exponential shift, terminal stretch at 0.02)
+    "qwen": lambda: T.tiny_pipeline("qwen", FlowMatchEulerDiscreteScheduler(
+        shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9, shift_terminal=0.02,
+        time_shift_type="exponential")),
 }
 PROMPTS = ["a red cat", "a blue dog on the horse", "three green apples", "an astronaut riding a horse"]
 
@@ -78,7 +82,7 @@ def _stock_equals_training_rollout(teacher: TextToImageTeacher, pipe, num_steps:
     g = torch.Generator().manual_seed(3)
     noise = torch.randn(1, *teacher.latent_shape, generator=g)
     eps = [torch.randn(1, *teacher.latent_shape, generator=g) for _ in range(num_steps)]
-    flux = teacher.kind == "flux"
+    flux = teacher.kind in ("flux", "qwen")  # 2x2-packed latents in the pipeline
     draws = iter(eps)
 
     def replay(shape, generator=None, device=None, dtype=None):
@@ -126,7 +130,7 @@ def test_dmd2_full_student_is_the_teachers_pipeline_class_and_samples_its_recipe
     _stock_equals_training_rollout(teacher, pipe, 2)
 
 
-@pytest.mark.parametrize("name", ["sd", "sdxl", "sd3", "flux"])
+@pytest.mark.parametrize("name", ["sd", "sdxl", "sd3", "flux", "qwen"])
 def test_dmd2_lora_student_loads_with_load_lora_weights(teachers, name, tmp_path):
     out = str(tmp_path / "lora")
     run_script("dmd2", _argv(teachers, name, out, "--lora_rank", "4"))
@@ -161,7 +165,7 @@ def test_bf16_frozen_teacher_trains_fp32_players_and_saves_one_dtype(teachers, t
     _stock_equals_training_rollout(TextToImageTeacher(out, resolution=16), pipe, 2)
 
 
-@pytest.mark.parametrize("name", ["sd", "sdxl", "sd3", "flux_guidance"])
+@pytest.mark.parametrize("name", ["sd", "sdxl", "sd3", "flux_guidance", "qwen"])
 def test_kd_student_samples_its_deterministic_recipe_with_stock_diffusers(teachers, name, tmp_path):
     """KD on teacher ODE pairs: the student is saved with DDIM (trailing timesteps, VP) or the plain
     flow-matching Euler step (RF): x0, then the noise the ODE state implies."""
@@ -178,7 +182,7 @@ def test_kd_student_samples_its_deterministic_recipe_with_stock_diffusers(teache
     _stock_equals_training_rollout(TextToImageTeacher(out, resolution=16, guidance_scale=2.0), pipe, 2, stochastic=False)
 
 
-@pytest.mark.parametrize("name", ["sd", "sd3", "flux_guidance"])
+@pytest.mark.parametrize("name", ["sd", "sd3", "flux_guidance", "qwen"])
 def test_cm_on_real_images_samples_its_recipe_with_stock_diffusers(teachers, name, tmp_path):
     """Consistency distillation from real images (LCM-style for SD): images and captions are encoded once into
     shards; the 1-step student reloads as the teacher's class and its stock call is the trained sampler."""
@@ -210,6 +214,7 @@ def test_dmd2_gan_branch_on_real_images_with_their_captions(teachers, name, feat
 @pytest.mark.parametrize("script,name,extra", [
     ("ladd", "sd", []), ("ladd", "sd3", ["--feature_modules", "transformer_blocks.0", "--lora_rank", "4"]),
     ("fdistill", "sd", ["--divergence", "js"]), ("fdistill", "flux", ["--gan_feature_module", "transformer_blocks.0"]),
+    ("ladd", "qwen", ["--feature_modules", "transformer_blocks.0", "--lora_rank", "4"]),
 ])
 def test_adversarial_scripts_on_real_images_sample_their_recipe(teachers, script, name, extra, tmp_path):
     """LADD (heads on the teacher's features) and f-distill (head on the fake score's) on real images with
@@ -231,7 +236,7 @@ def test_adversarial_scripts_on_real_images_sample_their_recipe(teachers, script
     _stock_equals_training_rollout(teacher, pipe, 2)
 
 
-@pytest.mark.parametrize("name", ["sd", "sd3"])
+@pytest.mark.parametrize("name", ["sd", "sd3", "qwen"])
 def test_scd_on_real_images_samples_its_trigflow_schedule_with_stock_diffusers(teachers, name, tmp_path):
     """sCD through the TrigFlow view of a VP (SD) or RF (SD3) teacher: 1 step from noise, 2 steps through the
     point whose noise ratio is sigma_d tan(intermediate_t), passed to the stock call as timesteps / sigmas."""
@@ -244,7 +249,7 @@ def test_scd_on_real_images_samples_its_trigflow_schedule_with_stock_diffusers(t
     teacher = TextToImageTeacher(out, resolution=16)
     ratio = torch.tensor(0.5 * math.tan(1.1), dtype=torch.float64)
     mid = float(teacher.process.t_from_noise_ratio(ratio))
-    if name == "sd3":  # RF: the noise ratio r is at t = r / (1 + r), and the saved scheduler does not re-shift it
+    if name != "sd":  # RF: the noise ratio r is at t = r / (1 + r), and the saved scheduler does not re-shift it
         assert abs(mid - float(ratio / (1 + ratio))) < 1e-6 and pipe.scheduler.config.shift == 1.0
     teacher.set_custom_schedule([1.0, mid])
     key = "timesteps" if name == "sd" else "sigmas"
@@ -287,7 +292,7 @@ def test_real_images_need_a_dataset_with_the_columns(teachers, tmp_path):
 
 
 @pytest.mark.parametrize("name,extra", [("sd", []), ("sd3", ["--lora_rank", "4"]), ("flux_guidance", []),
-                                        ("sdxl", ["--weight_dtype", "bf16"])])
+                                        ("sdxl", ["--weight_dtype", "bf16"]), ("qwen", ["--weight_dtype", "bf16"])])
 def test_validation_grids_do_not_change_training(teachers, name, extra, tmp_path):
     """--validation_steps on the text-to-image path: a grid of the EMA student through the teacher's class with
     precomputed embeddings at every N steps; the trained weights are bit-identical to a run without them."""
@@ -306,18 +311,21 @@ def test_validation_grids_do_not_change_training(teachers, name, extra, tmp_path
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_embedding_cache_gives_the_same_student_bit_for_bit(teachers, tmp_path):
+@pytest.mark.parametrize("name", ["sd", "qwen"])
+def test_embedding_cache_gives_the_same_student_bit_for_bit(teachers, name, tmp_path):
+    """Qwen-Image's prompts differ in length: every shard (and the negative) is padded to one length."""
     cache = str(tmp_path / "cache")
-    run_script("dmd2", _argv(teachers, "sd", str(tmp_path / "plain"), "--encode_batch_size", "3"))
-    run_script("dmd2", _argv(teachers, "sd", str(tmp_path / "cached"), "--embeddings_cache", cache,
+    run_script("dmd2", _argv(teachers, name, str(tmp_path / "plain"), "--encode_batch_size", "3"))
+    run_script("dmd2", _argv(teachers, name, str(tmp_path / "cached"), "--embeddings_cache", cache,
                              "--encode_batch_size", "3"))
     shards = sorted(os.listdir(os.path.join(cache, os.listdir(cache)[0])))
     assert shards == ["negative.safetensors", "shard-00000.safetensors", "shard-00001.safetensors"]
     mtimes = {s: os.path.getmtime(os.path.join(cache, os.listdir(cache)[0], s)) for s in shards}
-    run_script("dmd2", _argv(teachers, "sd", str(tmp_path / "again"), "--embeddings_cache", cache,
+    run_script("dmd2", _argv(teachers, name, str(tmp_path / "again"), "--embeddings_cache", cache,
                              "--encode_batch_size", "3"))  # reads the shards, writes none
     assert mtimes == {s: os.path.getmtime(os.path.join(cache, os.listdir(cache)[0], s)) for s in shards}
-    weights = [load_file(str(tmp_path / d / "unet" / "diffusion_pytorch_model.safetensors"))
+    denoiser = "unet" if name == "sd" else "transformer"
+    weights = [load_file(str(tmp_path / d / denoiser / "diffusion_pytorch_model.safetensors"))
                for d in ("plain", "cached", "again")]
     for k in weights[0]:
         assert torch.equal(weights[0][k], weights[1][k]) and torch.equal(weights[0][k], weights[2][k])

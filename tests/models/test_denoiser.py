@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from diffusers import FluxPipeline
+from diffusers import FluxPipeline, QwenImagePipeline
 from peft import LoraConfig
 
 from diffusers_fastgen.models import Denoiser
@@ -75,6 +75,26 @@ def test_flux_packing_matches_flux_pipeline(guidance_embeds):
             den(x, T_BATCH, {k: v for k, v in cond.items() if k != "guidance"})
 
 
+def test_qwen_image_packing_and_mask_match_qwen_image_pipeline():
+    """Against QwenImagePipeline's own packing, img_shapes and t / 1000; the second row's padded text tokens
+    are masked out, so dropping them gives the same output."""
+    model = T.tiny_qwen_image_transformer()
+    den = Denoiser(model)
+    assert isinstance(den.process, RectifiedFlow) and den.prediction_type == "flow"
+    x = _x((2, 4, 8, 8))
+    cond = T.tiny_cond("qwen", 2)
+    packed = QwenImagePipeline._pack_latents(x, 2, 4, 8, 8)
+    with torch.no_grad():
+        out = model(hidden_states=packed, timestep=T_BATCH, encoder_hidden_states=cond["encoder_hidden_states"],
+                    encoder_hidden_states_mask=cond["encoder_hidden_states_mask"], img_shapes=[[(1, 4, 4)]] * 2).sample
+        ref = QwenImagePipeline._unpack_latents(out, 8 * 4, 8 * 4, 4)[:, :, 0]  # pixels, vae_scale_factor 4
+        got = den(x, T_BATCH, cond, target="flow")
+        torch.testing.assert_close(got, ref)
+        short = {k: v[1:, :3] for k, v in cond.items()}
+        torch.testing.assert_close(den(x[1:], T_BATCH[1:], short, target="flow"), got[1:], atol=1e-5, rtol=1e-5)
+        assert (got[0] - den(x[:1], T_BATCH[:1], {k: v[:1, :3] for k, v in cond.items()})).abs().max() > 1e-4
+
+
 def test_wan_and_cogvideox_video_layout():
     wan = T.tiny_wan_transformer()
     x, cond = _x((2, 16, 3, 8, 8)), T.tiny_cond("wan", 2)
@@ -105,6 +125,7 @@ CASES = {
            ["to_q", "to_k", "to_v", "to_out.0"]),
     "sd3": (lambda: T.tiny_sd3_transformer(), (2, 4, 8, 8), {}, ["to_q", "to_k", "to_v"]),
     "flux": (lambda: T.tiny_flux_transformer(), (2, 4, 8, 8), {}, ["to_q", "to_k", "to_v"]),
+    "qwen": (lambda: T.tiny_qwen_image_transformer(), (2, 4, 8, 8), {}, ["to_q", "to_k", "to_v"]),
     "wan": (lambda: T.tiny_wan_transformer(), (2, 16, 3, 8, 8), {}, ["to_q", "to_k", "to_v"]),
 }
 

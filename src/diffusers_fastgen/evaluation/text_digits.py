@@ -25,9 +25,12 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from transformers import CLIPTokenizer
 
 from .classifier import ASSETS
 from .digits_benchmark import DigitsReference
+from .digits_data import load_digits_arrays
 
 TEXT_DIGITS_TEACHER_PATH = os.path.join(ASSETS, "text_digits_teacher")  # StableDiffusionPipeline folder
 TEXT_DIGITS_PROMPTS_PATH = os.path.join(ASSETS, "text_digits_prompts.txt")  # every training phrasing x class (--prompts)
@@ -68,10 +71,6 @@ def write_imagefolder(folder: str) -> int:
     """Every training digit once per training phrasing, as 16x16 PNGs with their captions in datasets'
     imagefolder layout (metadata.jsonl, rows shuffled): the scripts' `--train_data_dir`. Returns the row count.
     Refuses a folder that already holds a metadata.jsonl (nothing is overwritten)."""
-    from PIL import Image
-
-    from .digits_data import load_digits_arrays
-
     if os.path.exists(os.path.join(folder, "metadata.jsonl")):
         raise ValueError(f"`folder` {folder!r} already holds a metadata.jsonl; pick a new folder.")
     os.makedirs(folder, exist_ok=True)
@@ -123,8 +122,6 @@ def clip_vocabulary() -> tuple[dict[str, int], list[tuple[str, str]]]:
 def build_clip_tokenizer():
     """A stock CLIPTokenizer over the prompt vocabulary (model_max_length `MAX_TOKENS`, padded with the end token
     like SD1.5's)."""
-    from transformers import CLIPTokenizer
-
     vocab, merges = clip_vocabulary()
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_TOKENS)
 

@@ -14,6 +14,7 @@ Latents are always channel-first: (B, C, H, W) for images and (B, C, F, H, W) fo
 | UNet2DConditionModel (SDXL)    | + added_cond_kwargs = {text_embeds, time_ids}                        |
 | SD3Transformer2DModel          | encoder_hidden_states, pooled_projections                            |
 | FluxTransformer2DModel         | encoder_hidden_states, pooled_projections, guidance (if guidance_embeds) |
+| QwenImageTransformer2DModel    | encoder_hidden_states, encoder_hidden_states_mask (optional)        |
 | WanTransformer3DModel          | encoder_hidden_states, encoder_hidden_states_image (I2V, optional)   |
 | CogVideoXTransformer3DModel    | encoder_hidden_states                                                |
 | models.causal_wan.CausalWan    | encoder_hidden_states, kv_cache, frame_offset, update_cache (optional); t may be per-frame (B, F) |
@@ -28,6 +29,7 @@ import torch
 from diffusers import (
     CogVideoXTransformer3DModel,
     FluxTransformer2DModel,
+    QwenImageTransformer2DModel,
     SD3Transformer2DModel,
     UNet2DConditionModel,
     UNet2DModel,
@@ -100,6 +102,19 @@ def _call_flux(model, x, timestep, cond):
     return unpack_flux_latents(out, h, w)
 
 
+def _call_qwen_image(model, x, timestep, cond):
+    """QwenImagePipeline's call: 2x2-packed latents (the same packing as Flux), t in [0, 1], the text mask
+    for padded prompts, and the (frames, rows, cols) of the packed image for its 3-D RoPE."""
+    if x.shape[-1] % 2 or x.shape[-2] % 2:
+        raise ValueError(f"Qwen-Image latents need even height and width, got {tuple(x.shape[-2:])}.")
+    h, w = x.shape[-2:]
+    out = model(hidden_states=pack_flux_latents(x), timestep=timestep / 1000.0,
+                encoder_hidden_states=cond["encoder_hidden_states"],
+                encoder_hidden_states_mask=cond.get("encoder_hidden_states_mask"),
+                img_shapes=[[(1, h // 2, w // 2)]] * x.shape[0]).sample
+    return unpack_flux_latents(out, h, w)
+
+
 def _call_wan(model, x, timestep, cond):
     return model(hidden_states=x, timestep=timestep, encoder_hidden_states=cond["encoder_hidden_states"],
                  encoder_hidden_states_image=cond.get("encoder_hidden_states_image")).sample
@@ -122,6 +137,7 @@ _ARCHITECTURES = (
     (UNet2DModel, _call_unet2d, None, None),
     (SD3Transformer2DModel, _call_sd3, RectifiedFlow(), "flow"),
     (FluxTransformer2DModel, _call_flux, RectifiedFlow(), "flow"),
+    (QwenImageTransformer2DModel, _call_qwen_image, RectifiedFlow(), "flow"),
     (WanTransformer3DModel, _call_wan, RectifiedFlow(), "flow"),
     (CogVideoXTransformer3DModel, _call_cogvideox, None, None),
 )

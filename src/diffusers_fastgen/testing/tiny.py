@@ -10,10 +10,13 @@ from __future__ import annotations
 import torch
 from diffusers import (
     AutoencoderKL,
+    AutoencoderKLQwenImage,
     AutoencoderKLWan,
     CogVideoXTransformer3DModel,
     FluxPipeline,
     FluxTransformer2DModel,
+    QwenImagePipeline,
+    QwenImageTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
@@ -29,6 +32,8 @@ from transformers import (
     CLIPTextModel,
     CLIPTextModelWithProjection,
     PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
     T5Config,
     T5EncoderModel,
     UMT5Config,
@@ -137,6 +142,36 @@ def tiny_vae(*, seed: int = 0, latent_channels: int = 4, **extra):
                          **extra)
 
 
+def tiny_qwen_text_encoder(tokenizer, *, seed: int = 0):
+    """A 1-layer Qwen2.5-VL (the Qwen-Image text encoder; its vision tower is built but never used)."""
+    _seeded(seed)
+    n = vocab_size(tokenizer)
+    text = {"hidden_size": TEXT_DIM, "intermediate_size": 37, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "num_key_value_heads": 2, "vocab_size": n, "rope_theta": 1e6, "bos_token_id": 0, "eos_token_id": 0,
+            "rope_scaling": {"mrope_section": [2, 2, 4], "rope_type": "default", "type": "default"}}
+    config = Qwen2_5_VLConfig(text_config=text, hidden_size=TEXT_DIM, vocab_size=n, bos_token_id=0, eos_token_id=0,
+                              vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2,
+                                             "out_hidden_size": TEXT_DIM},
+                              vision_start_token_id=n + 1, vision_end_token_id=n + 2, vision_token_id=n + 3,
+                              image_token_id=n + 4, video_token_id=n + 5)
+    return Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
+def tiny_qwen_image_transformer(*, seed: int = 0):
+    _seeded(seed)
+    return QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=1,
+                                       attention_head_dim=16, num_attention_heads=2, joint_attention_dim=TEXT_DIM,
+                                       guidance_embeds=False, axes_dims_rope=(8, 4, 4))
+
+
+def tiny_qwen_image_vae(*, seed: int = 0):
+    """Qwen-Image's causal 3-D VAE at 4x spatial compression, 4 latent channels, with per-channel latent stats."""
+    _seeded(seed)
+    return AutoencoderKLQwenImage(base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1,
+                                  temperal_downsample=[False, True], latents_mean=[0.1, -0.2, 0.05, 0.0],
+                                  latents_std=[1.5, 0.8, 1.2, 1.0])
+
+
 def tiny_wan_vae(*, seed: int = 0):
     _seeded(seed)
     return AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
@@ -164,12 +199,18 @@ def tiny_cond(kind: str, batch_size: int, *, seed: int = 0, seq_len: int = 5) ->
         return cond
     if kind in ("wan", "cogvideox"):
         return {"encoder_hidden_states": text}
-    raise ValueError(f"`kind` must be one of unet2d, sd, sdxl, sd3, flux, flux_guidance, wan, cogvideox; got {kind!r}.")
+    if kind == "qwen":  # the last two text tokens of the second row are padding
+        mask = torch.ones(batch_size, seq_len, dtype=torch.long)
+        mask[1:, -2:] = 0
+        return {"encoder_hidden_states": text, "encoder_hidden_states_mask": mask}
+    raise ValueError("`kind` must be one of unet2d, sd, sdxl, sd3, flux, flux_guidance, qwen, wan, cogvideox; "
+                     f"got {kind!r}.")
 
 
 def tiny_pipeline(kind: str, scheduler, *, seed: int = 0, **model_config):
-    """A complete tiny stock pipeline: 'sd' (StableDiffusionPipeline), 'sdxl', 'sd3', 'flux' or 'wan'
-    (`model_config`: extra config of the UNet / transformer, e.g. guidance_embeds=True for Flux)."""
+    """A complete tiny stock pipeline: 'sd' (StableDiffusionPipeline), 'sdxl', 'sd3', 'flux', 'qwen'
+    (QwenImagePipeline) or 'wan' (`model_config`: extra config of the UNet / transformer, e.g.
+    guidance_embeds=True for Flux)."""
     if kind == "sdxl":  # two CLIP encoders: hidden states concatenated (2 x 32 = 64-d cross-attention)
         tok = tiny_tokenizer(model_max_length=8)
         return StableDiffusionXLPipeline(
@@ -197,8 +238,13 @@ def tiny_pipeline(kind: str, scheduler, *, seed: int = 0, **model_config):
                             text_encoder=tiny_clip_text_encoder(tok, seed=seed), tokenizer=tok,
                             text_encoder_2=tiny_t5_text_encoder(tok, seed=seed), tokenizer_2=tok,
                             transformer=tiny_flux_transformer(seed=seed, **model_config))
+    if kind == "qwen":
+        tok = tiny_tokenizer(model_max_length=8)
+        return QwenImagePipeline(scheduler=scheduler, vae=tiny_qwen_image_vae(seed=seed),
+                                 text_encoder=tiny_qwen_text_encoder(tok, seed=seed), tokenizer=tok,
+                                 transformer=tiny_qwen_image_transformer(seed=seed, **model_config))
     if kind == "wan":
         tok = tiny_tokenizer(model_max_length=8)
         return WanPipeline(tokenizer=tok, text_encoder=tiny_t5_text_encoder(tok, seed=seed, umt5=True),
                            vae=tiny_wan_vae(seed=seed), scheduler=scheduler, transformer=tiny_wan_transformer(seed=seed))
-    raise ValueError(f"`kind` must be one of 'sd', 'sdxl', 'sd3', 'flux', 'wan'; got {kind!r}.")
+    raise ValueError(f"`kind` must be one of 'sd', 'sdxl', 'sd3', 'flux', 'qwen', 'wan'; got {kind!r}.")

@@ -143,10 +143,10 @@ class PipelineSourceArgs:
 
 @dataclass
 class TextToImageArgs(PipelineSourceArgs):
-    pretrained_model_name_or_path: str | None = None  # SD 1.x/2.x, SDXL, SD3 or Flux pipeline (folder or Hub id) as teacher
+    pretrained_model_name_or_path: str | None = None  # SD 1.x/2.x, SDXL, SD3, Flux or Qwen-Image teacher (folder or Hub id)
     resolution: int | None = None  # image side in pixels (default: the model's sample size x the VAE factor)
     weight_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # dtype of the frozen teacher, VAE and text encoders
-    max_sequence_length: int | None = None  # T5 tokens (SD3 / Flux; default: the pipeline's, capped by the tokenizer)
+    max_sequence_length: int | None = None  # text tokens (SD3 / Flux T5: the pipeline's default; Qwen-Image: padded, 512)
     embeddings_cache: str | None = None  # keep prompt embeddings here (safetensors shards, reused by later runs)
     encode_batch_size: int = 16  # prompts per text-encoder batch
     train_data_dir: str | None = None  # real images: a folder in datasets' imagefolder layout (captions in metadata.jsonl)

@@ -3,8 +3,9 @@
 `encode_image_dataset` streams an image-caption dataset (`--train_data_dir`, a folder in 🤗 datasets'
 imagefolder layout with captions in metadata.jsonl / .csv, or `--dataset_name`, any `datasets.load_dataset`
 name or path), resizes and crops each image to `--resolution` (`--center_crop`, `--random_flip`),
-encodes it with the teacher's VAE ((z - shift_factor) * scaling_factor, one seeded posterior draw per
-image) and its caption with the pipeline's own encode_prompt, and writes both to safetensors shards under
+encodes it with the teacher's VAE ((z - shift_factor) * scaling_factor, or per channel with latents_mean / std
+for Qwen-Image; one seeded posterior draw per image) and its caption with the pipeline's own encode_prompt,
+and writes both to safetensors shards under
 a folder named by a hash of everything that determines them (each shard written atomically; a rerun reads
 the finished shards). Only one shard of pixels is in memory at a time. `LatentShards` then reads rows
 of the shards by index without loading them whole.
@@ -75,11 +76,20 @@ def preprocess_image(image: Image.Image, resolution: int, *, center_crop: bool, 
 
 @torch.no_grad()
 def encode_latents(vae, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """(B, 3, H, W) in [-1, 1] -> model latents: (z - shift_factor) * scaling_factor, z drawn from the posterior."""
-    dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
-    z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=generator).to(dist.mean)
+    """(B, 3, H, W) in [-1, 1] -> model latents, z drawn from the posterior: (z - shift_factor) * scaling_factor
+    (AutoencoderKL), or per channel (z - latents_mean) / latents_std for the video-style VAE of Qwen-Image
+    (one frame: it encodes (B, 3, 1, H, W); the inverse of QwenImagePipeline's decode)."""
+    per_channel = getattr(vae.config, "latents_mean", None) is not None
+    x = pixels.to(vae.device, vae.dtype)
+    dist = vae.encode(x[:, :, None] if per_channel else x).latent_dist
+    z = dist.sample(generator=generator).float()
+    if per_channel:
+        shape = (1, -1, 1, 1, 1)
+        mean = torch.tensor(vae.config.latents_mean, device=z.device).view(shape)
+        std = torch.tensor(vae.config.latents_std, device=z.device).view(shape)
+        return ((z - mean) / std)[:, :, 0].cpu().contiguous()
     shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return ((z.float() - shift) * vae.config.scaling_factor).cpu().contiguous()
+    return ((z - shift) * vae.config.scaling_factor).cpu().contiguous()
 
 
 def encode_image_dataset(teacher, *, train_data_dir: str | None = None, dataset_name: str | None = None,

@@ -1,10 +1,10 @@
-"""Stock text-to-image pipelines as teachers: SD1.5 (eps / v), SDXL, SD3 and Flux.
+"""Stock text-to-image pipelines as teachers: SD1.5 (eps / v), SDXL, SD3, Flux and Qwen-Image.
 
 `TextToImageTeacher(path)` loads the pipeline named by the folder's (or Hub repo's) model_index.json and
 exposes what a distillation script needs, all read from the teacher itself:
 
 - `model` (the UNet or transformer) with its `process` and native `prediction_type` (from its scheduler);
-- `latent_shape` for `--resolution` (the VAE factor and, for Flux, the 2x2 packing);
+- `latent_shape` for `--resolution` (the VAE factor and, for Flux / Qwen-Image, the 2x2 packing);
 - prompt embeddings through the pipeline's own `encode_prompt` (`embed_prompts`), turned into the
   `Denoiser` conditioning of a batch by `cond`; CFG or, for guidance-distilled Flux, the guidance
   embedding;
@@ -42,9 +42,10 @@ from ..schedulers import lcm_scheduler, t_list_from_scheduler
 from .nonfinite import check_finite
 
 TEXT_TO_IMAGE = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl",
-                 "StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
+                 "StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux", "QwenImagePipeline": "qwen"}
 WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-_DEFAULT_MAX_SEQUENCE_LENGTH = {"sd3": 256, "flux": 512}
+_DEFAULT_MAX_SEQUENCE_LENGTH = {"sd3": 256, "flux": 512, "qwen": 512}
+PACKED = ("flux", "qwen")  # transformers over 2x2-packed latents
 
 
 def _read_json(path: str, filename: str, *, revision=None, cache_dir=None, argument: str) -> dict:
@@ -81,8 +82,9 @@ def check_text_to_image_teacher(path: str, resolution: int | None, *, revision=N
         kind = TEXT_TO_IMAGE[name]
         vae = _read_json(path, "vae/config.json", revision=revision, cache_dir=cache_dir,
                          argument="pretrained_model_name_or_path")
-        factor = 2 ** (len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1)
-        patch = 2 if kind == "flux" else 1
+        factor = 2 ** (len(vae["temperal_downsample"]) if kind == "qwen" else
+                       len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1)
+        patch = 2 if kind in PACKED else 1
         if kind == "sd3":
             patch = _read_json(path, "transformer/config.json", revision=revision, cache_dir=cache_dir,
                                argument="pretrained_model_name_or_path").get("patch_size", 2)
@@ -158,18 +160,20 @@ class TextToImageTeacher:
         self.guidance_scale = guidance_scale
         self.custom_times: list[float] | None = None  # set_custom_schedule: the student's own step times
         self.vae_scale_factor = self.pipe.vae_scale_factor
-        patch = 2 if self.kind == "flux" else getattr(self.model.config, "patch_size", 1) or 1
+        patch = 2 if self.kind in PACKED else getattr(self.model.config, "patch_size", 1) or 1
         multiple = self.vae_scale_factor * patch
         sample_size = self.model.config.get("sample_size") or 64
         self.resolution = resolution if resolution is not None else int(sample_size) * self.vae_scale_factor
         if self.resolution < multiple or self.resolution % multiple:
             raise ValueError(f"`resolution` must be a positive multiple of {multiple} (VAE factor "
                              f"{self.vae_scale_factor} x patch {patch}) for this {name}, got {self.resolution}.")
-        channels = self.model.config.in_channels // (4 if self.kind == "flux" else 1)
+        channels = self.model.config.in_channels // (4 if self.kind in PACKED else 1)
         side = self.resolution // self.vae_scale_factor
         self.latent_shape = (channels, side, side)
         default_len = _DEFAULT_MAX_SEQUENCE_LENGTH.get(self.kind)
-        if default_len is not None:
+        if self.kind == "qwen":  # Qwen2.5-VL's context is far longer; prompts are padded to this length
+            self.max_sequence_length = max_sequence_length or default_len
+        elif default_len is not None:
             t5 = self.pipe.tokenizer_3 if self.kind == "sd3" else self.pipe.tokenizer_2
             limit = getattr(t5, "model_max_length", default_len) or default_len
             self.max_sequence_length = max_sequence_length or min(default_len, limit)
@@ -192,6 +196,15 @@ class TextToImageTeacher:
                                                       do_classifier_free_guidance=False,
                                                       max_sequence_length=self.max_sequence_length)
             return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+        if self.kind == "qwen":
+            # Padded (with a zero mask, which the transformer excludes from attention) to max_sequence_length, so
+            # that every batch, shard, the negative prompt and CFG's [cond; uncond] share one text length.
+            embeds, mask = pipe.encode_prompt(prompts, device=device, num_images_per_prompt=1,
+                                              max_sequence_length=self.max_sequence_length)
+            mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device) if mask is None else mask
+            pad = self.max_sequence_length - embeds.shape[1]
+            return {"encoder_hidden_states": torch.nn.functional.pad(embeds, (0, 0, 0, pad)),
+                    "encoder_hidden_states_mask": torch.nn.functional.pad(mask.long(), (0, pad))}
         embeds, pooled, _ = pipe.encode_prompt(prompts, prompts, device=device, num_images_per_prompt=1,
                                                max_sequence_length=self.max_sequence_length)
         return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
@@ -253,9 +266,12 @@ class TextToImageTeacher:
 
     def prompt_kwargs(self, embeddings: dict, dtype=None) -> dict:
         """Stock pipeline call arguments carrying precomputed embeddings (the text encoders may be released)."""
-        e = {k: (v.to(dtype) if dtype is not None else v) for k, v in embeddings.items()}
+        e = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() and not k.endswith("_mask") else v)
+             for k, v in embeddings.items()}
         if self.kind == "sd":
             return {"prompt_embeds": e["encoder_hidden_states"]}
+        if self.kind == "qwen":
+            return {"prompt_embeds": e["encoder_hidden_states"], "prompt_embeds_mask": e["encoder_hidden_states_mask"].long()}
         pooled = e["text_embeds"] if self.kind == "sdxl" else e["pooled_projections"]
         return {"prompt_embeds": e["encoder_hidden_states"], "pooled_prompt_embeds": pooled}
 
@@ -272,7 +288,9 @@ class TextToImageTeacher:
             keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type")
             return DDIMScheduler(**{k: config[k] for k in keys if k in config}, timestep_spacing="trailing",
                                  set_alpha_to_one=True, clip_sample=False, steps_offset=0)
-        config.update(stochastic_sampling=stochastic, use_dynamic_shifting=False)
+        # A fixed shift (the teacher's resolution shift is the student's choice of t_list), and no terminal stretch
+        # (Qwen-Image's shift_terminal 0.02 would put a 2-step student's second step at sigma 0.02).
+        config.update(stochastic_sampling=stochastic, use_dynamic_shifting=False, shift_terminal=None)
         if shift is not None:
             config["shift"] = shift
         return FlowMatchEulerDiscreteScheduler.from_config(config)
@@ -302,7 +320,7 @@ class TextToImageTeacher:
             return scheduler.sigmas.float().clone()
         if isinstance(scheduler, (LCMScheduler, DDIMScheduler)):  # VP: t = timestep / (T - 1)
             return t_list_from_scheduler(scheduler, num_steps)
-        # FluxPipeline passes sigmas = linspace(1, 1/N, N) itself; SD3 gets them in the call (`sampling_kwargs`),
+        # Flux / QwenImagePipeline pass sigmas = linspace(1, 1/N, N) themselves; SD3 gets them in the call (`sampling_kwargs`),
         # since its default grid ends at sigma 1/1000 (a 2-step schedule would spend its second step at ~0.009).
         scheduler.set_timesteps(sigmas=self._sigmas(num_steps), mu=0.0)
         return scheduler.sigmas.float().clone()
@@ -320,6 +338,9 @@ class TextToImageTeacher:
                           else {"sigmas": list(custom)})
         if self.kind == "flux":
             kwargs["guidance_scale"] = float(self.guidance_scale) if self.flux_guidance else 1.0
+            kwargs["max_sequence_length"] = self.max_sequence_length
+        elif self.kind == "qwen":
+            kwargs["true_cfg_scale"] = 1.0  # Qwen-Image's CFG switch (its guidance_scale is for distilled guidance)
             kwargs["max_sequence_length"] = self.max_sequence_length
         else:
             kwargs["guidance_scale"] = 1.0  # no CFG: the teacher's guidance is distilled into the student

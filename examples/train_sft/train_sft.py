@@ -221,8 +221,8 @@ def main(argv=None):
                            validate=validate_now)
 
     if t2i is not None:  # the same pipeline class with the EMA denoiser and the teacher's own scheduler
-        recipe = {"num_inference_steps": args.validation_num_inference_steps,
-                  "guidance_scale": args.validation_guidance_scale}
+        recipe = t2i.guided_sampling_kwargs(args.validation_num_inference_steps, args.validation_guidance_scale,
+                                            args.text.negative_prompt)
         validate_now(step)
         finish_text_to_image_run(accelerator, {"student": unet}, {"student": list(unet.parameters())},
                                  {"student": (optimizer, lr_scheduler)}, ema, t2i, scheduler, output_dir=run.output_dir,

@@ -490,3 +490,23 @@ def test_the_shipped_text_digits_teacher_distils_through_the_real_pipeline_flags
     images = pipe(["the handwritten number 3"], num_inference_steps=1, guidance_scale=1.0, height=16, width=16,
                   output_type="pt", generator=torch.Generator().manual_seed(0)).images
     assert images.shape == (1, 3, 16, 16) and bool(torch.isfinite(images).all())
+
+
+def test_sft_on_qwen_image_keeps_its_class_scheduler_and_text_mask(teachers, tmp_path):
+    out = str(tmp_path / "sft_qwen")
+    run_script("sft", ["--pretrained_model_name_or_path", teachers["qwen"], "--train_data_dir", teachers["images"],
+                       "--resolution", "16", "--output_dir", out, "--max_train_steps", "2", "--train_batch_size", "2",
+                       "--validation_steps", "0", "--checkpointing_steps", "0", "--max_sequence_length", "40",
+                       "--validation_num_inference_steps", "3", "--report_to", "none"])
+    before, after = DiffusionPipeline.from_pretrained(teachers["qwen"]), DiffusionPipeline.from_pretrained(out)
+    assert type(after) is type(before) and dict(after.scheduler.config) == dict(before.scheduler.config)
+    trained, base = after.transformer.state_dict(), before.transformer.state_dict()
+    assert sum(not torch.equal(trained[k], base[k]) for k in base) > len(base) // 2
+    folder = next(os.path.join(out, "latents", d) for d in os.listdir(os.path.join(out, "latents")))
+    from diffusers_fastgen.training.image_data import LatentShards
+
+    rows = LatentShards(folder).rows(torch.arange(6))
+    assert rows["encoder_hidden_states"].shape[1] == 40  # every caption padded to --max_sequence_length
+    lengths = rows["encoder_hidden_states_mask"].sum(1)
+    assert lengths.max() < 40 and len(set(lengths.tolist())) > 1  # the padding is masked; captions differ in length
+    assert "num_inference_steps=3, true_cfg_scale=1.0, max_sequence_length=40" in open(os.path.join(out, "README.md")).read()

@@ -349,6 +349,20 @@ class TextToImageTeacher:
                 kwargs.setdefault("sigmas", self._sigmas(num_steps))
         return kwargs
 
+    def guided_sampling_kwargs(self, num_steps: int, guidance_scale: float, negative_prompt: str = "") -> dict:
+        """The stock call that samples the teacher's own way (its scheduler, `num_steps`) with this guidance: CFG
+        through `guidance_scale` (the embedding for guidance-distilled Flux), or, for Qwen-Image, `true_cfg_scale`
+        with the negative prompt."""
+        kwargs = {"num_inference_steps": num_steps}
+        if self.kind == "qwen":
+            kwargs["true_cfg_scale"] = float(guidance_scale)
+            if guidance_scale > 1.0:
+                kwargs["negative_prompt"] = negative_prompt
+            kwargs["max_sequence_length"] = self.max_sequence_length
+        else:
+            kwargs["guidance_scale"] = float(guidance_scale)
+        return kwargs
+
     # --- output -------------------------------------------------------------------------------------
     def save_student(self, output_dir: str, student, scheduler, *, num_steps: int, method: str,
                      lora_layers: dict | None = None, lora_config: dict | None = None,

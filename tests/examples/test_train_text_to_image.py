@@ -215,6 +215,7 @@ def test_dmd2_gan_branch_on_real_images_with_their_captions(teachers, name, feat
     ("ladd", "sd", []), ("ladd", "sd3", ["--feature_modules", "transformer_blocks.0", "--lora_rank", "4"]),
     ("fdistill", "sd", ["--divergence", "js"]), ("fdistill", "flux", ["--gan_feature_module", "transformer_blocks.0"]),
     ("ladd", "qwen", ["--feature_modules", "transformer_blocks.0", "--lora_rank", "4"]),
+    ("fdistill", "qwen", ["--gan_feature_module", "transformer_blocks.0", "--divergence", "kl"]),
 ])
 def test_adversarial_scripts_on_real_images_sample_their_recipe(teachers, script, name, extra, tmp_path):
     """LADD (heads on the teacher's features) and f-distill (head on the fake score's) on real images with
@@ -258,7 +259,7 @@ def test_scd_on_real_images_samples_its_trigflow_schedule_with_stock_diffusers(t
         _stock_equals_training_rollout(teacher, pipe, steps)
 
 
-@pytest.mark.parametrize("name", ["sd", "sd3"])
+@pytest.mark.parametrize("name", ["sd", "sd3", "qwen"])
 def test_tcm_stage2_from_a_text_to_image_cm_student(teachers, name, tmp_path):
     """TCM stage 2 on a train_cm student of the same teacher (its class is checked); the boundary t' is a time of
     the teacher's own process (VP or RF) and the saved sampler is the stock one."""

@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--context_noise", type=int, default=None, help="timestep at which finished blocks are cached")
     convert.add_argument("--local_attn_size", type=int, default=None, help="attention window in frames (-1 = global)")
     convert.add_argument("--sink_size", type=int, default=None, help="sink frames kept with a local window")
+    convert.add_argument("--sinks_in_window", choices=["true", "false"], default=None,
+                         help="whether --local_attn_size counts the sinks (true: Self-Forcing / LongLive's convention)")
     gen = commands.add_parser(
         "generate", allow_abbrev=False, help="sample a pipeline folder (ours or stock diffusers) and time it",
         description="Sample any pipeline folder or Hub id with its own recipe (or --steps / --guidance_scale), "
@@ -194,12 +196,13 @@ def main(argv: list[str] | None = None) -> int:
             dtype=DTYPES[args.dtype] if args.dtype else None, num_frames_per_block=args.num_frames_per_block,
             denoising_timesteps=args.denoising_timesteps, denoising_sigmas=args.denoising_sigmas,
             context_noise=args.context_noise,
-            local_attn_size=args.local_attn_size, sink_size=args.sink_size)
+            local_attn_size=args.local_attn_size, sink_size=args.sink_size,
+            sinks_in_window=None if args.sinks_in_window is None else args.sinks_in_window == "true")
     except (ValueError, TypeError, OSError) as err:
         print(f"diffusers-fastgen convert: error: {err}", file=sys.stderr)
         return 2
     recipe = {k: pipe.config[k] for k in ("num_frames_per_block", "denoising_timesteps", "denoising_sigmas",
-                                          "context_noise", "local_attn_size", "sink_size")}
+                                          "context_noise", "local_attn_size", "sink_size", "sinks_in_window")}
     params = sum(p.numel() for p in pipe.transformer.parameters())
     print(f"wrote {args.output_dir}: CausalWanPipeline, transformer {params:,} parameters, recipe {json.dumps(recipe)}")
     return 0

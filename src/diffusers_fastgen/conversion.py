@@ -56,15 +56,15 @@ def table_sigmas(timesteps, shift: float, num_train_timesteps: int = 1000) -> li
 
 
 RECIPE_FIELDS = ("num_frames_per_block", "denoising_timesteps", "context_noise", "local_attn_size", "sink_size",
-                 "denoising_sigmas")
-_OPTIONAL_FIELDS = ("denoising_sigmas",)
+                 "denoising_sigmas", "sinks_in_window")
+_OPTIONAL_FIELDS = ("denoising_sigmas", "sinks_in_window")
 RECIPES = {
     "self_forcing": dict(num_frames_per_block=3, denoising_timesteps=warp_timesteps([1000, 750, 500, 250], 5.0),
-                         context_noise=0, local_attn_size=-1, sink_size=0),
+                         context_noise=0, local_attn_size=-1, sink_size=0, sinks_in_window=True),
     # Model timesteps [1000, 757, 522] fed as they are, re-noised at their table noise levels (shift 8).
     "causvid_3step": dict(num_frames_per_block=3, denoising_timesteps=[1000.0, 757.0, 522.0],
                           denoising_sigmas=table_sigmas([1000, 757, 522], 8.0), context_noise=0, local_attn_size=-1,
-                          sink_size=0),
+                          sink_size=0, sinks_in_window=True),
 }
 
 _PREFIXES = ("model.", "transformer.", "net.", "module.", "_orig_mod.", "generator.")

@@ -133,6 +133,29 @@ def test_gradients_flow_through_the_masked_pass():
     assert model.proj_out.weight.grad.abs().sum() > 0
 
 
+def test_sinks_inside_the_window_is_self_forcings_cache_size():
+    """sinks_in_window=True (Self-Forcing / LongLive): a window of L frames holds the S sinks, so L - S recent
+    frames are seen (the same as L - S with the sinks outside), and the cache holds L - N context frames."""
+    model = tiny_wan_transformer(num_layers=2)
+    x, timestep, text = _inputs(1)
+    with torch.no_grad():
+        inside = CausalWan(model, 2, local_attn_size=6, sink_size=2, sinks_in_window=True)
+        a = inside(x, timestep, text)
+        cache = inside.new_cache(B, F_, H, W)
+        chunks = [inside(x[:, :, i:i + 2], timestep[:, i:i + 2], text, kv_cache=cache, update_cache=True)
+                  for i in range(0, F_, 2)]
+        inside.remove()
+        b = CausalWan(model, 2, local_attn_size=4, sink_size=2)(x, timestep, text)
+        c = CausalWan(model, 2, local_attn_size=6, sink_size=2)(x, timestep, text)
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(torch.cat(chunks, 2), a, atol=1e-5, rtol=1e-5)
+    assert cache.capacity_frames == 6 - 2
+    assert (a[:, :, 6:] - c[:, :, 6:]).abs().max() > 1e-3  # block 3 sees frame 2 only with the sinks outside
+    torch.testing.assert_close(a[:, :, :6], c[:, :, :6], atol=1e-5, rtol=1e-5)  # earlier blocks: same frames
+    with pytest.raises(ValueError, match="sinks_in_window"):
+        CausalWan(model, 2, local_attn_size=3, sink_size=2, sinks_in_window=True)
+
+
 @pytest.mark.parametrize("kwargs,match", [({"num_frames_per_block": 0}, "num_frames_per_block"),
                                           ({"num_frames_per_block": 2, "local_attn_size": 1}, "local_attn_size"),
                                           ({"num_frames_per_block": 1, "sink_size": 1}, "sink_size")])

@@ -141,13 +141,14 @@ def test_causal_wan_remove_restores_the_previous_processors():
 
 
 def test_save_and_reload_round_trip(tmp_path):
-    pipe = _pipe(context_noise=50, local_attn_size=4, sink_size=1)
+    pipe = _pipe(context_noise=50, local_attn_size=4, sink_size=1, sinks_in_window=True)
     pipe.save_pretrained(tmp_path)
     reloaded = CausalWanPipeline.from_pretrained(tmp_path)  # diffusers resolves only its own classes by name
     assert type(reloaded) is CausalWanPipeline
     assert type(reloaded.transformer) is WanTransformer3DModel  # a stock component
     assert (reloaded.config.num_frames_per_block, reloaded.config.denoising_timesteps, reloaded.config.context_noise,
-            reloaded.config.local_attn_size, reloaded.config.sink_size) == (2, STEPS, 50, 4, 1)
+            reloaded.config.local_attn_size, reloaded.config.sink_size, reloaded.config.sinks_in_window) == (
+        2, STEPS, 50, 4, 1, True)
     noise = torch.randn(B, C, F_, H, W, generator=torch.Generator().manual_seed(1))
     a, b = (p(prompt_embeds=_text(), latents=noise, height=H, width=W, output_type="latent",
               generator=torch.Generator().manual_seed(3)).frames for p in (pipe, reloaded))
@@ -187,7 +188,10 @@ def test_text_encoder_vae_cfg_path():
                                           ({"local_attn_size": 1}, "local_attn_size"),
                                           ({"denoising_sigmas": [1.0, 0.5]}, "denoising_sigmas"),
                                           ({"denoising_sigmas": [1.0, 0.7, 0.8]}, "denoising_sigmas"),
-                                          ({"num_frames_per_block": 2.5}, "num_frames_per_block")])
+                                          ({"num_frames_per_block": 2.5}, "num_frames_per_block"),
+                                          ({"local_attn_size": 3, "sink_size": 2, "sinks_in_window": True},
+                                           "sinks_in_window"),
+                                          ({"sinks_in_window": "yes"}, "sinks_in_window")])
 def test_bad_config_names_the_setting(config, match):
     with pytest.raises(ValueError, match=match):
         _pipe(**config)

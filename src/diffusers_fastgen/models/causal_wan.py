@@ -231,6 +231,9 @@ class CausalWan:
         local_attn_size: attend to the last `local_attn_size` frames only (counting the query's own
             block; -1 = all earlier frames). Must be >= N.
         sink_size: the first `sink_size` frames stay visible to every later frame (with a local window).
+        sinks_in_window: how the window counts the sinks. False (ours): `local_attn_size` recent frames
+            plus the sinks; True (Self-Forcing's and LongLive's KV-cache size): the sinks are part of the
+            `local_attn_size` frames, so local_attn_size - sink_size recent frames (must be >= N).
 
     Call: `causal(x, timestep, encoder_hidden_states, kv_cache=None, frame_offset=0, update_cache=False)`
     -> (B, C, F, H, W) prediction; `timestep` (B,) or per-frame (B, F), native 0..1000 units (pass (B,)
@@ -239,11 +242,14 @@ class CausalWan:
     chunk attends to the cached frames and itself; `update_cache=True` appends the chunk's keys/values.
     """
 
-    def __init__(self, model, num_frames_per_block: int = 1, *, local_attn_size: int = -1, sink_size: int = 0):
+    def __init__(self, model, num_frames_per_block: int = 1, *, local_attn_size: int = -1, sink_size: int = 0,
+                 sinks_in_window: bool = False):
         inner = unwrap_model(model)
         if not isinstance(inner, WanTransformer3DModel):
             raise TypeError(f"`model` must be a WanTransformer3DModel, got {type(inner).__name__}.")
-        self.check_layout(num_frames_per_block, local_attn_size, sink_size)
+        self.check_layout(num_frames_per_block, local_attn_size, sink_size, sinks_in_window)
+        if sinks_in_window and local_attn_size != -1:  # one convention inside: sinks outside the window
+            local_attn_size -= sink_size
         if inner.config.patch_size[0] != 1:
             raise ValueError(f"causal blocks need a temporal patch size of 1, got patch_size={inner.config.patch_size}.")
         if any(block.attn2.add_k_proj is not None for block in inner.blocks):
@@ -261,8 +267,10 @@ class CausalWan:
             lambda rope, args, out: _rope_from_offset(rope, args[0], self.state.frame_offset) if self.state.frame_offset else out)
 
     @staticmethod
-    def check_layout(num_frames_per_block, local_attn_size, sink_size) -> None:
+    def check_layout(num_frames_per_block, local_attn_size, sink_size, sinks_in_window: bool = False) -> None:
         """ValueError naming the setting unless the block / window / sink sizes fit together."""
+        if not isinstance(sinks_in_window, bool):
+            raise ValueError(f"`sinks_in_window` must be True or False, got {sinks_in_window!r}.")
         for name, value in (("num_frames_per_block", num_frames_per_block), ("local_attn_size", local_attn_size),
                             ("sink_size", sink_size)):
             if not isinstance(value, int) or isinstance(value, bool):
@@ -275,6 +283,9 @@ class CausalWan:
         if sink_size < 0 or (sink_size and local_attn_size == -1):
             raise ValueError(f"`sink_size` must be >= 0 and needs a local window (local_attn_size != -1), got "
                              f"sink_size={sink_size}, local_attn_size={local_attn_size}.")
+        if sinks_in_window and local_attn_size != -1 and local_attn_size - sink_size < num_frames_per_block:
+            raise ValueError(f"with `sinks_in_window` the window holds the sinks: local_attn_size - sink_size must be "
+                             f">= num_frames_per_block ({num_frames_per_block}), got {local_attn_size} - {sink_size}.")
 
     @property
     def unwrapped(self) -> WanTransformer3DModel:

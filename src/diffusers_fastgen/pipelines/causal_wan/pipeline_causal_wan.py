@@ -43,6 +43,9 @@ class CausalWanPipeline(DiffusionPipeline):
         context_noise: timestep at which finished blocks are written into the cache (0 = clean).
         local_attn_size: attention window in latent frames (-1 = every earlier frame).
         sink_size: frames at the start that stay visible with a local window.
+        sinks_in_window: whether `local_attn_size` counts the sinks (True: Self-Forcing's / LongLive's
+            convention, local_attn_size - sink_size recent frames) or not (False: local_attn_size recent
+            frames plus the sinks).
     """
 
     model_cpu_offload_seq = "text_encoder->transformer->vae"
@@ -51,22 +54,22 @@ class CausalWanPipeline(DiffusionPipeline):
     def __init__(self, transformer, scheduler, tokenizer=None, text_encoder=None, vae=None,
                  num_frames_per_block: int = 3, denoising_timesteps: list[float] | None = None,
                  context_noise: int = 0, local_attn_size: int = -1, sink_size: int = 0,
-                 denoising_sigmas: list[float] | None = None):
+                 denoising_sigmas: list[float] | None = None, sinks_in_window: bool = False):
         super().__init__()
         denoising_timesteps = [1000, 750, 500, 250] if denoising_timesteps is None else list(denoising_timesteps)
         denoising_sigmas = None if denoising_sigmas is None else [float(s) for s in denoising_sigmas]
         self.check_recipe(num_frames_per_block=num_frames_per_block, denoising_timesteps=denoising_timesteps,
                           context_noise=context_noise, local_attn_size=local_attn_size, sink_size=sink_size,
-                          denoising_sigmas=denoising_sigmas)
+                          denoising_sigmas=denoising_sigmas, sinks_in_window=sinks_in_window)
         self.register_modules(transformer=transformer, scheduler=scheduler, tokenizer=tokenizer,
                               text_encoder=text_encoder, vae=vae)
         self.register_to_config(num_frames_per_block=num_frames_per_block, denoising_timesteps=denoising_timesteps,
                                 context_noise=context_noise, local_attn_size=local_attn_size, sink_size=sink_size,
-                                denoising_sigmas=denoising_sigmas)
+                                denoising_sigmas=denoising_sigmas, sinks_in_window=sinks_in_window)
 
     @staticmethod
     def check_recipe(*, num_frames_per_block, denoising_timesteps, context_noise, local_attn_size, sink_size,
-                     denoising_sigmas=None) -> None:
+                     denoising_sigmas=None, sinks_in_window: bool = False) -> None:
         """ValueError naming the field unless the sampling recipe is one this pipeline can run."""
         steps = list(denoising_timesteps)
         if not steps or any(not isinstance(t, (int, float)) or not 0 < t <= 1000 for t in steps) or any(
@@ -80,7 +83,7 @@ class CausalWanPipeline(DiffusionPipeline):
                                  f"per timestep ({len(steps)}), got {sigmas}.")
         if not isinstance(context_noise, (int, float)) or not 0 <= context_noise < 1000:
             raise ValueError(f"`context_noise` must be in [0, 1000), got {context_noise!r}.")
-        CausalWan.check_layout(num_frames_per_block, local_attn_size, sink_size)
+        CausalWan.check_layout(num_frames_per_block, local_attn_size, sink_size, sinks_in_window)
 
     def causal_transformer(self) -> CausalWan:
         """The transformer made block-causal for this pipeline's recipe (its attention processors swapped
@@ -88,7 +91,7 @@ class CausalWanPipeline(DiffusionPipeline):
         the duration of a generation, so the registered transformer keeps its own processors otherwise."""
         cfg = self.config
         return CausalWan(self.transformer, cfg.num_frames_per_block, local_attn_size=cfg.local_attn_size,
-                         sink_size=cfg.sink_size)
+                         sink_size=cfg.sink_size, sinks_in_window=bool(getattr(cfg, "sinks_in_window", False)))
 
     # --- conditioning -------------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | list[str], max_sequence_length: int = 512, device=None) -> torch.Tensor:

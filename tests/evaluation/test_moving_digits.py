@@ -11,6 +11,8 @@ from diffusers_fastgen.evaluation.moving_digits import (
     locate,
     moving_digits_cond,
     moving_digits_null_cond,
+    render,
+    score_windows,
 )
 
 
@@ -110,3 +112,22 @@ def test_shipped_teacher_loads_and_generates_the_requested_digits_with_guidance(
     assert pipe.config.num_frames_per_block == 8 and len(pipe.config.denoising_timesteps) == 50
     guided = benchmark_video_pipeline(pipe, MovingDigitsReference(), num_videos=20, batch_size=20, guidance_scale=3.0)
     assert guided["accuracy"] > 0.85 and guided["identity"] > 0.85
+
+
+def test_windows_of_long_real_videos_score_like_the_first():
+    """32-frame real videos: every 8-frame window fits a bounce path once the fit may start at any phase; the
+    plain fit (moving with v from the window's start) misses the windows that begin after a bounce."""
+    ref = MovingDigitsReference()
+    data = MovingDigits("held_out").sample(60, torch.Generator().manual_seed(5))
+    digits = torch.stack([data["video"][i, :, 0, y:y + 8, x:x + 8] for i, (x, y) in enumerate(data["p0"].tolist())])
+    long = render(digits, bounce(data["p0"], data["v"], 32))
+    rows = score_windows(ref, long, data["labels"], data["v"])
+    assert len(rows) == 4
+    for row in rows:
+        assert row["motion_error"] < 0.05 and row["accuracy"] > 0.9 and row["flicker"] < 0.01
+    plain = [ref.score(long[:, :, i:i + 8], data["labels"], data["v"])["motion_error"] for i in (8, 16, 24)]
+    assert max(plain) > 0.5
+    frozen = long[:, :, :1].expand_as(long)
+    assert min(r["motion_error"] for r in score_windows(ref, frozen, data["labels"], data["v"])) > 1.0
+    with pytest.raises(ValueError, match="window"):
+        score_windows(ref, long[:, :, :12], data["labels"], data["v"])

@@ -175,12 +175,15 @@ def fit_start(videos: torch.Tensor, v: torch.Tensor, centre: torch.Tensor) -> to
     return _best_start(window_scores(videos.permute(0, 2, 1, 3, 4).reshape(b * t, 1, CANVAS, CANVAS), centre), v, b, t)
 
 
-def _best_start(scores: torch.Tensor, v: torch.Tensor, b: int, t: int) -> torch.Tensor:
-    """(B*T, 9, 9) window scores, (B, 2) velocities -> (B, 2) the start whose bounce path scores best."""
+def _best_start(scores: torch.Tensor, v: torch.Tensor, b: int, t: int, any_phase: bool = False) -> torch.Tensor:
+    """(B*T, 9, 9) window scores, (B, 2) velocities -> (B, 2) the start whose bounce path scores best.
+    any_phase: starts on the whole unfolded circle (0..15 per axis), i.e. a path may begin moving against
+    v on an axis, as a window cut from the middle of a bouncing video does."""
     side = _MAX_POS + 1
     scores = scores.reshape(b, t, side * side)
-    grid = torch.stack(torch.meshgrid(torch.arange(side), torch.arange(side), indexing="xy"), -1).reshape(-1, 2)
-    n = grid.shape[0]  # 81 candidate starts (x, y)
+    starts = 2 * _MAX_POS if any_phase else side
+    grid = torch.stack(torch.meshgrid(torch.arange(starts), torch.arange(starts), indexing="xy"), -1).reshape(-1, 2)
+    n = grid.shape[0]  # 81 candidate starts (x, y); 256 with any_phase
     paths = bounce(grid.repeat(b, 1), torch.as_tensor(v).long().repeat_interleave(n, 0), t).reshape(b, n, t, 2)
     index = (paths[..., 1] * side + paths[..., 0]).permute(0, 2, 1)  # (B, T, 81) window index per frame
     best = scores.gather(2, index).sum(1).argmax(1)  # (B,)
@@ -198,8 +201,10 @@ class MovingDigitsReference:
         self.centre = ink_centroid(held).mean(0)  # (x, y) of the real digits' ink in their own 8x8 box
 
     @torch.no_grad()
-    def score(self, videos: torch.Tensor, labels, v) -> dict:
-        """videos (B, 1, T, 16, 16) in [-1, 1] with the (B,) classes and (B, 2) velocities they were asked for."""
+    def score(self, videos: torch.Tensor, labels, v, *, any_phase: bool = False) -> dict:
+        """videos (B, 1, T, 16, 16) in [-1, 1] with the (B,) classes and (B, 2) velocities they were asked for.
+        any_phase: the fitted path may start moving against v on an axis (`_best_start`), for windows cut
+        from the middle of a longer video."""
         videos = torch.as_tensor(videos).float().cpu().clamp(-1, 1)
         v = torch.as_tensor(v).long().cpu()
         if videos.ndim != 5 or videos.shape[1] != 1 or videos.shape[3:] != (CANVAS, CANVAS):
@@ -214,7 +219,7 @@ class MovingDigitsReference:
         preds = preds.reshape(b, t)
         labels = np.asarray(labels)
         majority = np.array([np.bincount(p, minlength=10).argmax() for p in preds])
-        path = bounce(_best_start(scores, v, b, t), v, t)  # (B, T, 2) the fitted trajectory (= fit_start)
+        path = bounce(_best_start(scores, v, b, t, any_phase), v, t)  # (B, T, 2) the fitted trajectory (= fit_start)
         c = ink_centroid(frames).reshape(b, t, 2)
         moved, path_moved = c[:, 1:] - c[:, :1], (path[:, 1:] - path[:, :1]).float()
         w = crop(frames, path.reshape(b * t, 2)).reshape(b, t, -1)
@@ -225,6 +230,15 @@ class MovingDigitsReference:
             "motion_error": float((moved - path_moved).abs().mean()),
             "flicker": float((w[:, 1:] - w[:, :-1]).abs().mean()),
         }
+
+
+def score_windows(reference: MovingDigitsReference, videos: torch.Tensor, labels, v, window: int = NUM_FRAMES) -> list[dict]:
+    """Scores of consecutive `window`-frame windows of long videos (B, 1, T, 16, 16), T a multiple of `window`,
+    each fitted with `any_phase` (a window starts wherever the bounce has taken the digit)."""
+    t = videos.shape[2]
+    if t % window:
+        raise ValueError(f"the video length {t} must be a multiple of `window` ({window}).")
+    return [reference.score(videos[:, :, i:i + window], labels, v, any_phase=True) for i in range(0, t, window)]
 
 
 def moving_digits_transformer(num_layers: int = 4, heads: int = 4, head_dim: int = 24, ffn_dim: int = 256):

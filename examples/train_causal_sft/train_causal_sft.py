@@ -17,6 +17,16 @@ docs/results.md).
    mask) regresses the flow eps - x0 at x_t = (1 - t) x0 + t eps, t per frame (losses.denoising_loss).
 3. The EMA model is saved as a CausalWanPipeline with an Euler sampler of `sample_steps` steps per
    block, reloaded and benchmarked on moving digits (benchmark.md).
+
+On a stock WanPipeline (`--pretrained_model_name_or_path` with `--train_data_dir`, a folder of captioned
+videos: GIF / MP4 / frame folders listed in metadata.jsonl) the model is that pipeline's transformer, the
+videos and captions are encoded once by its VAE and UMT5 (training.video_data), `cond_dropout` swaps
+captions for `--negative_prompt`, and the output is a CausalWanPipeline of stock Wan components whose Euler
+sampler runs `sample_steps` steps per block on the teacher's shifted grid:
+
+    accelerate launch examples/train_causal_sft/train_causal_sft.py --pretrained_model_name_or_path \
+        Wan-AI/Wan2.1-T2V-1.3B-Diffusers --train_data_dir videos/ --num_frames 81 --height 480 --width 832 \
+        --num_frames_per_block 3 --weight_dtype bf16 --gradient_checkpointing --output_dir outputs/causal_sft_wan
 """
 
 from __future__ import annotations
@@ -42,6 +52,7 @@ from diffusers_fastgen.training import (
     NonFiniteGuard,
     OptimizerArgs,
     RunArgs,
+    TextToVideoArgs,
     check_pipeline_folder,
     make_optimizer,
     parse_args,
@@ -52,7 +63,15 @@ from diffusers_fastgen.training import (
 )
 from diffusers_fastgen.training.players import log_and_checkpoint, resume_step
 from diffusers_fastgen.training.progress import TrainingProgress
-from diffusers_fastgen.training.video import VideoBatches, finish_video_run, sample_block_times, validate_video_student
+from diffusers_fastgen.training.teachers import drop_prompts
+from diffusers_fastgen.training.video import (
+    VideoBatches,
+    WanVideoData,
+    finish_video_run,
+    finish_wan_run,
+    sample_block_times,
+    validate_video_student,
+)
 
 logger = get_logger("train_causal_sft", log_level="INFO")
 
@@ -77,11 +96,21 @@ class CausalSFTArgs:
     logit_std: float = 1.0
     cond_dropout: float = 0.1  # probability of training a sample on the null conditioning (for CFG; 0 = none)
     sample_steps: int = 50  # Euler steps per block of the saved sampler
-    eval_num_videos: int = 500  # videos for the final benchmark (0 skips)
+    eval_num_videos: int = 500  # moving-digits benchmark videos at the end (0 skips; none with a WanPipeline)
+    video: TextToVideoArgs = field(default_factory=TextToVideoArgs)  # a stock WanPipeline and captioned videos instead
 
     def __post_init__(self):
         check_pipeline_folder(self.init_from, "CausalWanPipeline", "init_from")
-        if self.num_frames_per_block < 1 or NUM_FRAMES % self.num_frames_per_block:
+        if self.video.pretrained_model_name_or_path is not None:
+            if self.video.train_data_dir is None:
+                raise ValueError("`pretrained_model_name_or_path` needs `train_data_dir` here: CausalSFT trains on "
+                                 "captioned videos.")
+            if self.init_from is not None:
+                raise ValueError("`init_from` is for the moving-digits model; a WanPipeline starts from its own transformer.")
+            if self.num_frames_per_block < 1:
+                raise ValueError(f"`num_frames_per_block` must be >= 1, got {self.num_frames_per_block}.")
+            self.video.check_block(self.num_frames_per_block)
+        elif self.num_frames_per_block < 1 or NUM_FRAMES % self.num_frames_per_block:
             raise ValueError(f"`num_frames_per_block` must divide the {NUM_FRAMES} frames, got {self.num_frames_per_block}.")
         if not 0 <= self.cond_dropout < 1:
             raise ValueError(f"`cond_dropout` must be in [0, 1), got {self.cond_dropout}.")
@@ -113,8 +142,11 @@ def main(argv=None):
     if accelerator.is_main_process:
         save_config(args, os.path.join(run.output_dir, "train_config.yaml"))
 
-    # 1. Model, optimizer, data.
-    if args.init_from:
+    # 1. Model, optimizer, data (a WanPipeline's transformer and its encoded videos, or the moving-digits model).
+    data = WanVideoData(args.video, accelerator, run) if args.video.pretrained_model_name_or_path else None
+    if data is not None:
+        model = data.teacher.model.float()  # trained in fp32 whatever the frozen parts' dtype
+    elif args.init_from:
         model = CausalWanPipeline.from_pretrained(args.init_from).transformer
     else:
         torch.manual_seed(run.seed)
@@ -130,7 +162,11 @@ def main(argv=None):
               batch_size=run.train_batch_size * accelerator.num_processes * run.gradient_accumulation_steps,
               gamma=args.ema.ema_gamma, start_iter=args.ema.ema_start_iter)
     causal = Denoiser(CausalWan(model, args.num_frames_per_block), RectifiedFlow(), "flow")
-    batches = VideoBatches(run.train_batch_size, seed=run.seed, rank=accelerator.process_index)
+    batches = data if data is not None else VideoBatches(run.train_batch_size, seed=run.seed,
+                                                          rank=accelerator.process_index)
+    # The saved Euler sampler: linear in t for moving digits, on the teacher's shifted grid for a WanPipeline.
+    sample_timesteps = ((data.teacher.student_t_list(args.sample_steps, shift=args.video.shift) * 1000).tolist()
+                        if data is not None else torch.linspace(1000, 0, args.sample_steps + 1)[:-1].tolist())
 
     step = resume_step(accelerator, run, ema, logger)
     batches.state_at(step * run.gradient_accumulation_steps)
@@ -138,17 +174,22 @@ def main(argv=None):
     # 2. The loop.
     def validate(s):  # sample videos of the EMA model every `validation_steps`
         validate_video_student(accelerator, model, ema, num_frames_per_block=args.num_frames_per_block,
-                               denoising_timesteps=torch.linspace(1000, 0, args.sample_steps + 1)[:-1].tolist(),
-                               scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0), step=s, output_dir=run.output_dir)
+                               denoising_timesteps=sample_timesteps, scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0),
+                               step=s, output_dir=run.output_dir, wan=data and data.teacher,
+                               embeddings=data and data.validation_embeddings())
 
     guard = NonFiniteGuard(run.max_nonfinite_skips)
     accumulator = Accumulator(run.gradient_accumulation_steps)  # per player
     progress = TrainingProgress(accelerator, run, step, guard)
     while step < run.max_train_steps:
-        batch = next(batches)
-        x0 = batch["video"].to(accelerator.device)
-        text = batch["cond"].to(accelerator.device)
-        cond = {"encoder_hidden_states": drop_cond(text, args.cond_dropout) if args.cond_dropout else text}
+        if data is not None:  # captioned Wan latents; dropped captions become the negative prompt
+            x0, cond, uncond = data.next(accelerator.device)
+            cond = drop_prompts(cond, uncond, args.cond_dropout)
+        else:
+            batch = next(batches)
+            x0 = batch["video"].to(accelerator.device)
+            text = batch["cond"].to(accelerator.device)
+            cond = {"encoder_hidden_states": drop_cond(text, args.cond_dropout) if args.cond_dropout else text}
         with accelerator.autocast():
             loss = causal_sft_step(causal, x0, cond, num_frames_per_block=args.num_frames_per_block,
                                    logit_mean=args.logit_mean, logit_std=args.logit_std)
@@ -160,11 +201,18 @@ def main(argv=None):
         log_and_checkpoint(accelerator, run, step, {"loss": loss.detach(), "lr": lr_scheduler.get_last_lr()[0]}, ema, progress,
                            validate=validate)
 
-    # 3. Save the EMA model with its Euler sampler; reload and benchmark.
+    # 3. Save the EMA model with its Euler sampler; reload and benchmark (moving digits).
+    if data is not None:
+        finish_wan_run(accelerator, causal.model, model, ema, data.teacher, output_dir=run.output_dir,
+                       num_frames_per_block=args.num_frames_per_block, denoising_timesteps=sample_timesteps,
+                       context_noise=0, prompts=data.prompts, logger=logger,
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0))
+        progress.summary("train_causal_sft", logger)
+        return
     name = "bidirectional SFT (teacher)" if args.num_frames_per_block == NUM_FRAMES else "CausalSFT student"
     finish_video_run(accelerator, causal.model, model, ema, output_dir=run.output_dir,
                      num_frames_per_block=args.num_frames_per_block,
-                     denoising_timesteps=torch.linspace(1000, 0, args.sample_steps + 1)[:-1].tolist(),
+                     denoising_timesteps=sample_timesteps,
                      scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0), eval_num_videos=args.eval_num_videos,
                      name=name, logger=logger)
 

@@ -16,6 +16,15 @@ on diffusion-forcing inputs (Yin et al. arXiv:2412.07772).
    training.distribution_matching_steps, unchanged, with per-frame times.
 4. The EMA student is saved as a CausalWanPipeline (its few-step schedule per block), reloaded and
    benchmarked on moving digits.
+
+On a stock WanPipeline (`--pretrained_model_name_or_path` with `--train_data_dir`, captioned videos) the
+teacher is that pipeline's transformer (frozen, in `--weight_dtype`), the real videos and captions are
+encoded once by its VAE and UMT5, CFG runs against `--negative_prompt`, the student's schedule sits on the
+teacher's shift, and the output is a CausalWanPipeline of stock Wan components:
+
+    accelerate launch examples/train_causvid/train_causvid.py --pretrained_model_name_or_path \
+        Wan-AI/Wan2.1-T2V-1.3B-Diffusers --train_data_dir videos/ --student_init outputs/causal_kd_wan \
+        --num_frames_per_block 3 --guidance_scale 6 --weight_dtype bf16 --output_dir outputs/causvid_wan
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ from diffusers_fastgen.training import (
     NonFiniteGuard,
     OptimizerArgs,
     RunArgs,
+    TextToVideoArgs,
     check_pipeline_folder,
     make_optimizer,
     parse_args,
@@ -51,7 +61,9 @@ from diffusers_fastgen.training.players import log_and_checkpoint, prepare_playe
 from diffusers_fastgen.training.progress import TrainingProgress
 from diffusers_fastgen.training.video import (
     VideoBatches,
+    WanVideoData,
     finish_video_run,
+    finish_wan_run,
     load_video_transformer,
     null_cond,
     student_t_list,
@@ -83,11 +95,17 @@ class CausVidArgs:
     guidance_scale: float = 3.0  # CFG of the real score; 3 = best for the shipped teacher (docs/results.md)
     dmd_t_min: float = 0.02  # DMD re-noising level s ~ U[dmd_t_min, dmd_t_max]
     dmd_t_max: float = 0.98
-    eval_num_videos: int = 500  # videos for the final benchmark (0 skips)
+    eval_num_videos: int = 500  # moving-digits benchmark videos at the end (0 skips; none with a WanPipeline)
+    video: TextToVideoArgs = field(default_factory=TextToVideoArgs)  # a stock WanPipeline and captioned videos instead
 
     def __post_init__(self):
         check_pipeline_folder(self.teacher, "CausalWanPipeline", "teacher")
         check_pipeline_folder(self.student_init, "CausalWanPipeline", "student_init")
+        if self.video.pretrained_model_name_or_path is not None:
+            if self.video.train_data_dir is None:
+                raise ValueError("`pretrained_model_name_or_path` needs `train_data_dir` here: CausVid's student inputs "
+                                 "are noised real videos.")
+            self.video.check_block(self.num_frames_per_block)
         if not os.path.isdir(self.teacher):
             raise ValueError(f"`teacher` {self.teacher!r} is not a CausalWanPipeline folder; train one with "
                              "examples/train_causal_sft/train_causal_sft.py --num_frames_per_block 8 and pass --teacher.")
@@ -110,11 +128,14 @@ def main(argv=None):
     if accelerator.is_main_process:
         save_config(args, os.path.join(run.output_dir, "train_config.yaml"))
 
-    # 1. Players: teacher (frozen), fake score (bidirectional copy), causal student.
-    teacher_model = load_video_transformer(args.teacher).requires_grad_(False)
+    # 1. Players: teacher (frozen), fake score (bidirectional copy), causal student. A WanPipeline teacher comes
+    # with its encoded videos (data); trained players in fp32 whatever the frozen teacher's dtype.
+    data = (WanVideoData(args.video, accelerator, run, guidance_scale=args.guidance_scale)
+            if args.video.pretrained_model_name_or_path else None)
+    teacher_model = (data.teacher.model if data is not None else load_video_transformer(args.teacher)).requires_grad_(False)
     student_model = (load_video_transformer(args.student_init) if args.student_init else copy.deepcopy(teacher_model))
-    modules = {"teacher": teacher_model, "student": student_model.requires_grad_(True),
-               "fake_score": copy.deepcopy(teacher_model).requires_grad_(True)}
+    modules = {"teacher": teacher_model, "student": student_model.float().requires_grad_(True),
+               "fake_score": copy.deepcopy(teacher_model).float().requires_grad_(True)}
     params = {n: list(modules[n].parameters()) for n in ("student", "fake_score")}
     schedule = {"num_training_steps": run.max_train_steps, "num_processes": accelerator.num_processes}  # LR schedule
     critic_schedule = {**schedule, "num_training_steps": run.max_train_steps * max(args.student_update_freq - 1, 1)}
@@ -129,8 +150,12 @@ def main(argv=None):
     fake_score = Denoiser(modules["fake_score"], rf, "flow")
     student = Denoiser(CausalWan(modules["student"], args.num_frames_per_block), rf, "flow")
     ema = student_ema(accelerator, modules, args.ema, run.train_batch_size)
-    t_list = student_t_list(args.num_student_steps).to(accelerator.device)
-    batches = VideoBatches(run.train_batch_size, seed=run.seed, rank=accelerator.process_index)
+    if data is not None:  # the per-block schedule on the teacher's shift
+        t_list = data.teacher.student_t_list(args.num_student_steps, shift=args.video.shift).to(accelerator.device)
+        batches = data
+    else:
+        t_list = student_t_list(args.num_student_steps).to(accelerator.device)
+        batches = VideoBatches(run.train_batch_size, seed=run.seed, rank=accelerator.process_index)
 
     step = resume_step(accelerator, run, ema, logger)  # counts student updates
     iteration = step * args.student_update_freq * run.gradient_accumulation_steps  # counts micro-batches
@@ -140,17 +165,21 @@ def main(argv=None):
     def validate(s):  # sample videos of the EMA student every `validation_steps`
         validate_video_student(accelerator, modules["student"], ema, num_frames_per_block=args.num_frames_per_block,
                                denoising_timesteps=timesteps_from_t_list(t_list.tolist()), context_noise=args.context_noise,
-                               step=s, output_dir=run.output_dir)
+                               step=s, output_dir=run.output_dir, wan=data and data.teacher,
+                               embeddings=data and data.validation_embeddings())
 
     guard = NonFiniteGuard(run.max_nonfinite_skips)
     accumulator = Accumulator(run.gradient_accumulation_steps)  # per player
     progress = TrainingProgress(accelerator, run, step, guard)
     logs = {}
     while step < run.max_train_steps:
-        batch = next(batches)
-        cond = {"encoder_hidden_states": batch["cond"].to(accelerator.device)}
-        x_t, t = diffusion_forcing_inputs(batch["video"].to(accelerator.device), t_list, args.num_frames_per_block,
-                                          include_clean=args.clean_blocks)
+        if data is not None:
+            x0, cond, uncond = data.next(accelerator.device)
+        else:
+            batch = next(batches)
+            x0, cond = batch["video"].to(accelerator.device), {"encoder_hidden_states": batch["cond"].to(accelerator.device)}
+            uncond = null_cond(cond)
+        x_t, t = diffusion_forcing_inputs(x0, t_list, args.num_frames_per_block, include_clean=args.clean_blocks)
         iteration += 1
         if ((iteration - 1) // run.gradient_accumulation_steps + 1) % args.student_update_freq:  # fake-score update
             loss = fake_score_step(student, fake_score, x_t, t, cond)
@@ -158,7 +187,7 @@ def main(argv=None):
                    guard=guard, accumulator=accumulator, player="fake_score", step=step)
             logs["fake_score_loss"] = loss.detach()
             continue
-        loss = student_step(student, teacher, fake_score, x_t, t, cond, null_cond(cond), guidance_scale=args.guidance_scale,
+        loss = student_step(student, teacher, fake_score, x_t, t, cond, uncond, guidance_scale=args.guidance_scale,
                             t_min=args.dmd_t_min, t_max=args.dmd_t_max)
         if not update(accelerator, loss, params["student"], student_opt, student_lr, args.optimizer.max_grad_norm,
                       guard=guard, accumulator=accumulator, step=step + 1):
@@ -168,7 +197,14 @@ def main(argv=None):
         logs["dmd_loss"] = loss.detach()
         log_and_checkpoint(accelerator, run, step, logs, ema, progress, validate=validate)
 
-    # 3. Save the EMA student with its few-step recipe; reload and benchmark.
+    # 3. Save the EMA student with its few-step recipe; reload and benchmark (moving digits).
+    if data is not None:
+        finish_wan_run(accelerator, student.model, modules["student"], ema, data.teacher, output_dir=run.output_dir,
+                       num_frames_per_block=args.num_frames_per_block,
+                       denoising_timesteps=timesteps_from_t_list(t_list.tolist()), context_noise=args.context_noise,
+                       prompts=data.prompts, logger=logger)
+        progress.summary("train_causvid", logger)
+        return
     finish_video_run(accelerator, student.model, modules["student"], ema, output_dir=run.output_dir,
                      num_frames_per_block=args.num_frames_per_block,
                      denoising_timesteps=timesteps_from_t_list(t_list.tolist()), context_noise=args.context_noise,

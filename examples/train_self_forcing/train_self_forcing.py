@@ -88,17 +88,13 @@ class SelfForcingArgs:
     guidance_scale: float = 3.0  # CFG of the real score; 3 = best for the shipped teacher (docs/results.md)
     dmd_t_min: float = 0.02  # DMD re-noising level s ~ U[dmd_t_min, dmd_t_max]
     dmd_t_max: float = 0.98
-    eval_num_videos: int = 500  # videos for the final benchmark (0 skips)
+    eval_num_videos: int = 500  # moving-digits benchmark videos at the end (0 skips; none with a WanPipeline)
 
     def __post_init__(self):
         check_pipeline_folder(self.teacher, "CausalWanPipeline", "teacher")
         check_pipeline_folder(self.student_init, "CausalWanPipeline", "student_init")
         if self.video.pretrained_model_name_or_path is not None:
             self.video.check_block(self.num_frames_per_block)
-            if self.run.validation_steps:
-                raise ValueError("`validation_steps` is not available with `pretrained_model_name_or_path` yet; set it to 0.")
-            if self.eval_num_videos:
-                raise ValueError("`eval_num_videos` scores moving digits; with `pretrained_model_name_or_path` set it to 0.")
         if not os.path.isdir(self.teacher):
             raise ValueError(f"`teacher` {self.teacher!r} is not a CausalWanPipeline folder; train one with "
                              "examples/train_causal_sft/train_causal_sft.py --num_frames_per_block 8 and pass --teacher.")
@@ -161,7 +157,7 @@ def main(argv=None):
     def validate(s):  # sample videos of the EMA student every `validation_steps`
         validate_video_student(accelerator, modules["student"], ema, num_frames_per_block=args.num_frames_per_block,
                                denoising_timesteps=timesteps_from_t_list(t_list.tolist()), context_noise=args.context_noise,
-                               step=s, output_dir=run.output_dir)
+                               step=s, output_dir=run.output_dir, wan=wan, embeddings=embeddings)
 
     guard = NonFiniteGuard(run.max_nonfinite_skips)
     accumulator = Accumulator(run.gradient_accumulation_steps)  # per player

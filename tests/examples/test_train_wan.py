@@ -101,3 +101,98 @@ def test_causal_kd_pairs_sit_on_the_students_shifted_schedule(wan, tmp_path):
             x = x + (t_next - t) * (u + 2.0 * (c - u))
     torch.testing.assert_close(pairs["states"][:, 1], x, atol=1e-5, rtol=1e-5)
     assert CausalWanPipeline.from_pretrained(out).config.denoising_timesteps == [1000.0, 750.0]
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+    """Captioned videos in the folder layout: three 9-frame GIFs (one 40x48, cropped to 32x32) and a frame folder."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("videos")
+    rng = np.random.default_rng(0)
+    rows = []
+    for i, (caption, size) in enumerate([("a red cat", (32, 32)), ("a blue dog on the horse", (40, 48)),
+                                         ("three green apples", (32, 32))]):
+        frames = [Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)) for _ in range(10)]
+        frames[0].save(root / f"{i}.gif", save_all=True, append_images=frames[1:], duration=50)
+        rows.append({"file_name": f"{i}.gif", "text": caption})
+    (root / "clip").mkdir()
+    for k in range(9):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / "clip" / f"{k:03d}.png")
+    rows.append({"file_name": "clip", "text": "a small digit"})
+    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(root)
+
+
+def _video_argv(wan, videos, out, *extra, script="causvid"):
+    argv = _argv(wan, out, *extra)
+    argv[argv.index("--prompts"):argv.index("--prompts") + 2] = ["--train_data_dir", videos]
+    if script == "causal_sft":
+        for flag in ("--num_student_steps", "--student_update_freq", "--guidance_scale"):  # not CausalSFT flags
+            i = argv.index(flag)
+            del argv[i:i + 2]
+    return argv
+
+
+def test_video_folder_latents_are_the_wan_vae_encoding(wan, videos, tmp_path):
+    """GIFs and frame folders are read, center-cropped and encoded as (z - latents_mean) / latents_std with a seeded
+    posterior draw; captions by WanPipeline.encode_prompt."""
+    import numpy as np
+    from PIL import Image, ImageSequence
+
+    from diffusers_fastgen.training.image_data import LatentShards
+    from diffusers_fastgen.training.video_data import encode_video_dataset
+
+    teacher = WanTeacher(wan[0], num_frames=9, height=32, width=32)
+    shards = LatentShards(encode_video_dataset(teacher, train_data_dir=videos, out_dir=str(tmp_path), shard_size=3))
+    assert len(shards) == 4 and shards.first_captions[1] == "a blue dog on the horse"
+    rows = shards.rows(torch.arange(4))
+    assert rows["latents"].shape == (4, 16, 3, 4, 4)
+    with Image.open(os.path.join(videos, "0.gif")) as gif:  # by hand: frames 0-8 of the GIF in [-1, 1]
+        frames = [np.asarray(f.convert("RGB"), dtype=np.float32) for f in ImageSequence.Iterator(gif)][:9]
+    pixels = torch.from_numpy(np.stack(frames)).permute(3, 0, 1, 2)[None] / 127.5 - 1
+    vae = teacher.pipe.vae
+    with torch.no_grad():
+        z = vae.encode(pixels).latent_dist.sample(generator=torch.Generator().manual_seed(0))
+    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+    torch.testing.assert_close(rows["latents"][:1], (z - mean) / std, atol=1e-5, rtol=1e-5)
+    captions = ["a red cat", "a blue dog on the horse", "three green apples", "a small digit"]
+    torch.testing.assert_close(rows["encoder_hidden_states"], teacher._encode(captions)["encoder_hidden_states"])
+
+
+@pytest.mark.parametrize("script", ["causal_sft", "causvid", "self_forcing"])
+def test_causal_sft_and_causvid_on_wan_videos_reload_and_stream(wan, videos, script, tmp_path):
+    """CausalSFT and CausVid train on the encoded videos; Self-Forcing (data-free) takes their captions as prompts.
+    Validation grids are sampled through the teacher's VAE."""
+    out = str(tmp_path / script)
+    argv = _video_argv(wan, videos, out, "--validation_steps", "2", script=script)
+    if script == "causal_sft":
+        argv += ["--sample_steps", "3", "--cond_dropout", "0.5"]
+    run_script(script, argv)
+    pipe = CausalWanPipeline.from_pretrained(out)
+    teacher = WanTeacher(wan[0], num_frames=9, height=32, width=32)
+    trained, base = pipe.transformer.state_dict(), teacher.model.state_dict()
+    assert sum(not torch.equal(trained[k], base[k]) for k in base) > len(base) // 2
+    # The recipe sits on the teacher's flow_shift 3: t = 3u / (1 + 2u).
+    u = torch.tensor([1.0, 2 / 3, 1 / 3] if script == "causal_sft" else [1.0, 0.5])
+    expected = (3 * u / (1 + 2 * u) * 1000).tolist()
+    assert pipe.config.denoising_timesteps == pytest.approx(expected, abs=1e-3)
+    assert type(pipe.scheduler).__name__ == ("FlowMatchEulerDiscreteScheduler" if script == "causal_sft"
+                                             else "FlowMatchFewStepScheduler")
+    assert os.listdir(os.path.join(out, "samples")) == ["step_000002.png"]
+    blocks = list(pipe.stream(["a red cat"], num_frames=3, height=4, width=4))
+    assert len(blocks) == 3 and all(torch.isfinite(b).all() for b in blocks)
+
+
+def test_bad_video_folders_are_named(wan, videos, tmp_path):
+    with pytest.raises(ValueError, match="no metadata.jsonl"):
+        run_script("causal_sft", _video_argv(wan, str(tmp_path), str(tmp_path / "x"), script="causal_sft"))
+    with pytest.raises(ValueError, match="`caption_column` 'caption'"):
+        run_script("causvid", _video_argv(wan, videos, str(tmp_path / "x"), "--caption_column", "caption"))
+    with pytest.raises(ValueError, match="'0.gif' has 10 frames; `num_frames` is 13"):
+        argv = _video_argv(wan, videos, str(tmp_path / "y"), "--sample_steps", "2", script="causal_sft")
+        argv[argv.index("--num_frames") + 1] = "13"
+        run_script("causal_sft", argv)
+    assert not os.path.exists(tmp_path / "x")

@@ -29,6 +29,7 @@ from huggingface_hub import constants as hf_constants
 from ..ema import EMA_SCHEDULES
 from .image_data import check_image_dataset
 from .teachers import WEIGHT_DTYPES, _read_json, check_text_to_image_teacher, load_prompts
+from .video_data import read_video_folder
 from .video_teachers import check_text_to_video_teacher, video_latent_shape
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -217,13 +218,21 @@ class TextToVideoArgs(PipelineSourceArgs):
     max_sequence_length: int | None = None  # UMT5 tokens, zero-padded (default 512: what the pipelines feed)
     embeddings_cache: str | None = None  # keep prompt embeddings here (safetensors shards, reused by later runs)
     encode_batch_size: int = 8  # prompts per text-encoder batch
+    train_data_dir: str | None = None  # real videos: a folder with metadata.jsonl (file_name: GIF / MP4 / frame folder)
+    latents_cache: str | None = None  # where the encoded videos go (default: <output_dir>/latents)
 
     def __post_init__(self):
         if self.pretrained_model_name_or_path is None:
-            _check(self.prompts is None, "`prompts` needs `pretrained_model_name_or_path` (a WanPipeline teacher).")
+            _check(self.prompts is None and self.train_data_dir is None,
+                   "`prompts` / `train_data_dir` need `pretrained_model_name_or_path` (a WanPipeline teacher).")
             return
-        _check(self.prompts is not None, "`pretrained_model_name_or_path` needs `prompts` (a .txt/.jsonl/.csv file).")
-        load_prompts(self.prompts, self.caption_column)
+        _check(self.prompts is not None or self.train_data_dir is not None,
+               "`pretrained_model_name_or_path` needs `prompts` (a .txt/.jsonl/.csv file) or `train_data_dir` (captioned "
+               "videos).")
+        if self.prompts is not None:
+            load_prompts(self.prompts, self.caption_column)
+        if self.train_data_dir is not None:
+            read_video_folder(self.train_data_dir, self.caption_column)
         _check(self.weight_dtype in WEIGHT_DTYPES,
                f"`weight_dtype` must be one of {sorted(WEIGHT_DTYPES)}, got {self.weight_dtype!r}.")
         _check(self.weight_dtype != "fp16" or torch.cuda.is_available(),

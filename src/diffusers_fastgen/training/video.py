@@ -26,7 +26,9 @@ from ..timesteps import sample_logit_normal
 from .accelerate_setup import check_replicas_in_sync
 from .causal import step_generator
 from .nonfinite import check_finite
+from .teachers import PromptBatches
 from .validation import log_image_grid, save_image_grid
+from .video_data import video_shards
 from .video_teachers import WanTeacher
 
 
@@ -115,27 +117,73 @@ def benchmark_video_folder(output_dir: str, *, name: str, num_videos: int, logge
 
 @torch.no_grad()
 def validate_video_student(accelerator, model, ema, *, num_frames_per_block: int, denoising_timesteps, step: int,
-                           output_dir: str, context_noise: int = 0, scheduler=None) -> None:
-    """Four moving-digits videos (classes 0-3, one row of frames each) of the EMA student with its
-    recipe: samples/step_<step>.png and the trackers. Sampled from a fresh WanTransformer3DModel holding the
-    EMA weights, so the training model (its causal processors, its weights) is not touched."""
+                           output_dir: str, context_noise: int = 0, scheduler=None, wan: WanTeacher | None = None,
+                           embeddings: dict | None = None) -> None:
+    """Videos of the EMA student with its recipe, one row of frames each: samples/step_<step>.png and the
+    trackers. Moving digits: four videos (classes 0-3). A WanPipeline teacher (`wan`): the first two rows of
+    `embeddings`, decoded by the teacher's VAE. Sampled from a fresh WanTransformer3DModel holding the EMA
+    weights, so the training model (its causal processors, its weights) is not touched; the global RNG is
+    forked, so training draws the same numbers with or without validation."""
 
     trained = accelerator.unwrap_model(model)
     fresh = WanTransformer3DModel.from_config(trained.config).to(trained.device)
     fresh.load_state_dict(trained.state_dict())
     ema.copy_to(fresh)
-    pipe = CausalWanPipeline(transformer=fresh.eval(), scheduler=scheduler or FlowMatchFewStepScheduler(),
-                             num_frames_per_block=num_frames_per_block, denoising_timesteps=list(denoising_timesteps),
-                             context_noise=context_noise)
+    pipe = CausalWanPipeline(transformer=fresh.float().eval(), scheduler=scheduler or FlowMatchFewStepScheduler(),
+                             vae=None if wan is None else wan.pipe.vae, num_frames_per_block=num_frames_per_block,
+                             denoising_timesteps=list(denoising_timesteps), context_noise=context_noise)
     pipe.set_progress_bar_config(disable=True)
     g = torch.Generator().manual_seed(0)
-    _, v = sample_motion(4, g)
-    noise = torch.randn(4, 1, NUM_FRAMES, CANVAS, CANVAS, generator=g)
-    videos = pipe(prompt_embeds=moving_digits_cond(torch.arange(4), v), latents=noise, height=CANVAS, width=CANVAS,
-                  output_type="latent", generator=g).frames  # (4, 1, F, H, W)
-    frames = videos.transpose(1, 2).flatten(0, 1)  # (4 * F, 1, H, W), one video per row
-    save_image_grid(frames, os.path.join(output_dir, "samples", f"step_{step:06d}.png"), nrow=NUM_FRAMES, upscale=4)
-    log_image_grid(accelerator, frames, step, tag="student", nrow=NUM_FRAMES)
+    with torch.random.fork_rng(devices=[]):
+        if wan is None:
+            _, v = sample_motion(4, g)
+            noise = torch.randn(4, 1, NUM_FRAMES, CANVAS, CANVAS, generator=g)
+            videos = pipe(prompt_embeds=moving_digits_cond(torch.arange(4), v), latents=noise, height=CANVAS,
+                          width=CANVAS, output_type="latent", generator=g).frames  # (4, 1, F, H, W) in [-1, 1]
+            frames, nrow = videos.transpose(1, 2).flatten(0, 1), NUM_FRAMES  # (4 * F, 1, H, W), one video per row
+        else:
+            _, f, h, w = wan.latent_shape
+            text = embeddings["encoder_hidden_states"][:2].to(trained.device)
+            videos = pipe(prompt_embeds=text, num_frames=f, height=h, width=w, output_type="pt",
+                          generator=g).frames  # (B, frames, 3, H, W) in [0, 1]
+            frames, nrow = videos.flatten(0, 1) * 2 - 1, videos.shape[1]
+    save_image_grid(frames, os.path.join(output_dir, "samples", f"step_{step:06d}.png"), nrow=nrow, upscale=4)
+    log_image_grid(accelerator, frames, step, tag="student", nrow=nrow)
+
+
+class WanVideoData:
+    """The real-video path of a causal-video script on a stock WanPipeline (`TextToVideoArgs` with
+    `train_data_dir`): the teacher, its captioned videos encoded once (`video_data.video_shards`: latents and
+    UMT5 embeddings) and the negative prompt's embedding; UMT5 is released afterwards. Per micro-batch
+    (x0 (B, C, f, h, w), cond, uncond), rows drawn by index as a pure function of (seed, rank, iteration)."""
+
+    def __init__(self, video, accelerator, run, *, guidance_scale: float = 1.0):
+        self.teacher = WanTeacher(video.pretrained_model_name_or_path, num_frames=video.num_frames, height=video.height,
+                                  width=video.width, revision=video.revision, variant=video.variant,
+                                  cache_dir=video.cache_dir, weight_dtype=video.weight_dtype,
+                                  guidance_scale=guidance_scale, max_sequence_length=video.max_sequence_length)
+        self.shards = video_shards(self.teacher, accelerator, train_data_dir=video.train_data_dir,
+                                   caption_column=video.caption_column, seed=run.seed,
+                                   out_dir=video.latents_cache or os.path.join(run.output_dir, "latents"))
+        self.negative = {k: v.detach().cpu() for k, v in self.teacher._encode([video.negative_prompt]).items()}
+        self.prompts = self.shards.first_captions or [""]
+        self.teacher.release_text_encoders()
+        self.batches = PromptBatches(len(self.shards), run.train_batch_size, seed=run.seed, rank=accelerator.process_index)
+
+    def state_at(self, iteration: int) -> None:
+        self.batches.state_at(iteration)
+
+    def validation_embeddings(self, n: int = 2) -> dict:
+        rows = self.shards.rows(torch.arange(min(n, len(self.shards))))
+        rows.pop("latents")
+        return rows
+
+    def next(self, device):
+        index = next(self.batches)
+        rows = self.shards.rows(index)
+        x0 = rows.pop("latents").to(device)
+        uncond = self.teacher.cond(self.negative, torch.zeros(len(index), dtype=torch.long), device)
+        return x0, self.teacher.cond(rows, None, device), uncond
 
 
 def load_video_teacher(video, digits_teacher: str, *, guidance_scale: float = 1.0):
@@ -183,7 +231,7 @@ def finish_video_run(accelerator, causal, model, ema, *, output_dir: str, num_fr
 
 
 def finish_wan_run(accelerator, causal, model, ema, teacher, *, output_dir: str, num_frames_per_block: int,
-                   denoising_timesteps, context_noise: int, prompts, logger) -> None:
+                   denoising_timesteps, context_noise: int, prompts, logger, scheduler=None) -> None:
     """End of a causal-video run on a WanPipeline teacher: replicas agree, the EMA student is saved as a
     CausalWanPipeline of stock Wan components with its recipe (rank 0), and the process group goes down on all
     ranks together."""
@@ -194,7 +242,8 @@ def finish_wan_run(accelerator, causal, model, ema, teacher, *, output_dir: str,
         final = accelerator.unwrap_model(model)
         ema.copy_to(final)
         teacher.save_student(output_dir, final, num_frames_per_block=num_frames_per_block,
-                             denoising_timesteps=denoising_timesteps, context_noise=context_noise, prompts=list(prompts))
+                             denoising_timesteps=denoising_timesteps, context_noise=context_noise, prompts=list(prompts),
+                             scheduler=scheduler)
         logger.info("saved the causal student to %s", output_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()

@@ -26,6 +26,7 @@ from ..pipelines import CausalWanPipeline
 from ..schedulers import FlowMatchFewStepScheduler, shift_times
 from .nonfinite import check_finite
 from .teachers import WEIGHT_DTYPES, TextToImageTeacher, load_prompts, read_pipeline_class
+from .video_data import read_video_folder
 
 TEXT_TO_VIDEO = {"WanPipeline": "wan"}
 
@@ -91,7 +92,10 @@ class WanTeacher(TextToImageTeacher):
                       width=video.width, revision=video.revision, variant=video.variant, cache_dir=video.cache_dir,
                       weight_dtype=video.weight_dtype, guidance_scale=guidance_scale,
                       max_sequence_length=video.max_sequence_length)
-        prompts = load_prompts(video.prompts, video.caption_column)
+        if video.prompts is not None:
+            prompts = load_prompts(video.prompts, video.caption_column)
+        else:  # the captions of the video folder serve as the prompts
+            prompts = [c for _, c in read_video_folder(video.train_data_dir, video.caption_column) if c] or [""]
         embeddings, negative = teacher.embed_prompts(prompts, negative_prompt=video.negative_prompt,
                                                      batch_size=video.encode_batch_size, cache_dir=video.embeddings_cache)
         teacher.release_text_encoders()
@@ -112,13 +116,14 @@ class WanTeacher(TextToImageTeacher):
         return shift_times(u, self.shift if shift is None else shift)
 
     def save_student(self, output_dir: str, student, *, num_frames_per_block: int, denoising_timesteps,
-                     context_noise: int = 0, prompts=("",)) -> CausalWanPipeline:
+                     context_noise: int = 0, prompts=("",), scheduler=None) -> CausalWanPipeline:
         """A CausalWanPipeline folder: the student (fp32) with the teacher's tokenizer, UMT5 and VAE, the
-        recipe in its config; reloaded, it streams a sample of the first prompt to samples.gif."""
+        recipe in its config (`scheduler`: default FlowMatchFewStepScheduler, x0 then fresh noise); reloaded,
+        it streams a sample of the first prompt to samples.gif."""
         check_finite(student, "the video student")
         load = dict(self.load_kwargs)
         pipe = CausalWanPipeline(
-            transformer=student.float(), scheduler=FlowMatchFewStepScheduler(),
+            transformer=student.float(), scheduler=scheduler or FlowMatchFewStepScheduler(),
             tokenizer=AutoTokenizer.from_pretrained(self.path, subfolder="tokenizer", revision=load["revision"],
                                                     cache_dir=load["cache_dir"]),
             text_encoder=UMT5EncoderModel.from_pretrained(self.path, subfolder="text_encoder", **load),

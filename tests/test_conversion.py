@@ -151,6 +151,15 @@ def test_cli_converts_and_reports_errors_in_one_line(tmp_path, capsys):
                      "--context_noise", "0", "--local_attn_size", "-1", "--sink_size", "0"]) == 0
     assert "CausalWanPipeline" in capsys.readouterr().out
     assert CausalWanPipeline.from_pretrained(out).config.num_frames_per_block == 3
+    layout = str(tmp_path / "layout")  # an independent first frame, then blocks of 3, sinks counted in the window
+    assert cli_main(["convert", CKPT, layout, "--use_ema", "--attention_head_dim", "16", "--block_sizes", "1,3",
+                     "--local_attn_size", "6", "--sink_size", "1", "--sinks_in_window", "true"]) == 0
+    config = CausalWanPipeline.from_pretrained(layout).config
+    assert (config.block_sizes, config.local_attn_size, config.sink_size, config.sinks_in_window) == ([1, 3], 6, 1, True)
+    assert '"block_sizes": [1, 3]' in capsys.readouterr().out
+    assert cli_main(["convert", CKPT, str(tmp_path / "bad_layout"), "--use_ema", "--attention_head_dim", "16",
+                     "--block_sizes", "1,4"]) == 2  # the repeating size must be num_frames_per_block (3)
+    assert "block_sizes" in capsys.readouterr().err and not os.path.exists(tmp_path / "bad_layout")
     assert cli_main(["convert", str(tmp_path / "missing.pt"), str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert err.endswith("is not a file.\n") and "Traceback" not in err

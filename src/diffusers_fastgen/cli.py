@@ -31,6 +31,16 @@ def _timesteps(text: str) -> list[float]:
     return values
 
 
+def _block_sizes(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one block size")
+    return values
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffusers-fastgen", allow_abbrev=False, description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -54,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="head dimension when the config is read off the shapes (128 in every Wan 2.1)")
     convert.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast the weights (default: as stored)")
     convert.add_argument("--num_frames_per_block", type=int, default=None, help="latent frames per causal block")
+    convert.add_argument("--block_sizes", type=_block_sizes, default=None,
+                         help="a non-uniform block layout, e.g. '1,4' (an independent first frame, then blocks of 4; "
+                              "the last size repeats and must equal --num_frames_per_block)")
     convert.add_argument("--denoising_timesteps", type=_timesteps, default=None,
                          help="per-block model timesteps, decreasing in (0, 1000], e.g. '1000,937.5,833.33,625'")
     convert.add_argument("--denoising_sigmas", type=_timesteps, default=None,
@@ -197,12 +210,14 @@ def main(argv: list[str] | None = None) -> int:
             denoising_timesteps=args.denoising_timesteps, denoising_sigmas=args.denoising_sigmas,
             context_noise=args.context_noise,
             local_attn_size=args.local_attn_size, sink_size=args.sink_size,
-            sinks_in_window=None if args.sinks_in_window is None else args.sinks_in_window == "true")
+            sinks_in_window=None if args.sinks_in_window is None else args.sinks_in_window == "true",
+            block_sizes=args.block_sizes)
     except (ValueError, TypeError, OSError) as err:
         print(f"diffusers-fastgen convert: error: {err}", file=sys.stderr)
         return 2
     recipe = {k: pipe.config[k] for k in ("num_frames_per_block", "denoising_timesteps", "denoising_sigmas",
-                                          "context_noise", "local_attn_size", "sink_size", "sinks_in_window")}
+                                          "context_noise", "local_attn_size", "sink_size", "sinks_in_window",
+                                          "block_sizes")}
     params = sum(p.numel() for p in pipe.transformer.parameters())
     print(f"wrote {args.output_dir}: CausalWanPipeline, transformer {params:,} parameters, recipe {json.dumps(recipe)}")
     return 0

@@ -56,8 +56,8 @@ def table_sigmas(timesteps, shift: float, num_train_timesteps: int = 1000) -> li
 
 
 RECIPE_FIELDS = ("num_frames_per_block", "denoising_timesteps", "context_noise", "local_attn_size", "sink_size",
-                 "denoising_sigmas", "sinks_in_window")
-_OPTIONAL_FIELDS = ("denoising_sigmas", "sinks_in_window")
+                 "denoising_sigmas", "sinks_in_window", "block_sizes")
+_OPTIONAL_FIELDS = ("denoising_sigmas", "sinks_in_window", "block_sizes")
 RECIPES = {
     "self_forcing": dict(num_frames_per_block=3, denoising_timesteps=warp_timesteps([1000, 750, 500, 250], 5.0),
                          context_noise=0, local_attn_size=-1, sink_size=0, sinks_in_window=True),

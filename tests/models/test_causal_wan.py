@@ -84,6 +84,40 @@ def test_cached_chunks_equal_one_block_causal_pass(frames_per_block, local_attn_
         assert cache.frame_ids[-1] == F_ - 1
 
 
+@pytest.mark.parametrize("layout,local_attn_size,sink_size", [((2, 3, 3), -1, 0), ((1, 3, 2), 4, 1), ((2, 1), 3, 0)])
+def test_non_uniform_layouts_mask_and_cache(layout, local_attn_size, sink_size):
+    """Block sizes whose last one repeats ([1, 2]: an independent first frame, then pairs): the mask follows
+    its definition and block-by-block with the cache equals one masked pass."""
+    from diffusers_fastgen.models.causal_wan import block_bounds
+
+    bounds = block_bounds(layout, F_)
+    block_of = {f: i for i, (a, b) in enumerate(bounds) for f in range(a, b)}
+    end_of = {f: b for a, b in bounds for f in range(a, b)}
+    m = block_causal_mask(F_, 1, layout, local_attn_size=local_attn_size, sink_size=sink_size)
+    expected = torch.tensor([[block_of[j] <= block_of[i] and (local_attn_size < 0 or j >= end_of[i] - local_attn_size
+                                                              or j < sink_size) for j in range(F_)] for i in range(F_)])
+    torch.testing.assert_close(m, expected)
+    model = tiny_wan_transformer(num_layers=2)
+    causal = CausalWan(model, layout, local_attn_size=local_attn_size, sink_size=sink_size)
+    x, timestep, text = _inputs(2)
+    with torch.no_grad():
+        full = causal(x, timestep, text)
+        cache = causal.new_cache(B, F_, H, W)
+        chunks = [causal(x[:, :, a:b], timestep[:, a:b], text, kv_cache=cache, update_cache=True) for a, b in bounds]
+    torch.testing.assert_close(torch.cat(chunks, 2), full, atol=1e-5, rtol=1e-5)
+    if local_attn_size > 0:
+        assert cache.capacity_frames == sink_size + local_attn_size - min(layout)
+
+
+def test_block_bounds_extend_the_last_size_and_name_a_bad_length():
+    from diffusers_fastgen.models.causal_wan import block_bounds
+
+    assert block_bounds((1, 4), 13) == [(0, 1), (1, 5), (5, 9), (9, 13)]
+    assert block_bounds((3,), 6) == [(0, 3), (3, 6)]
+    with pytest.raises(ValueError, match="block boundary"):
+        block_bounds((1, 4), 12)
+
+
 def test_denoising_steps_read_the_cache_without_writing_it():
     """Several reads at different noise levels, then the write: the cache holds exactly the written block."""
     model = tiny_wan_transformer(num_layers=2)

@@ -26,17 +26,22 @@ def _text(seed=0):
     return torch.randn(B, 5, 32, generator=torch.Generator().manual_seed(seed))
 
 
-def _reference_rollout(transformer, noise, text, steps, n, context_noise, seed):
+def _reference_rollout(transformer, noise, text, steps, n, context_noise, seed, layout=None, prefix=None):
     """Independent reference: no cache; each forward recomputes the whole prefix (finished blocks at the
-    context timestep, re-noised as the pipeline does) under one block-causal mask."""
-    causal = CausalWan(transformer, n)
+    context timestep, re-noised as the pipeline does) under one block-causal mask. `layout`: explicit block
+    sizes covering the video; `prefix`: given clean frames that are the first blocks."""
+    layout = layout or [n] * (noise.shape[2] // n)
+    causal = CausalWan(transformer, tuple(layout))
     g = torch.Generator().manual_seed(seed)
     sched = FlowMatchFewStepScheduler()
     done, contexts = [], []
-    for start in range(0, noise.shape[2], n):
+    starts = [sum(layout[:i]) for i in range(len(layout))]
+    for start, n in zip(starts, layout):
         sched.set_timesteps(timesteps=steps)
         x = noise[:, :, start:start + n]
-        for timestep in sched.timesteps:
+        if prefix is not None and start + n <= prefix.shape[2]:
+            x = prefix[:, :, start:start + n]
+        for timestep in sched.timesteps if prefix is None or start + n > prefix.shape[2] else []:
             seq = torch.cat(contexts + [x], 2)
             frame_t = torch.cat([torch.full((B, start), float(context_noise)), timestep.expand(B, n)], 1)
             v = causal(seq, frame_t, text)[:, :, start:]
@@ -58,6 +63,35 @@ def test_cached_generation_equals_recomputing_the_prefix(context_noise):
     ref_model = tiny_wan_transformer(num_layers=2)
     ref = _reference_rollout(ref_model, noise, text, STEPS, 2, context_noise, seed=2)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("context_noise", [0, 100])
+def test_a_non_uniform_layout_and_a_clean_prefix(context_noise):
+    """block_sizes [1, 2, 1] (then 1s; ends at 1, 3, 4, 5, 6): blocks are streamed with those sizes and the video
+    equals the cache-free reference; prefix_latents (the first 3 frames given clean) are yielded unchanged and
+    condition the rest exactly as if the pipeline had generated them."""
+    pipe = _pipe(context_noise=context_noise, block_sizes=[1, 2, 1], num_frames_per_block=1)
+    noise = torch.randn(B, C, F_, H, W, generator=torch.Generator().manual_seed(1))
+    text = _text()
+    blocks = list(pipe.stream(prompt_embeds=text, latents=noise, height=H, width=W,
+                              generator=torch.Generator().manual_seed(2)))
+    assert [b.shape[2] for b in blocks] == [1, 2, 1, 1, 1]
+    ref = _reference_rollout(tiny_wan_transformer(num_layers=2), noise, text, STEPS, 1, context_noise, seed=2,
+                             layout=[1, 2, 1, 1, 1])
+    torch.testing.assert_close(torch.cat(blocks, 2), ref, atol=1e-5, rtol=1e-5)
+    prefix = torch.randn(B, C, 3, H, W, generator=torch.Generator().manual_seed(5))
+    out = pipe(prompt_embeds=text, latents=noise, height=H, width=W, output_type="latent", prefix_latents=prefix,
+               generator=torch.Generator().manual_seed(2)).frames
+    torch.testing.assert_close(out[:, :, :3], prefix)
+    ref = _reference_rollout(tiny_wan_transformer(num_layers=2), noise, text, STEPS, 1, context_noise, seed=2,
+                             layout=[1, 2, 1, 1, 1], prefix=prefix)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert (out[:, :, 3:] - torch.cat(blocks, 2)[:, :, 3:]).abs().max() > 1e-3  # the prefix conditions the rest
+    for bad in (torch.randn(B, C, 2, H, W), torch.randn(B, C, 6, H, W), torch.randn(B, 3, 3, H, W)):
+        with pytest.raises(ValueError, match="prefix_latents"):  # not on a block end / the whole video / channels
+            pipe(prompt_embeds=text, latents=noise, height=H, width=W, prefix_latents=bad)
+    with pytest.raises(ValueError, match="block boundary"):
+        _pipe(block_sizes=[4, 3], num_frames_per_block=3)(prompt_embeds=text, num_frames=6, height=H, width=W)
 
 
 def test_separate_noise_levels_feed_the_recipe_timesteps_and_renoise_at_the_sigmas():
@@ -191,7 +225,10 @@ def test_text_encoder_vae_cfg_path():
                                           ({"num_frames_per_block": 2.5}, "num_frames_per_block"),
                                           ({"local_attn_size": 3, "sink_size": 2, "sinks_in_window": True},
                                            "sinks_in_window"),
-                                          ({"sinks_in_window": "yes"}, "sinks_in_window")])
+                                          ({"sinks_in_window": "yes"}, "sinks_in_window"),
+                                          ({"block_sizes": [1, 3]}, "block_sizes"),
+                                          ({"block_sizes": [1, 0, 2]}, "num_frames_per_block"),
+                                          ({"block_sizes": [1, 4, 2], "local_attn_size": 3}, "local_attn_size")])
 def test_bad_config_names_the_setting(config, match):
     with pytest.raises(ValueError, match=match):
         _pipe(**config)

@@ -32,22 +32,54 @@ from diffusers import WanTransformer3DModel
 from .unwrap import unwrap_model
 
 
-def _frame_visibility(q_frames: torch.Tensor, k_frames: torch.Tensor, num_frames_per_block: int,
+def as_layout(num_frames_per_block) -> tuple[int, ...]:
+    """A block layout: the sizes of the first blocks, the last size repeating for ever after. An int N is the
+    uniform layout (N,); [1, 4] is an independent first frame, then blocks of 4."""
+    return (num_frames_per_block,) if isinstance(num_frames_per_block, int) else tuple(num_frames_per_block)
+
+
+def frame_blocks(frames: torch.Tensor, layout: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(block index, end frame of that block) of each absolute frame index under `layout`."""
+    ends = torch.tensor(layout).cumsum(0)
+    total, last = int(ends[-1]), layout[-1]
+    inside = torch.searchsorted(ends, frames, right=True).clamp(max=len(layout) - 1)
+    beyond = (frames - total).clamp(min=0) // last
+    block = torch.where(frames < total, inside, len(layout) + beyond)
+    end = torch.where(frames < total, ends[inside], total + (beyond + 1) * last)
+    return block, end
+
+
+def block_bounds(layout: tuple[int, ...], num_frames: int) -> list[tuple[int, int]]:
+    """[(start, end)] of the blocks covering frames [0, num_frames); ValueError unless num_frames ends a block."""
+    bounds, start, i = [], 0, 0
+    while start < num_frames:
+        size = layout[min(i, len(layout) - 1)]
+        bounds.append((start, start + size))
+        start, i = start + size, i + 1
+    if start != num_frames:
+        raise ValueError(f"`num_frames` ({num_frames}) must end on a block boundary of the layout {list(layout)} "
+                         f"(the last size repeating); the blocks end at {[e for _, e in bounds]}.")
+    return bounds
+
+
+def _frame_visibility(q_frames: torch.Tensor, k_frames: torch.Tensor, num_frames_per_block,
                       local_attn_size: int, sink_size: int) -> torch.Tensor:
     """(Fq, Fk) bool: may a query at absolute frame q see a key at absolute frame k.
 
     visible = block(k) <= block(q) and (local_attn_size < 0 or k >= end(block(q)) - local_attn_size or k < sink_size),
-    block(f) = f // N, end(b) = (b + 1) N."""
-    q_block, k_block = q_frames // num_frames_per_block, k_frames // num_frames_per_block
+    block(f) = f // N and end(b) = (b + 1) N for a uniform layout (`frame_blocks` for others)."""
+    layout = as_layout(num_frames_per_block)
+    q_block, q_end = frame_blocks(q_frames, layout)
+    k_block, _ = frame_blocks(k_frames, layout)
     visible = k_block[None, :] <= q_block[:, None]
     if local_attn_size > 0:
-        window_start = (q_block[:, None] + 1) * num_frames_per_block - local_attn_size
+        window_start = q_end[:, None] - local_attn_size
         visible &= (k_frames[None, :] >= window_start) | (k_frames[None, :] < sink_size)
     return visible
 
 
 @functools.lru_cache(maxsize=32)
-def block_causal_mask(num_frames: int, tokens_per_frame: int, num_frames_per_block: int, *,
+def block_causal_mask(num_frames: int, tokens_per_frame: int, num_frames_per_block: int | tuple[int, ...], *,
                       local_attn_size: int = -1, sink_size: int = 0, frame_offset: int = 0,
                       device: str = "cpu") -> torch.Tensor | None:
     """(S, S) bool attention mask of one pass over frames [frame_offset, frame_offset + num_frames)
@@ -227,7 +259,8 @@ class CausalWan:
     Args:
         model: the Wan transformer, possibly wrapped (DDP/FSDP/compile) or peft-adapted; its weights and
             state dict are not touched.
-        num_frames_per_block: N latent frames per causal block (1 = frame-causal).
+        num_frames_per_block: N latent frames per causal block (1 = frame-causal), or a layout of block
+            sizes whose last size repeats (`as_layout`; e.g. (1, 4): an independent first frame).
         local_attn_size: attend to the last `local_attn_size` frames only (counting the query's own
             block; -1 = all earlier frames). Must be >= N.
         sink_size: the first `sink_size` frames stay visible to every later frame (with a local window).
@@ -250,6 +283,8 @@ class CausalWan:
         self.check_layout(num_frames_per_block, local_attn_size, sink_size, sinks_in_window)
         if sinks_in_window and local_attn_size != -1:  # one convention inside: sinks outside the window
             local_attn_size -= sink_size
+        if not isinstance(num_frames_per_block, int):
+            num_frames_per_block = as_layout(num_frames_per_block)  # hashable, for the memoised masks
         if inner.config.patch_size[0] != 1:
             raise ValueError(f"causal blocks need a temporal patch size of 1, got patch_size={inner.config.patch_size}.")
         if any(block.attn2.add_k_proj is not None for block in inner.blocks):
@@ -271,12 +306,15 @@ class CausalWan:
         """ValueError naming the setting unless the block / window / sink sizes fit together."""
         if not isinstance(sinks_in_window, bool):
             raise ValueError(f"`sinks_in_window` must be True or False, got {sinks_in_window!r}.")
-        for name, value in (("num_frames_per_block", num_frames_per_block), ("local_attn_size", local_attn_size),
-                            ("sink_size", sink_size)):
+        sizes = [num_frames_per_block] if isinstance(num_frames_per_block, (int, float, str, bool)) or \
+            num_frames_per_block is None else list(num_frames_per_block)
+        if not sizes or any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in sizes):
+            raise ValueError(f"`num_frames_per_block` must be an integer >= 1 or a non-empty list of them (block sizes), "
+                             f"got {num_frames_per_block!r}.")
+        for name, value in (("local_attn_size", local_attn_size), ("sink_size", sink_size)):
             if not isinstance(value, int) or isinstance(value, bool):
                 raise ValueError(f"`{name}` must be an integer, got {value!r}.")
-        if num_frames_per_block < 1:
-            raise ValueError(f"`num_frames_per_block` must be >= 1, got {num_frames_per_block}.")
+        num_frames_per_block = max(sizes)  # the window must hold the largest block
         if local_attn_size != -1 and local_attn_size < num_frames_per_block:
             raise ValueError(f"`local_attn_size` must be -1 (global) or >= num_frames_per_block "
                              f"({num_frames_per_block}), got {local_attn_size}.")
@@ -304,8 +342,8 @@ class CausalWan:
         """An empty cache for `batch_size` videos of latent size (height, width), up to `max_frames` frames
         (with a local window it holds only sink_size + local_attn_size - N of them)."""
         st, cfg = self.state, self.config
-        capacity = max_frames if st.local_attn_size == -1 else min(
-            max_frames, st.sink_size + st.local_attn_size - st.num_frames_per_block)
+        capacity = max_frames if st.local_attn_size == -1 else min(  # the smallest block sees the most context
+            max_frames, st.sink_size + st.local_attn_size - min(as_layout(st.num_frames_per_block)))
         return KVCache(cfg.num_layers, batch_size, cfg.num_attention_heads, cfg.attention_head_dim,
                        self.tokens_per_frame(height, width), max(capacity, 1), sink_size=st.sink_size,
                        device=device, dtype=dtype)

@@ -27,7 +27,7 @@ from diffusers import DiffusionPipeline
 from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from ...models.causal_wan import CausalWan
+from ...models.causal_wan import CausalWan, block_bounds
 
 
 class CausalWanPipeline(DiffusionPipeline):
@@ -43,6 +43,9 @@ class CausalWanPipeline(DiffusionPipeline):
         context_noise: timestep at which finished blocks are written into the cache (0 = clean).
         local_attn_size: attention window in latent frames (-1 = every earlier frame).
         sink_size: frames at the start that stay visible with a local window.
+        block_sizes: a non-uniform block layout, e.g. [1, 4] (an independent first frame, then blocks of 4):
+            the sizes of the first blocks, the last one repeating (it must equal num_frames_per_block);
+            None: every block has num_frames_per_block frames.
         sinks_in_window: whether `local_attn_size` counts the sinks (True: Self-Forcing's / LongLive's
             convention, local_attn_size - sink_size recent frames) or not (False: local_attn_size recent
             frames plus the sinks).
@@ -54,22 +57,25 @@ class CausalWanPipeline(DiffusionPipeline):
     def __init__(self, transformer, scheduler, tokenizer=None, text_encoder=None, vae=None,
                  num_frames_per_block: int = 3, denoising_timesteps: list[float] | None = None,
                  context_noise: int = 0, local_attn_size: int = -1, sink_size: int = 0,
-                 denoising_sigmas: list[float] | None = None, sinks_in_window: bool = False):
+                 denoising_sigmas: list[float] | None = None, sinks_in_window: bool = False,
+                 block_sizes: list[int] | None = None):
         super().__init__()
         denoising_timesteps = [1000, 750, 500, 250] if denoising_timesteps is None else list(denoising_timesteps)
         denoising_sigmas = None if denoising_sigmas is None else [float(s) for s in denoising_sigmas]
+        block_sizes = None if block_sizes is None else list(block_sizes)
         self.check_recipe(num_frames_per_block=num_frames_per_block, denoising_timesteps=denoising_timesteps,
                           context_noise=context_noise, local_attn_size=local_attn_size, sink_size=sink_size,
-                          denoising_sigmas=denoising_sigmas, sinks_in_window=sinks_in_window)
+                          denoising_sigmas=denoising_sigmas, sinks_in_window=sinks_in_window, block_sizes=block_sizes)
         self.register_modules(transformer=transformer, scheduler=scheduler, tokenizer=tokenizer,
                               text_encoder=text_encoder, vae=vae)
         self.register_to_config(num_frames_per_block=num_frames_per_block, denoising_timesteps=denoising_timesteps,
                                 context_noise=context_noise, local_attn_size=local_attn_size, sink_size=sink_size,
-                                denoising_sigmas=denoising_sigmas, sinks_in_window=sinks_in_window)
+                                denoising_sigmas=denoising_sigmas, sinks_in_window=sinks_in_window,
+                                block_sizes=block_sizes)
 
     @staticmethod
     def check_recipe(*, num_frames_per_block, denoising_timesteps, context_noise, local_attn_size, sink_size,
-                     denoising_sigmas=None, sinks_in_window: bool = False) -> None:
+                     denoising_sigmas=None, sinks_in_window: bool = False, block_sizes=None) -> None:
         """ValueError naming the field unless the sampling recipe is one this pipeline can run."""
         steps = list(denoising_timesteps)
         if not steps or any(not isinstance(t, (int, float)) or not 0 < t <= 1000 for t in steps) or any(
@@ -84,14 +90,25 @@ class CausalWanPipeline(DiffusionPipeline):
         if not isinstance(context_noise, (int, float)) or not 0 <= context_noise < 1000:
             raise ValueError(f"`context_noise` must be in [0, 1000), got {context_noise!r}.")
         CausalWan.check_layout(num_frames_per_block, local_attn_size, sink_size, sinks_in_window)
+        if block_sizes is not None:
+            CausalWan.check_layout(list(block_sizes), local_attn_size, sink_size, sinks_in_window)
+            if list(block_sizes)[-1] != num_frames_per_block:
+                raise ValueError(f"`block_sizes` {list(block_sizes)} must end with num_frames_per_block "
+                                 f"({num_frames_per_block}), the size that repeats.")
 
     def causal_transformer(self) -> CausalWan:
         """The transformer made block-causal for this pipeline's recipe (its attention processors swapped
         until `.remove()` or the end of a `with` block; weights untouched). `stream`/`__call__` use one for
         the duration of a generation, so the registered transformer keeps its own processors otherwise."""
         cfg = self.config
-        return CausalWan(self.transformer, cfg.num_frames_per_block, local_attn_size=cfg.local_attn_size,
+        return CausalWan(self.transformer, self.layout, local_attn_size=cfg.local_attn_size,
                          sink_size=cfg.sink_size, sinks_in_window=bool(getattr(cfg, "sinks_in_window", False)))
+
+    @property
+    def layout(self) -> tuple[int, ...]:
+        """The block sizes (the last repeating): `block_sizes`, or (num_frames_per_block,)."""
+        sizes = getattr(self.config, "block_sizes", None)
+        return tuple(sizes) if sizes else (self.config.num_frames_per_block,)
 
     # --- conditioning -------------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | list[str], max_sequence_length: int = 512, device=None) -> torch.Tensor:
@@ -113,10 +130,9 @@ class CausalWanPipeline(DiffusionPipeline):
     def _check_inputs(self, prompt, prompt_embeds, num_frames, height, width, guidance_scale, negative_prompt_embeds):
         if (prompt is None) == (prompt_embeds is None):
             raise ValueError("pass exactly one of `prompt` and `prompt_embeds`.")
-        n = self.config.num_frames_per_block
-        if num_frames < 1 or num_frames % n:
-            raise ValueError(f"`num_frames` (latent frames) must be a positive multiple of num_frames_per_block={n}, "
-                             f"got {num_frames}.")
+        if not isinstance(num_frames, int) or num_frames < 1:
+            raise ValueError(f"`num_frames` (latent frames) must be a positive integer, got {num_frames!r}.")
+        block_bounds(self.layout, num_frames)  # ValueError unless it ends on a block boundary
         _, p_h, p_w = self.transformer.config.patch_size
         if height % p_h or width % p_w:
             raise ValueError(f"latent `height`/`width` must be multiples of the patch size {(p_h, p_w)}, got "
@@ -131,14 +147,17 @@ class CausalWanPipeline(DiffusionPipeline):
     def stream(self, prompt=None, *, prompt_embeds: torch.Tensor | None = None, negative_prompt: str | list[str] = "",
                negative_prompt_embeds: torch.Tensor | None = None, image: torch.Tensor | None = None,
                num_frames: int | None = None, height: int = 8, width: int = 8, guidance_scale: float = 1.0,
-               generator: torch.Generator | None = None, latents: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+               generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
+               prefix_latents: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
         """Yield each finished block of latents (B, C, N, h, w) as soon as it is written into the cache.
 
         num_frames / height / width are in latent units. latents: the initial noise (B, C, F, h, w).
-        image: I2V first frame, as latents (B, C, 1, h, w), or pixels (B, 3, H, W) in [-1, 1] with a VAE."""
-        cfg = self.config
+        image: I2V first frame, as latents (B, C, 1, h, w), or pixels (B, 3, H, W) in [-1, 1] with a VAE.
+        prefix_latents: clean latent frames (B, C, K, h, w) that start the video (video extension; `encode_video`
+        makes them from pixels): written into the cache block by block as finished blocks are, and yielded
+        unchanged; generation goes on from frame K, which must end a block. num_frames counts them."""
         num_frames = num_frames if num_frames is not None else (latents.shape[2] if latents is not None else
-                                                                cfg.num_frames_per_block)
+                                                                self.layout[0])
         self._check_inputs(prompt, prompt_embeds, num_frames, height, width, guidance_scale, negative_prompt_embeds)
         device = self._execution_device
         text = prompt_embeds.to(device) if prompt_embeds is not None else self.encode_prompt(prompt, device=device)
@@ -147,6 +166,16 @@ class CausalWanPipeline(DiffusionPipeline):
             raise ValueError(f"`generator` is a list of {len(generator)} generators; it must have one per video ({b}).")
         if latents is not None and (latents.ndim != 5 or latents.shape[0] != b):
             raise ValueError(f"`latents` must be (B={b}, C, F, h, w), got {tuple(latents.shape)}.")
+        c = self.transformer.config.in_channels
+        if prefix_latents is not None:
+            k = prefix_latents.shape[2] if prefix_latents.ndim == 5 else -1
+            if prefix_latents.ndim != 5 or tuple(prefix_latents.shape) != (b, c, k, height, width) or \
+                    k not in [e for _, e in block_bounds(self.layout, num_frames)] or k == num_frames:
+                raise ValueError(f"`prefix_latents` must be (B={b}, C={c}, K, h={height}, w={width}) with K < num_frames "
+                                 f"({num_frames}) ending a block of the layout {list(self.layout)}, got "
+                                 f"{tuple(prefix_latents.shape)}.")
+            if image is not None:
+                raise ValueError("pass one of `image` and `prefix_latents`.")
         use_cfg = guidance_scale > 1.0
         if use_cfg:
             uncond = (negative_prompt_embeds if negative_prompt_embeds is not None else
@@ -155,7 +184,6 @@ class CausalWanPipeline(DiffusionPipeline):
             text = torch.cat([uncond.to(text), text])  # (2B, L, D): one cache for both branches
         dtype = self.transformer.dtype
         text = text.to(dtype)
-        c = self.transformer.config.in_channels
         if latents is None:
             latents = randn_tensor((b, c, num_frames, height, width), generator=generator, device=device,
                                    dtype=torch.float32)
@@ -171,21 +199,35 @@ class CausalWanPipeline(DiffusionPipeline):
             first = image.to(device=device, dtype=torch.float32)
         with self.causal_transformer() as causal:  # also restored when the consumer stops early (close())
             yield from self._blocks(causal, latents, first, text, b, num_frames, height, width, guidance_scale,
-                                    use_cfg, dtype, generator, device)
+                                    use_cfg, dtype, generator, device, prefix_latents)
+
+    def encode_video(self, video: torch.Tensor) -> torch.Tensor:
+        """Pixels (B, 3, F, H, W) in [-1, 1] -> normalised latents (B, C, f, h, w) (the VAE's posterior mode), e.g. the
+        `prefix_latents` of a video to extend."""
+        if self.vae is None:
+            raise ValueError("`encode_video` needs a VAE.")
+        encoded = self.vae.encode(video.to(self._execution_device, self.vae.dtype)).latent_dist.mode()
+        mean, std = self._latent_norm(encoded)
+        return ((encoded - mean) / std).float()
 
     def _blocks(self, causal, latents, first, text, b, num_frames, height, width, guidance_scale, use_cfg, dtype,
-                generator, device):
+                generator, device, prefix=None):
         cfg = self.config
-        n = cfg.num_frames_per_block
         cache = causal.new_cache(text.shape[0], num_frames, height, width, device=device, dtype=dtype)
         sigmas = [t / self.scheduler.config.num_train_timesteps for t in cfg.denoising_timesteps]
         model_timesteps = None  # the model sees the scheduler's timesteps (sigma * num_train_timesteps)
         if getattr(cfg, "denoising_sigmas", None) is not None:  # separate noise levels: the model sees the recipe's
             sigmas = list(cfg.denoising_sigmas)
             model_timesteps = torch.tensor(cfg.denoising_timesteps, dtype=torch.float32, device=device)
-        for start in range(0, num_frames, n):
+        for start, end in block_bounds(self.layout, num_frames):
+            n = end - start
+            if prefix is not None and end <= prefix.shape[2]:  # a given clean block: straight into the cache
+                x = prefix[:, :, start:end].to(device=device, dtype=torch.float32)
+                self._write_context(causal, x, text, cache, use_cfg, dtype, generator, device)
+                yield x
+                continue
             self.scheduler.set_timesteps(sigmas=sigmas, device=device)
-            x = latents[:, :, start:start + n]  # (B, C, N, h, w)
+            x = latents[:, :, start:end]  # (B, C, N, h, w)
             fixed = first is not None and start == 0
             for i, timestep in enumerate(self.scheduler.timesteps):
                 if fixed:
@@ -199,15 +241,19 @@ class CausalWanPipeline(DiffusionPipeline):
                 x = self.scheduler.step(v, timestep, x, generator=generator).prev_sample
             if fixed:
                 x = torch.cat([first, x[:, :, 1:]], 2)
-            # Write the finished block into the cache at `context_noise`.
-            ctx = x
-            if cfg.context_noise > 0:
-                s = cfg.context_noise / self.scheduler.config.num_train_timesteps
-                ctx = (1 - s) * x + s * randn_tensor(x.shape, generator=generator, device=device, dtype=x.dtype)
-            ctx = torch.cat([ctx, ctx]) if use_cfg else ctx
-            ctx_t = torch.full((text.shape[0],), float(cfg.context_noise), device=device)
-            causal(ctx.to(dtype), ctx_t, text, kv_cache=cache, update_cache=True)
+            self._write_context(causal, x, text, cache, use_cfg, dtype, generator, device)
             yield x
+
+    def _write_context(self, causal, x, text, cache, use_cfg, dtype, generator, device) -> None:
+        """Write a finished block into the cache at `context_noise`."""
+        noise_level = self.config.context_noise
+        ctx = x
+        if noise_level > 0:
+            s = noise_level / self.scheduler.config.num_train_timesteps
+            ctx = (1 - s) * x + s * randn_tensor(x.shape, generator=generator, device=device, dtype=x.dtype)
+        ctx = torch.cat([ctx, ctx]) if use_cfg else ctx
+        ctx_t = torch.full((text.shape[0],), float(noise_level), device=device)
+        causal(ctx.to(dtype), ctx_t, text, kv_cache=cache, update_cache=True)
 
     @staticmethod
     def _velocity(causal, x, frame_t, text, cache, guidance_scale, use_cfg, dtype):
@@ -222,7 +268,7 @@ class CausalWanPipeline(DiffusionPipeline):
                  negative_prompt_embeds: torch.Tensor | None = None, image: torch.Tensor | None = None,
                  num_frames: int | None = None, height: int = 8, width: int = 8, guidance_scale: float = 1.0,
                  generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
-                 output_type: str = "np", return_dict: bool = True,
+                 output_type: str = "np", return_dict: bool = True, prefix_latents: torch.Tensor | None = None,
                  callback_on_block_end: Callable[[int, torch.Tensor], None] | None = None):
         """Generate the whole video; `callback_on_block_end(block_index, block_latents)` runs as each block
         is finished. output_type: 'latent' ((B, C, F, h, w)), 'pt' / 'np' (frames in [0, 1]: decoded by
@@ -233,7 +279,8 @@ class CausalWanPipeline(DiffusionPipeline):
         for i, block in enumerate(self.stream(prompt, prompt_embeds=prompt_embeds, negative_prompt=negative_prompt,
                                               negative_prompt_embeds=negative_prompt_embeds, image=image,
                                               num_frames=num_frames, height=height, width=width,
-                                              guidance_scale=guidance_scale, generator=generator, latents=latents)):
+                                              guidance_scale=guidance_scale, generator=generator, latents=latents,
+                                              prefix_latents=prefix_latents)):
             if callback_on_block_end is not None:
                 callback_on_block_end(i, block)
             blocks.append(block)

@@ -32,6 +32,8 @@ setup(
         "sentencepiece",
     ],
     entry_points={"console_scripts": ["diffusers-fastgen = diffusers_fastgen.cli:main"]},
-    extras_require={"test": ["pytest>=8", "ruff>=0.6", "gradio>=5", "selenium>=4.20"], "serve": ["gradio>=5"],
-                    "wandb": ["wandb"]},
+    extras_require={"test": ["pytest>=8", "ruff>=0.6", "gradio>=5", "selenium>=4.20", "imageio>=2.30",
+                             "imageio-ffmpeg>=0.5"],
+                    "serve": ["gradio>=5"], "wandb": ["wandb"],
+                    "video": ["imageio>=2.30", "imageio-ffmpeg>=0.5"]},  # MP4 in and out (diffusers' load/export_to_video)
 )

@@ -11,6 +11,7 @@ from PIL import Image
 
 from diffusers_fastgen.cli import main
 from diffusers_fastgen.evaluation import DIGITS_TEACHER_PATH
+from diffusers_fastgen.evaluation.moving_digits import MOVING_DIGITS_TEACHER_PATH
 from diffusers_fastgen.generate import load_pipeline, to_channels_last
 from diffusers_fastgen.models.digits import digits_unet
 from diffusers_fastgen.pipelines import CausalWanPipeline, DigitsPipeline
@@ -73,6 +74,13 @@ def test_causal_video_streams_blocks_to_disk(tmp_path, capsys):
                output_type="latent").frames
     torch.testing.assert_close(torch.cat(blocks, 2), ref)
     assert os.path.isfile(os.path.join(out, "video_000.gif"))
+    mp4 = str(tmp_path / "mp4")
+    assert main(["generate", "--model", model, "--prompt", "a red cat", "--num_frames", "3", "--height", "4",
+                 "--width", "4", "--repeats", "1", "--output_dir", mp4, "--video_format", "mp4"]) == 0
+    from diffusers.utils import load_video
+
+    frames = load_video(os.path.join(mp4, "video_000.mp4"))  # 3 latent frames, no VAE: 3 frames of 4x4 pixels
+    assert len(frames) == 3
 
 
 @pytest.mark.parametrize("argv,match", [
@@ -80,6 +88,8 @@ def test_causal_video_streams_blocks_to_disk(tmp_path, capsys):
     (["--model", DIGITS_TEACHER_PATH, "--class_labels", "1", "--steps", "0"], "`steps` must be >= 1"),
     (["--model", DIGITS_TEACHER_PATH], "needs `class_labels`"),
     (["--model", DIGITS_TEACHER_PATH, "--class_labels", "1", "--lora", "NOPE"], "`lora`"),
+    (["--model", DIGITS_TEACHER_PATH, "--class_labels", "1", "--scheduler", "NotAScheduler"], "`scheduler`"),
+    (["--model", MOVING_DIGITS_TEACHER_PATH, "--prompt", "x", "--steps", "4"], "samples its recipe"),
 ])
 def test_bad_input_is_one_line_and_status_2(argv, match, capsys, tmp_path):
     assert main(["generate", *argv, "--output_dir", str(tmp_path / "g")]) == 2
@@ -150,3 +160,19 @@ def test_channels_last_agrees_with_the_default_layout(tmp_path):
                             num_frames_per_block=1, denoising_timesteps=[1000])
     with pytest.raises(ValueError, match="channels_last"):
         to_channels_last(wan)
+
+
+def test_scheduler_override_is_the_named_class_on_the_same_config(tmp_path):
+    """--scheduler swaps the recipe's scheduler for another class built from its config: the images are that
+    scheduler's, not the recipe's."""
+    out = str(tmp_path / "gen")
+    assert main(["generate", "--model", DIGITS_TEACHER_PATH, "--class_labels", "3", "--steps", "3", "--scheduler",
+                 "FlowMatchFewStepScheduler", "--repeats", "1", "--output_dir", out]) == 0
+    pipe = DigitsPipeline.from_pretrained(DIGITS_TEACHER_PATH)
+    pipe.set_progress_bar_config(disable=True)
+    recipe = pipe([3], num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    pipe.scheduler = FlowMatchFewStepScheduler.from_config(pipe.scheduler.config)
+    swapped = pipe([3], num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    png = _png(os.path.join(out, "image_000.png"))
+    np.testing.assert_allclose(png, np.round(np.clip(swapped[..., 0], 0, 1) * 255) / 255, atol=1e-6)
+    assert np.abs(png - np.round(np.clip(recipe[..., 0], 0, 1) * 255) / 255).max() > 0.05

@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompts_file", default=None, help=".txt (one per line), .jsonl or .csv (column 'text')")
     gen.add_argument("--class_labels", type=int, nargs="+", default=None, help="digits classes (DigitsPipeline)")
     gen.add_argument("--steps", type=int, default=None, help="sampling steps (default: the pipeline's)")
+    gen.add_argument("--scheduler", default=None,
+                     help="override the recipe's scheduler by class name (e.g. EulerDiscreteScheduler), same config")
     gen.add_argument("--guidance_scale", type=float, default=None, help="CFG scale (default: the pipeline's)")
     gen.add_argument("--num_images", type=int, default=1, help="samples per prompt / class")
     gen.add_argument("--batch_size", type=int, default=1)
@@ -95,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--height", type=int, default=None, help="pixels (latent units for CausalWanPipeline)")
     gen.add_argument("--width", type=int, default=None)
     gen.add_argument("--num_frames", type=int, default=None, help="latent frames (CausalWanPipeline)")
+    gen.add_argument("--video_format", choices=["gif", "mp4"], default="gif",
+                     help="how videos are written (mp4 needs imageio and imageio-ffmpeg)")
     gen.add_argument("--dtype", choices=sorted(GENERATE_DTYPES), default="fp32")
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--quantize", choices=["int8"], default=None,
@@ -174,11 +178,11 @@ def _generate(args) -> int:
                   batch_size=args.batch_size, num_images=args.num_images, warmup=args.warmup, repeats=args.repeats)
     disable_progress_bar()  # diffusers' loading bars would interleave with the table and the error line
     pipe = load_pipeline(args.model, lora=args.lora, dtype=args.dtype, device=args.device, quantize=args.quantize,
-                         compile=args.compile, channels_last=args.channels_last)
+                         compile=args.compile, channels_last=args.channels_last, scheduler=args.scheduler)
     out = generate(pipe, prompts=prompts, class_labels=args.class_labels, num_images=args.num_images,
                    batch_size=args.batch_size, steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed,
                    warmup=args.warmup, repeats=args.repeats, output_dir=args.output_dir, height=args.height,
-                   width=args.width, num_frames=args.num_frames)
+                   width=args.width, num_frames=args.num_frames, video_format=args.video_format)
     t = out["timing"]
     unit = "frames" if "videos" in out else "images"
     print(f"| model | batches x size | median s / batch | {unit} / s | peak RSS MB |"

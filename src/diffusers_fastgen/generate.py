@@ -20,9 +20,10 @@ import diffusers
 import numpy as np
 import torch
 from diffusers import DiffusionPipeline
-from diffusers.utils import export_to_gif
+from diffusers.utils import export_to_gif, export_to_video
 from PIL import Image
 
+from . import schedulers as fastgen_schedulers
 from .pipelines import CausalWanPipeline, DigitsPipeline
 from .training.accelerate_setup import peak_rss_mb
 from .training.teachers import load_prompts
@@ -50,6 +51,9 @@ def check_request(class_name: str | None, *, prompts, class_labels, steps, batch
                          f"{num_images}, {warmup}, {repeats}.")
     if steps is not None and steps < 1:
         raise ValueError(f"`steps` must be >= 1, got {steps}.")
+    if steps is not None and class_name == "CausalWanPipeline":
+        raise ValueError("`steps`: a CausalWanPipeline samples its recipe (denoising_timesteps in model_index.json); "
+                         "convert it with another recipe to change the steps.")
     if class_name == "DigitsPipeline":
         if not class_labels or any(not 0 <= c <= 9 for c in class_labels):
             raise ValueError("a DigitsPipeline needs `class_labels` (0-9).")
@@ -88,18 +92,31 @@ def to_channels_last(pipe) -> list[str]:
     return names
 
 
+def scheduler_class(name: str):
+    """A scheduler class by name: diffusers' (`EulerDiscreteScheduler`, `LCMScheduler`, ...) or ours
+    (`FlowMatchFewStepScheduler`); ValueError naming `scheduler` otherwise."""
+    cls = getattr(diffusers, name, None) or getattr(fastgen_schedulers, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
+        raise ValueError(f"`scheduler` {name!r} is not a diffusers scheduler class (e.g. EulerDiscreteScheduler, "
+                         "LCMScheduler, FlowMatchEulerDiscreteScheduler, FlowMatchFewStepScheduler).")
+    return cls
+
+
 def load_pipeline(model: str, *, lora: str | None = None, dtype: str = "fp32", device: str = "cpu",
-                  quantize: str | None = None, compile: bool = False, channels_last: bool = False):
+                  quantize: str | None = None, compile: bool = False, channels_last: bool = False,
+                  scheduler: str | None = None):
     """The pipeline of a folder (or Hub id); ValueError naming `model` / `lora` when they do not fit.
     quantize='int8': the denoiser's Linear layers in int8 (`quantize_int8`, CPU, fp32 only).
     compile: the denoiser wrapped in torch.compile (inductor; compiled on the first call, so keep --warmup).
-    channels_last: the UNet and VAE in channels-last memory format (`to_channels_last`)."""
+    channels_last: the UNet and VAE in channels-last memory format (`to_channels_last`).
+    scheduler: replace the recipe's scheduler by this class, built from the pipeline's scheduler config."""
     if dtype not in DTYPES:
         raise ValueError(f"`dtype` must be one of {sorted(DTYPES)}, got {dtype!r}.")
     if quantize not in (None, "int8"):
         raise ValueError(f"`quantize` must be None or 'int8', got {quantize!r}.")
     if quantize and (dtype != "fp32" or device != "cpu"):
         raise ValueError("`quantize` int8 runs on the CPU in fp32 (torch's dynamic quantization).")
+    override = scheduler_class(scheduler) if scheduler is not None else None
     name = pipeline_class_name(model)
     try:
         pipe = OURS[name].from_pretrained(model) if name in OURS else DiffusionPipeline.from_pretrained(
@@ -119,6 +136,8 @@ def load_pipeline(model: str, *, lora: str | None = None, dtype: str = "fp32", d
         if os.path.isfile(sched):  # the LoRA student's sampling recipe
             cls = getattr(diffusers, json.load(open(sched))["_class_name"])
             pipe.scheduler = cls.from_pretrained(lora, subfolder="scheduler")
+    if override is not None:
+        pipe.scheduler = override.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     if quantize == "int8":
         quantize_int8(getattr(pipe, "unet", None) or pipe.transformer)
@@ -147,8 +166,12 @@ def _to_pil(array) -> Image.Image:
 def generate(pipe, *, prompts: list[str] | None = None, class_labels: list[int] | None = None, num_images: int = 1,
              batch_size: int = 1, steps: int | None = None, guidance_scale: float | None = None, seed: int = 0,
              warmup: int = 1, repeats: int = 1, output_dir: str | None = None, height: int | None = None,
-             width: int | None = None, num_frames: int | None = None) -> dict:
-    """Sample `num_images` per prompt (or class label); returns {"images" | "videos": [...], "timing": {...}}."""
+             width: int | None = None, num_frames: int | None = None, video_format: str = "gif") -> dict:
+    """Sample `num_images` per prompt (or class label); returns {"images" | "videos": [...], "timing": {...}}.
+    Videos are written as GIF or MP4 (`video_format`; MP4 through diffusers' export_to_video, which needs
+    imageio and imageio-ffmpeg)."""
+    if video_format not in ("gif", "mp4"):
+        raise ValueError(f"`video_format` must be 'gif' or 'mp4', got {video_format!r}.")
     check_request(type(pipe).__name__, prompts=prompts, class_labels=class_labels, steps=steps, batch_size=batch_size,
                   num_images=num_images, warmup=warmup, repeats=repeats)
     digits, video = isinstance(pipe, DigitsPipeline), isinstance(pipe, CausalWanPipeline)
@@ -204,7 +227,11 @@ def generate(pipe, *, prompts: list[str] | None = None, class_labels: list[int] 
     if output_dir:
         for i, out in enumerate(outputs):
             if video:
-                export_to_gif([_to_pil(f) for f in out], os.path.join(output_dir, f"video_{i:03d}.gif"))
+                path = os.path.join(output_dir, f"video_{i:03d}.{video_format}")
+                if video_format == "gif":
+                    export_to_gif([_to_pil(f) for f in out], path)
+                else:
+                    export_to_video([np.asarray(_to_pil(f).convert("RGB")) / 255.0 for f in out], path, fps=8)
             else:
                 _to_pil(out).save(os.path.join(output_dir, f"image_{i:03d}.png"))
         if not video:

@@ -121,6 +121,11 @@ def videos(tmp_path_factory):
     for k in range(9):
         Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / "clip" / f"{k:03d}.png")
     rows.append({"file_name": "clip", "text": "a small digit"})
+    from diffusers.utils import export_to_video  # an MP4 as well (read back through imageio-ffmpeg)
+
+    export_to_video([rng.integers(0, 255, (32, 32, 3)).astype(np.float32) / 255 for _ in range(9)],
+                    str(root / "clip.mp4"), fps=8)
+    rows.append({"file_name": "clip.mp4", "text": "the big one"})
     (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(root)
 
@@ -146,9 +151,9 @@ def test_video_folder_latents_are_the_wan_vae_encoding(wan, videos, tmp_path):
 
     teacher = WanTeacher(wan[0], num_frames=9, height=32, width=32)
     shards = LatentShards(encode_video_dataset(teacher, train_data_dir=videos, out_dir=str(tmp_path), shard_size=3))
-    assert len(shards) == 4 and shards.first_captions[1] == "a blue dog on the horse"
-    rows = shards.rows(torch.arange(4))
-    assert rows["latents"].shape == (4, 16, 3, 4, 4)
+    assert len(shards) == 5 and shards.first_captions[1] == "a blue dog on the horse"
+    rows = shards.rows(torch.arange(5))
+    assert rows["latents"].shape == (5, 16, 3, 4, 4)
     with Image.open(os.path.join(videos, "0.gif")) as gif:  # by hand: frames 0-8 of the GIF in [-1, 1]
         frames = [np.asarray(f.convert("RGB"), dtype=np.float32) for f in ImageSequence.Iterator(gif)][:9]
     pixels = torch.from_numpy(np.stack(frames)).permute(3, 0, 1, 2)[None] / 127.5 - 1
@@ -158,7 +163,7 @@ def test_video_folder_latents_are_the_wan_vae_encoding(wan, videos, tmp_path):
     mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
     std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
     torch.testing.assert_close(rows["latents"][:1], (z - mean) / std, atol=1e-5, rtol=1e-5)
-    captions = ["a red cat", "a blue dog on the horse", "three green apples", "a small digit"]
+    captions = ["a red cat", "a blue dog on the horse", "three green apples", "a small digit", "the big one"]
     torch.testing.assert_close(rows["encoder_hidden_states"], teacher._encode(captions)["encoder_hidden_states"])
 
 

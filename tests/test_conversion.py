@@ -90,6 +90,11 @@ def test_causvid_recipe_feeds_its_timesteps_at_table_noise_levels(tmp_path):
     config = CausalWanPipeline.from_pretrained(out).config
     assert config.denoising_timesteps == [1000.0, 757.0, 522.0]
     assert [round(x, 4) for x in config.denoising_sigmas] == [1.0, 0.7568, 0.5217]
+    out4 = str(tmp_path / "causvid4")  # the warped 4-step sampler: 8u / (1 + 7u) at u = 1, .75, .5, .25
+    convert_causal_checkpoint(CKPT, out4, recipe="causvid_4step", attention_head_dim=16)
+    config = CausalWanPipeline.from_pretrained(out4).config
+    expected = [1000 * 8 * u / (1 + 7 * u) for u in (1, 0.75, 0.5, 0.25)]
+    assert config.denoising_timesteps == pytest.approx(expected, abs=1e-3) and config.denoising_sigmas is None
 
 
 def test_fastgen_and_plain_layouts_load_the_same_weights(tmp_path):

@@ -13,7 +13,8 @@ Original Wan names are mapped with diffusers' own single-file converter
 folder, or is read off the tensor shapes (only the head dimension cannot be: every released Wan 2.1 uses
 128). Keys are checked strictly: a missing or unexpected key is a ValueError listing them.
 
-Recipes (`RECIPES`): `causvid_3step` feeds model timesteps [1000, 757, 522] and re-noises at their noise
+Recipes (`RECIPES`): `causvid_4step` is CausVid's warped 4-step sampler ([1000, 750, 500, 250] on its shift-8
+table: [1000, 960, 888.9, 727.3]). `causvid_3step` feeds model timesteps [1000, 757, 522] and re-noises at their noise
 levels on CausVid's discrete shift-8 table ([1, 0.7568, 0.5217]; built from the recipe's description, with
 no reference outputs to check against). `self_forcing` is the released Self-Forcing sampler (3 latent frames per block, model
 timesteps [1000, 750, 500, 250] warped by shift 5 -> [1000, 937.5, 833.33, 625], x0 re-noised with fresh
@@ -61,6 +62,10 @@ _OPTIONAL_FIELDS = ("denoising_sigmas", "sinks_in_window", "block_sizes")
 RECIPES = {
     "self_forcing": dict(num_frames_per_block=3, denoising_timesteps=warp_timesteps([1000, 750, 500, 250], 5.0),
                          context_noise=0, local_attn_size=-1, sink_size=0, sinks_in_window=True),
+    # CausVid's warped 4-step sampler: [1000, 750, 500, 250] looked up on its shift-8 table, as Self-Forcing's
+    # warp_denoising_step does with shift 5 (-> [1000, 960, 888.9, 727.3]).
+    "causvid_4step": dict(num_frames_per_block=3, denoising_timesteps=warp_timesteps([1000, 750, 500, 250], 8.0),
+                          context_noise=0, local_attn_size=-1, sink_size=0, sinks_in_window=True),
     # Model timesteps [1000, 757, 522] fed as they are, re-noised at their table noise levels (shift 8).
     "causvid_3step": dict(num_frames_per_block=3, denoising_timesteps=[1000.0, 757.0, 522.0],
                           denoising_sigmas=table_sigmas([1000, 757, 522], 8.0), context_noise=0, local_attn_size=-1,

@@ -167,6 +167,25 @@ def test_gradients_flow_through_the_masked_pass():
     assert model.proj_out.weight.grad.abs().sum() > 0
 
 
+def test_the_model_called_directly_stays_stock_wan_while_causal_is_installed():
+    """One module, two roles (LoRA adapters on one base): calls through CausalWan are block-causal, direct calls
+    of the same model run the processors it had before, also right after a causal call with a cache."""
+    model = tiny_wan_transformer(num_layers=2)
+    x, _, text = _inputs(3)
+    timestep = torch.tensor([300.0, 700.0])
+    with torch.no_grad():
+        stock = model(hidden_states=x, timestep=timestep, encoder_hidden_states=text).sample
+        causal = CausalWan(model, 2)
+        masked = causal(x, timestep, text)
+        cache = causal.new_cache(B, F_, H, W)
+        causal(x[:, :, :2], timestep, text, kv_cache=cache, update_cache=True)
+        direct = model(hidden_states=x, timestep=timestep, encoder_hidden_states=text).sample
+        again = causal(x, timestep, text)
+    torch.testing.assert_close(direct, stock, atol=0, rtol=0)
+    assert (masked - stock).abs().max() > 1e-3
+    torch.testing.assert_close(again, masked, atol=0, rtol=0)
+
+
 def test_sinks_inside_the_window_is_self_forcings_cache_size():
     """sinks_in_window=True (Self-Forcing / LongLive): a window of L frames holds the S sinks, so L - S recent
     frames are seen (the same as L - S with the sinks outside), and the cache holds L - N context frames."""

@@ -163,6 +163,11 @@ class _State:
         self.cache: KVCache | None = None
         self.update_cache = False
         self.cached_mask: torch.Tensor | None = None  # (S_new, S_ctx + S_new) for the cached pass, None = all visible
+        # Whether the model's last top-level forward came from CausalWan.__call__ (set by a forward pre-hook): other
+        # calls run it as stock Wan. It stays set after the call, so gradient checkpointing's recomputation in the
+        # backward pass sees the forward it recomputes -- unless the model was called otherwise in between, which is
+        # why a shared module (LoRA adapters on one base) refuses gradient checkpointing.
+        self.active = False
 
 
 def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -182,13 +187,17 @@ def _attend(q, k, v, mask) -> torch.Tensor:
 
 
 class CausalSelfAttnProcessor:
-    """Wan self-attention under the block-causal mask, reading from / writing to the state's KV cache."""
+    """Wan self-attention under the block-causal mask, reading from / writing to the state's KV cache; outside
+    a CausalWan call, the processor the model had before (so one module can serve a causal student and a
+    bidirectional teacher, e.g. LoRA adapters on one base)."""
 
-    def __init__(self, state: _State, layer: int):
-        self.state, self.layer = state, layer
+    def __init__(self, state: _State, layer: int, fallback):
+        self.state, self.layer, self.fallback = state, layer, fallback
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         st = self.state
+        if not st.active:
+            return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
         if attn.fused_projections:
             q, k, v = attn.to_qkv(hidden_states).chunk(3, dim=-1)
         else:
@@ -217,10 +226,12 @@ class CachedCrossAttnProcessor:
     gradient (Self-Forcing's exit step, after no-grad steps filled the cache) recomputes them, so that
     `to_k`, `to_v` and `norm_k` get their gradient."""
 
-    def __init__(self, state: _State, layer: int):
-        self.state, self.layer = state, layer
+    def __init__(self, state: _State, layer: int, fallback):
+        self.state, self.layer, self.fallback = state, layer, fallback
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        if not self.state.active:
+            return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
         cache = self.state.cache
         q = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
         if cache is not None and cache.cross[self.layer] is not None and not torch.is_grad_enabled():
@@ -295,11 +306,16 @@ class CausalWan:
         self._previous = inner.attn_processors  # restored by remove()
         processors = {}
         for i, _ in enumerate(inner.blocks):
-            processors[f"blocks.{i}.attn1.processor"] = CausalSelfAttnProcessor(self.state, i)
-            processors[f"blocks.{i}.attn2.processor"] = CachedCrossAttnProcessor(self.state, i)
+            processors[f"blocks.{i}.attn1.processor"] = CausalSelfAttnProcessor(
+                self.state, i, self._previous[f"blocks.{i}.attn1.processor"])
+            processors[f"blocks.{i}.attn2.processor"] = CachedCrossAttnProcessor(
+                self.state, i, self._previous[f"blocks.{i}.attn2.processor"])
         inner.set_attn_processor(processors)
+        self._calling = False
+        self._active_hook = inner.register_forward_pre_hook(lambda module, args: setattr(self.state, "active", self._calling))
         self._hook = inner.rope.register_forward_hook(
-            lambda rope, args, out: _rope_from_offset(rope, args[0], self.state.frame_offset) if self.state.frame_offset else out)
+            lambda rope, args, out: _rope_from_offset(rope, args[0], self.state.frame_offset)
+            if self.state.active and self.state.frame_offset else out)
 
     @staticmethod
     def check_layout(num_frames_per_block, local_attn_size, sink_size, sinks_in_window: bool = False) -> None:
@@ -352,6 +368,7 @@ class CausalWan:
         """Put back the attention processors the model had before and drop the RoPE hook."""
         self.unwrapped.set_attn_processor(dict(self._previous))
         self._hook.remove()
+        self._active_hook.remove()
 
     def __enter__(self) -> CausalWan:
         return self
@@ -390,10 +407,12 @@ class CausalWan:
                 visible.repeat_interleave(p, 0).repeat_interleave(p, 1).to(hidden_states.device))
             if update_cache:
                 kv_cache.plan_write(new_ids)
+        self._calling = True
         try:
             out = self.model(hidden_states=hidden_states, timestep=timestep, encoder_hidden_states=encoder_hidden_states,
                              return_dict=False)[0]
         finally:
+            self._calling = False
             st.cache, st.update_cache, st.cached_mask = None, False, None
         if update_cache:
             kv_cache.commit()

@@ -56,6 +56,35 @@ def test_distillation_scripts_two_steps(video_teacher, tmp_path, script, extra, 
     _check_folder(out, 2, 2)
 
 
+def test_self_forcing_lora_student_is_the_teacher_plus_its_adapter(video_teacher, tmp_path):
+    """--lora_rank: student and fake score are adapters on the frozen teacher; the saved CausalWanPipeline holds
+    the teacher with the EMA student adapter merged, and pytorch_lora_weights.safetensors applied to the teacher
+    with stock load_lora_adapter gives the same model."""
+    from diffusers import WanTransformer3DModel
+
+    out = str(tmp_path / "sf_lora")
+    run_script("self_forcing", ["--teacher", video_teacher, "--output_dir", out, "--num_student_steps", "2",
+                                "--student_update_freq", "2", "--lora_rank", "4", "--validation_steps", "2",
+                                *COMMON])
+    _check_folder(out, 2, 2)
+    before, after = _weights(video_teacher), _weights(out)
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed and all(k.rsplit(".", 1)[0].endswith(("to_q", "to_k", "to_v", "to_out.0", "proj_out")) for k in changed)
+    assert os.listdir(os.path.join(out, "samples")) == ["step_000002.png"]
+    merged = CausalWanPipeline.from_pretrained(out).transformer
+    adapted = WanTransformer3DModel.from_pretrained(video_teacher, subfolder="transformer")
+    adapted.load_lora_adapter(os.path.join(out, "pytorch_lora_weights.safetensors"), adapter_name="student")
+    x, t = torch.randn(2, 1, 8, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([400.0, 800.0])
+    text = moving_digits_cond(torch.tensor([1, 5]), torch.tensor([[1, -1], [-1, 1]]))
+    with torch.no_grad():
+        a = merged(hidden_states=x, timestep=t, encoder_hidden_states=text).sample
+        b = adapted(hidden_states=x, timestep=t, encoder_hidden_states=text).sample
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="student_init"):
+        run_script("self_forcing", ["--teacher", video_teacher, "--student_init", video_teacher, "--lora_rank", "4",
+                                    "--output_dir", str(tmp_path / "bad")])
+
+
 @pytest.mark.parametrize("script", ["causal_kd", "causvid", "self_forcing"])
 def test_guidance_below_one_is_a_clear_error(video_teacher, script, tmp_path):
     with pytest.raises(ValueError, match="guidance_scale"):

@@ -201,3 +201,17 @@ def test_bad_video_folders_are_named(wan, videos, tmp_path):
         argv[argv.index("--num_frames") + 1] = "13"
         run_script("causal_sft", argv)
     assert not os.path.exists(tmp_path / "x")
+
+
+def test_self_forcing_lora_on_a_bf16_wan_teacher(wan, tmp_path):
+    """LoRA adapters (fp32) on the frozen bf16 teacher; the output folder is fp32 throughout, holds the merged student
+    and its LoRA file, and streams."""
+    from safetensors.torch import load_file
+
+    out = str(tmp_path / "sf_lora")
+    run_script("self_forcing", _argv(wan, out, "--lora_rank", "4", "--weight_dtype", "bf16"))
+    lora = load_file(os.path.join(out, "pytorch_lora_weights.safetensors"))
+    assert lora and {v.dtype for v in lora.values()} == {torch.float32}
+    pipe = CausalWanPipeline.from_pretrained(out)
+    assert {p.dtype for p in pipe.transformer.parameters()} == {torch.float32}
+    assert len(list(pipe.stream(["a red cat"], num_frames=3, height=4, width=4))) == 3

@@ -155,12 +155,14 @@ def _architecture(model):
 
 
 def compute_dtype(model) -> torch.dtype | None:
-    """The dtype a model computes in: that of its first floating parameter outside peft adapters (LoRA weights
-    may be kept in fp32 on a bf16 base)."""
+    """The dtype a model computes in: that of most of its floating weights outside peft adapters (LoRA weights
+    may be kept in fp32 on a bf16 base, and diffusers keeps a few small modules of a bf16 model in fp32, e.g.
+    Wan's scale_shift_table and time embedder)."""
+    counts: dict[torch.dtype, int] = {}
     for name, p in unwrap_model(model).named_parameters():
         if "lora_" not in name and p.is_floating_point():
-            return p.dtype
-    return None
+            counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
+    return max(counts, key=counts.get) if counts else None
 
 
 def _cast_floating(value, dtype):

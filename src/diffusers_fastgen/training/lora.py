@@ -3,10 +3,14 @@ and the teacher is the base with adapters disabled."""
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from peft import LoraConfig
+from peft.tuners.tuners_utils import BaseTunerLayer
 
 from ..models.adapters import BASE, activate_adapter, active_adapter, use_adapter  # noqa: F401 (re-exported)
+from ..models.unwrap import unwrap_model
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "proj_in", "proj_out", "time_emb_proj")
 
@@ -33,3 +37,19 @@ def adapter_parameters(model, names) -> list[torch.nn.Parameter]:
     return [p for n, p in model.named_parameters() if "lora_" in n and any(f".{a}." in n or n.endswith(f".{a}") for a in names)]
 
 
+
+
+def merged_copy(model, adapter: str, ema=None):
+    """A plain copy of `model` (no peft layers, fp32) whose weights are the base with `adapter` merged in; `ema`
+    (over the adapter's parameters) is copied in first. The model itself is not changed."""
+    work = copy.deepcopy(unwrap_model(model)).float()
+    if ema is not None:
+        ema.copy_to(work)
+    activate_adapter(work, adapter)
+    for module in work.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.merge(adapter_names=[adapter])
+    state = {k.replace(".base_layer", ""): v for k, v in work.state_dict().items() if "lora_" not in k}
+    plain = type(work).from_config(work.config)
+    plain.load_state_dict(state)
+    return plain.float()

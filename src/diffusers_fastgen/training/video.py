@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 import torch
-from diffusers import WanTransformer3DModel
+from diffusers import WanPipeline, WanTransformer3DModel
 
 from ..evaluation.moving_digits import (
     CANVAS,
@@ -20,13 +20,15 @@ from ..evaluation.moving_digits import (
     sample_motion,
 )
 from ..guidance import guided_prediction
+from ..models.unwrap import unwrap_model
 from ..pipelines import CausalWanPipeline
 from ..schedulers import FlowMatchFewStepScheduler
 from ..timesteps import sample_logit_normal
 from .accelerate_setup import check_replicas_in_sync
 from .causal import step_generator
+from .lora import merged_copy
 from .nonfinite import check_finite
-from .teachers import PromptBatches
+from .teachers import PromptBatches, lora_config, lora_state
 from .validation import log_image_grid, save_image_grid
 from .video_data import video_shards
 from .video_teachers import WanTeacher
@@ -118,17 +120,21 @@ def benchmark_video_folder(output_dir: str, *, name: str, num_videos: int, logge
 @torch.no_grad()
 def validate_video_student(accelerator, model, ema, *, num_frames_per_block: int, denoising_timesteps, step: int,
                            output_dir: str, context_noise: int = 0, scheduler=None, wan: WanTeacher | None = None,
-                           embeddings: dict | None = None) -> None:
+                           embeddings: dict | None = None, adapter: str | None = None) -> None:
     """Videos of the EMA student with its recipe, one row of frames each: samples/step_<step>.png and the
     trackers. Moving digits: four videos (classes 0-3). A WanPipeline teacher (`wan`): the first two rows of
     `embeddings`, decoded by the teacher's VAE. Sampled from a fresh WanTransformer3DModel holding the EMA
     weights, so the training model (its causal processors, its weights) is not touched; the global RNG is
-    forked, so training draws the same numbers with or without validation."""
+    forked, so training draws the same numbers with or without validation. `adapter`: LoRA mode, the student is
+    that adapter of `model` (merged into a plain copy)."""
 
     trained = accelerator.unwrap_model(model)
-    fresh = WanTransformer3DModel.from_config(trained.config).to(trained.device)
-    fresh.load_state_dict(trained.state_dict())
-    ema.copy_to(fresh)
+    if adapter is not None:
+        fresh = merged_copy(trained, adapter, ema).to(trained.device)
+    else:
+        fresh = WanTransformer3DModel.from_config(trained.config).to(trained.device)
+        fresh.load_state_dict(trained.state_dict())
+        ema.copy_to(fresh)
     pipe = CausalWanPipeline(transformer=fresh.float().eval(), scheduler=scheduler or FlowMatchFewStepScheduler(),
                              vae=None if wan is None else wan.pipe.vae, num_frames_per_block=num_frames_per_block,
                              denoising_timesteps=list(denoising_timesteps), context_noise=context_noise)
@@ -209,18 +215,32 @@ def student_t_list(num_student_steps: int) -> torch.Tensor:
     return 1.0 - torch.arange(num_student_steps, dtype=torch.float32) / num_student_steps
 
 
+def final_student(causal, model, ema, adapter: str | None, output_dir: str):
+    """The EMA student as a plain WanTransformer3DModel, after Wan's processors are restored. LoRA mode
+    (`adapter`): the adapter merged into a copy of the base, and its weights also written to `output_dir` as
+    `pytorch_lora_weights.safetensors` (WanPipeline's `save_lora_weights` format, for `load_lora_weights`)."""
+    causal.remove()
+    base = unwrap_model(model)
+    if adapter is None:
+        ema.copy_to(base)
+        return base
+    ema.copy_to(base)  # the EMA adapter weights, for the LoRA file and the merge
+    os.makedirs(output_dir, exist_ok=True)
+    WanPipeline.save_lora_weights(output_dir, transformer_lora_layers=lora_state(base, adapter),
+                                  transformer_lora_adapter_metadata=lora_config(base, adapter))
+    return merged_copy(base, adapter)
+
+
 def finish_video_run(accelerator, causal, model, ema, *, output_dir: str, num_frames_per_block: int,
                      denoising_timesteps, eval_num_videos: int, name: str, logger, context_noise: int = 0,
-                     scheduler=None) -> None:
+                     scheduler=None, adapter: str | None = None) -> None:
     """End of a causal-video run: restore Wan's processors on the trained model, copy the EMA weights
     into it, save it as a CausalWanPipeline with its sampling recipe, reload and benchmark it (rank 0),
     and tear the process group down on all ranks together."""
     accelerator.wait_for_everyone()
     check_replicas_in_sync(accelerator, list(model.parameters()))  # DDP: every rank must hold the same weights
     if accelerator.is_main_process:
-        causal.remove()
-        final = accelerator.unwrap_model(model)
-        ema.copy_to(final)
+        final = final_student(causal, model, ema, adapter, output_dir)
         save_video_student(final, output_dir, num_frames_per_block=num_frames_per_block,
                            denoising_timesteps=denoising_timesteps, context_noise=context_noise, scheduler=scheduler)
         logger.info("saved %s to %s", name, output_dir)
@@ -231,16 +251,15 @@ def finish_video_run(accelerator, causal, model, ema, *, output_dir: str, num_fr
 
 
 def finish_wan_run(accelerator, causal, model, ema, teacher, *, output_dir: str, num_frames_per_block: int,
-                   denoising_timesteps, context_noise: int, prompts, logger, scheduler=None) -> None:
+                   denoising_timesteps, context_noise: int, prompts, logger, scheduler=None,
+                   adapter: str | None = None) -> None:
     """End of a causal-video run on a WanPipeline teacher: replicas agree, the EMA student is saved as a
     CausalWanPipeline of stock Wan components with its recipe (rank 0), and the process group goes down on all
     ranks together."""
     accelerator.wait_for_everyone()
     check_replicas_in_sync(accelerator, list(model.parameters()))
     if accelerator.is_main_process:
-        causal.remove()
-        final = accelerator.unwrap_model(model)
-        ema.copy_to(final)
+        final = final_student(causal, model, ema, adapter, output_dir)
         teacher.save_student(output_dir, final, num_frames_per_block=num_frames_per_block,
                              denoising_timesteps=denoising_timesteps, context_noise=context_noise, prompts=list(prompts),
                              scheduler=scheduler)

@@ -51,6 +51,8 @@ from diffusers_fastgen.training import (
     update,
 )
 from diffusers_fastgen.training.causal import block_step_indices, step_generator, with_clean_point
+from diffusers_fastgen.training.distribution_matching_steps import build_players
+from diffusers_fastgen.training.lora import BASE
 from diffusers_fastgen.training.players import log_and_checkpoint, prepare_players, resume_step, student_ema
 from diffusers_fastgen.training.progress import TrainingProgress
 from diffusers_fastgen.training.video import (
@@ -86,9 +88,18 @@ class CausalKDArgs:
     guidance_scale: float = 3.0  # CFG of the teacher ODE; 3 = best for the shipped teacher (docs/results.md)
     pair_batch_size: int = 128  # teacher batch while generating pairs
     eval_num_videos: int = 500  # moving-digits benchmark videos at the end (0 skips; none with a WanPipeline)
+    lora_rank: int = 0  # > 0: the student is a LoRA adapter on the frozen teacher
+    lora_alpha: float | None = None  # LoRA scaling numerator (default: lora_rank, i.e. scale 1)
+    lora_target_modules: list[str] | None = None  # module names (suffixes) that get adapters (default: attention)
 
     def __post_init__(self):
         check_pipeline_folder(self.teacher, "CausalWanPipeline", "teacher")
+        if self.lora_rank < 0:
+            raise ValueError(f"`lora_rank` must be >= 0 (0 = full fine-tuning), got {self.lora_rank}.")
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            raise ValueError(f"`lora_alpha` must be > 0, got {self.lora_alpha}.")
+        if (self.lora_alpha is not None or self.lora_target_modules) and not self.lora_rank:
+            raise ValueError("`lora_alpha` / `lora_target_modules` need `lora_rank` > 0.")
         if not os.path.isdir(self.teacher):
             raise ValueError(f"`teacher` {self.teacher!r} is not a CausalWanPipeline folder; train one with "
                              "examples/train_causal_sft/train_causal_sft.py --num_frames_per_block 8 and pass --teacher.")
@@ -172,7 +183,7 @@ def main(argv=None):
     args = parse_args(CausalKDArgs, argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     run = args.run
-    accelerator = setup_accelerator(run, "train_causal_kd", args)
+    accelerator = setup_accelerator(run, "train_causal_kd", args, find_unused_parameters=args.lora_rank > 0)
     if accelerator.is_main_process:
         save_config(args, os.path.join(run.output_dir, "train_config.yaml"))
 
@@ -180,15 +191,21 @@ def main(argv=None):
     # a stock WanPipeline teacher (--pretrained_model_name_or_path; wan set), else the moving-digits teacher
     wan, teacher_model, prompts, embeddings, negative = load_video_teacher(args.video, args.teacher,
                                                                            guidance_scale=args.guidance_scale)
-    modules = {"teacher": teacher_model, "student": copy.deepcopy(teacher_model).float().requires_grad_(True)}
-    params = {"student": list(modules["student"].parameters())}
+    if args.lora_rank:  # the student: an adapter on the teacher itself ("base")
+        modules, params = build_players(teacher_model, lora_rank=args.lora_rank, trainable=("student",),
+                                        lora_alpha=args.lora_alpha, lora_target_modules=args.lora_target_modules)
+    else:
+        modules = {"teacher": teacher_model, "student": copy.deepcopy(teacher_model).float().requires_grad_(True)}
+        params = {"student": list(modules["student"].parameters())}
     schedule = {"num_training_steps": run.max_train_steps, "num_processes": accelerator.num_processes}  # LR schedule
     optimizers = {"student": make_optimizer(params["student"], args.optimizer, **schedule)}
     modules, optimizers = prepare_players(accelerator, modules, optimizers, gradient_checkpointing=run.gradient_checkpointing)
     optimizer, lr_scheduler = optimizers["student"]
     rf = RectifiedFlow()
-    teacher = Denoiser(modules["teacher"], rf, "flow")
-    student = Denoiser(CausalWan(modules["student"], args.num_frames_per_block), rf, "flow")
+    lora = "base" in modules
+    trained = modules["base"] if lora else modules["student"]  # the module holding the student's weights
+    teacher = Denoiser(modules["base"], rf, "flow", adapter=BASE) if lora else Denoiser(modules["teacher"], rf, "flow")
+    student = Denoiser(CausalWan(trained, args.num_frames_per_block), rf, "flow", adapter="student" if lora else None)
     ema = student_ema(accelerator, modules, args.ema, run.train_batch_size)
     if wan is not None:  # the per-block schedule on the teacher's shift
         t_list = wan.student_t_list(args.num_student_steps, shift=args.video.shift).to(accelerator.device)
@@ -202,9 +219,9 @@ def main(argv=None):
 
     # 2. The loop: batch i on rank r is drawn by a generator seeded with (seed, r, i), so resume is exact.
     def validate(s):  # sample videos of the EMA student every `validation_steps`
-        validate_video_student(accelerator, modules["student"], ema, num_frames_per_block=args.num_frames_per_block,
+        validate_video_student(accelerator, trained, ema, num_frames_per_block=args.num_frames_per_block,
                                denoising_timesteps=timesteps_from_t_list(t_list.tolist()), step=s, output_dir=run.output_dir,
-                               wan=wan, embeddings=embeddings)
+                               wan=wan, embeddings=embeddings, adapter="student" if lora else None)
 
     guard = NonFiniteGuard(run.max_nonfinite_skips)
     accumulator = Accumulator(run.gradient_accumulation_steps)  # per player
@@ -225,19 +242,19 @@ def main(argv=None):
         if not update(accelerator, loss, params["student"], optimizer, lr_scheduler, args.optimizer.max_grad_norm,
                       guard=guard, accumulator=accumulator, step=step + 1):
             continue  # a skipped non-finite update (--max_nonfinite_skips)
-        ema.update(modules["student"])
+        ema.update(trained)
         step += 1
         log_and_checkpoint(accelerator, run, step, {"loss": loss.detach()}, ema, progress, validate=validate)
 
     # 3. Save the EMA student with its few-step recipe; reload and benchmark.
     if wan is not None:
-        finish_wan_run(accelerator, student.model, modules["student"], ema, wan, output_dir=run.output_dir,
+        finish_wan_run(accelerator, student.model, trained, ema, wan, output_dir=run.output_dir,
                        num_frames_per_block=args.num_frames_per_block,
                        denoising_timesteps=timesteps_from_t_list(t_list.tolist()), context_noise=0, prompts=prompts,
-                       logger=logger)
+                       logger=logger, adapter="student" if lora else None)
         progress.summary("train_causal_kd", logger)
         return
-    finish_video_run(accelerator, student.model, modules["student"], ema, output_dir=run.output_dir,
+    finish_video_run(accelerator, student.model, trained, ema, output_dir=run.output_dir, adapter="student" if lora else None,
                      num_frames_per_block=args.num_frames_per_block,
                      denoising_timesteps=timesteps_from_t_list(t_list.tolist()),
                      eval_num_videos=args.eval_num_videos, name="CausalKD student", logger=logger)

@@ -61,6 +61,7 @@ from diffusers_fastgen.training import (
     setup_accelerator,
     update,
 )
+from diffusers_fastgen.training.lora import DEFAULT_TARGETS, adapter_parameters, add_lora_adapters
 from diffusers_fastgen.training.players import log_and_checkpoint, resume_step
 from diffusers_fastgen.training.progress import TrainingProgress
 from diffusers_fastgen.training.teachers import drop_prompts
@@ -98,9 +99,20 @@ class CausalSFTArgs:
     sample_steps: int = 50  # Euler steps per block of the saved sampler
     eval_num_videos: int = 500  # moving-digits benchmark videos at the end (0 skips; none with a WanPipeline)
     video: TextToVideoArgs = field(default_factory=TextToVideoArgs)  # a stock WanPipeline and captioned videos instead
+    lora_rank: int = 0  # > 0: train a LoRA adapter on the frozen model (init_from or the WanPipeline's transformer)
+    lora_alpha: float | None = None  # LoRA scaling numerator (default: lora_rank, i.e. scale 1)
+    lora_target_modules: list[str] | None = None  # module names (suffixes) that get adapters (default: attention)
 
     def __post_init__(self):
         check_pipeline_folder(self.init_from, "CausalWanPipeline", "init_from")
+        if self.lora_rank < 0:
+            raise ValueError(f"`lora_rank` must be >= 0 (0 = full fine-tuning), got {self.lora_rank}.")
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            raise ValueError(f"`lora_alpha` must be > 0, got {self.lora_alpha}.")
+        if (self.lora_alpha is not None or self.lora_target_modules) and not self.lora_rank:
+            raise ValueError("`lora_alpha` / `lora_target_modules` need `lora_rank` > 0.")
+        if self.lora_rank and self.init_from is None and self.video.pretrained_model_name_or_path is None:
+            raise ValueError("`lora_rank` adapts a trained model: give `init_from` (or a WanPipeline).")
         if self.video.pretrained_model_name_or_path is not None:
             if self.video.train_data_dir is None:
                 raise ValueError("`pretrained_model_name_or_path` needs `train_data_dir` here: CausalSFT trains on "
@@ -144,23 +156,32 @@ def main(argv=None):
 
     # 1. Model, optimizer, data (a WanPipeline's transformer and its encoded videos, or the moving-digits model).
     data = WanVideoData(args.video, accelerator, run) if args.video.pretrained_model_name_or_path else None
-    if data is not None:
-        model = data.teacher.model.float()  # trained in fp32 whatever the frozen parts' dtype
+    if data is not None:  # trained in fp32 whatever the frozen parts' dtype (LoRA: the adapter only)
+        model = data.teacher.model if args.lora_rank else data.teacher.model.float()
     elif args.init_from:
         model = CausalWanPipeline.from_pretrained(args.init_from).transformer
     else:
         torch.manual_seed(run.seed)
         model = moving_digits_transformer(args.num_layers, args.num_attention_heads, args.attention_head_dim,
                                           args.ffn_dim)
+    adapter = "student" if args.lora_rank else None
+    if adapter:  # fp32 adapter weights on the frozen model
+        add_lora_adapters(model, [adapter], rank=args.lora_rank, alpha=args.lora_alpha,
+                          target_modules=args.lora_target_modules or DEFAULT_TARGETS)
+        for p in adapter_parameters(model, adapter):
+            p.data = p.data.float()
     if run.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
     schedule = {"num_training_steps": run.max_train_steps, "num_processes": accelerator.num_processes}  # LR schedule
-    optimizer, lr_scheduler = make_optimizer(model.parameters(), args.optimizer, **schedule)
+    optimizer, lr_scheduler = make_optimizer(trainable, args.optimizer, **schedule)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     ema = EMA(model, schedule=args.ema.ema_schedule, decay=args.ema.ema_decay, halflife_kimg=args.ema.ema_halflife_kimg,
               batch_size=run.train_batch_size * accelerator.num_processes * run.gradient_accumulation_steps,
-              gamma=args.ema.ema_gamma, start_iter=args.ema.ema_start_iter)
+              gamma=args.ema.ema_gamma, start_iter=args.ema.ema_start_iter,
+              parameters=[n for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad]
+              if adapter else None)
     causal = Denoiser(CausalWan(model, args.num_frames_per_block), RectifiedFlow(), "flow")
     batches = data if data is not None else VideoBatches(run.train_batch_size, seed=run.seed,
                                                           rank=accelerator.process_index)
@@ -176,7 +197,7 @@ def main(argv=None):
         validate_video_student(accelerator, model, ema, num_frames_per_block=args.num_frames_per_block,
                                denoising_timesteps=sample_timesteps, scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0),
                                step=s, output_dir=run.output_dir, wan=data and data.teacher,
-                               embeddings=data and data.validation_embeddings())
+                               embeddings=data and data.validation_embeddings(), adapter=adapter)
 
     guard = NonFiniteGuard(run.max_nonfinite_skips)
     accumulator = Accumulator(run.gradient_accumulation_steps)  # per player
@@ -193,7 +214,7 @@ def main(argv=None):
         with accelerator.autocast():
             loss = causal_sft_step(causal, x0, cond, num_frames_per_block=args.num_frames_per_block,
                                    logit_mean=args.logit_mean, logit_std=args.logit_std)
-        if not update(accelerator, loss, model.parameters(), optimizer, lr_scheduler, args.optimizer.max_grad_norm,
+        if not update(accelerator, loss, trainable, optimizer, lr_scheduler, args.optimizer.max_grad_norm,
                       guard=guard, accumulator=accumulator, step=step + 1):
             continue  # a skipped non-finite update (--max_nonfinite_skips)
         ema.update(model)
@@ -206,7 +227,7 @@ def main(argv=None):
         finish_wan_run(accelerator, causal.model, model, ema, data.teacher, output_dir=run.output_dir,
                        num_frames_per_block=args.num_frames_per_block, denoising_timesteps=sample_timesteps,
                        context_noise=0, prompts=data.prompts, logger=logger,
-                       scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0))
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0), adapter=adapter)
         progress.summary("train_causal_sft", logger)
         return
     name = "bidirectional SFT (teacher)" if args.num_frames_per_block == NUM_FRAMES else "CausalSFT student"
@@ -214,7 +235,7 @@ def main(argv=None):
                      num_frames_per_block=args.num_frames_per_block,
                      denoising_timesteps=sample_timesteps,
                      scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0), eval_num_videos=args.eval_num_videos,
-                     name=name, logger=logger)
+                     name=name, logger=logger, adapter=adapter)
 
     progress.summary("train_causal_sft", logger)
 

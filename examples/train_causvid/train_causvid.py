@@ -56,7 +56,8 @@ from diffusers_fastgen.training import (
     update,
 )
 from diffusers_fastgen.training.causal import diffusion_forcing_inputs
-from diffusers_fastgen.training.distribution_matching_steps import fake_score_step, student_step
+from diffusers_fastgen.training.distribution_matching_steps import build_players, fake_score_step, student_step
+from diffusers_fastgen.training.lora import BASE
 from diffusers_fastgen.training.players import log_and_checkpoint, prepare_players, resume_step, student_ema
 from diffusers_fastgen.training.progress import TrainingProgress
 from diffusers_fastgen.training.video import (
@@ -97,10 +98,24 @@ class CausVidArgs:
     dmd_t_max: float = 0.98
     eval_num_videos: int = 500  # moving-digits benchmark videos at the end (0 skips; none with a WanPipeline)
     video: TextToVideoArgs = field(default_factory=TextToVideoArgs)  # a stock WanPipeline and captioned videos instead
+    lora_rank: int = 0  # > 0: student and fake score are LoRA adapters on one frozen base (the teacher)
+    lora_alpha: float | None = None  # LoRA scaling numerator (default: lora_rank, i.e. scale 1)
+    lora_target_modules: list[str] | None = None  # module names (suffixes) that get adapters (default: attention)
 
     def __post_init__(self):
         check_pipeline_folder(self.teacher, "CausalWanPipeline", "teacher")
         check_pipeline_folder(self.student_init, "CausalWanPipeline", "student_init")
+        if self.lora_rank < 0:
+            raise ValueError(f"`lora_rank` must be >= 0 (0 = full fine-tuning), got {self.lora_rank}.")
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            raise ValueError(f"`lora_alpha` must be > 0, got {self.lora_alpha}.")
+        if (self.lora_alpha is not None or self.lora_target_modules) and not self.lora_rank:
+            raise ValueError("`lora_alpha` / `lora_target_modules` need `lora_rank` > 0.")
+        if self.lora_rank and self.student_init is not None:
+            raise ValueError("`student_init` is a full model; with `lora_rank` the student is an adapter on the teacher.")
+        if self.lora_rank and self.run.gradient_checkpointing:
+            raise ValueError("`gradient_checkpointing` with `lora_rank`: the student and the bidirectional players share "
+                             "one module, so a recomputation could run the other's attention.")
         if self.video.pretrained_model_name_or_path is not None:
             if self.video.train_data_dir is None:
                 raise ValueError("`pretrained_model_name_or_path` needs `train_data_dir` here: CausVid's student inputs "
@@ -124,7 +139,7 @@ def main(argv=None):
     args = parse_args(CausVidArgs, argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     run = args.run
-    accelerator = setup_accelerator(run, "train_causvid", args)
+    accelerator = setup_accelerator(run, "train_causvid", args, find_unused_parameters=args.lora_rank > 0)
     if accelerator.is_main_process:
         save_config(args, os.path.join(run.output_dir, "train_config.yaml"))
 
@@ -133,10 +148,14 @@ def main(argv=None):
     data = (WanVideoData(args.video, accelerator, run, guidance_scale=args.guidance_scale)
             if args.video.pretrained_model_name_or_path else None)
     teacher_model = (data.teacher.model if data is not None else load_video_transformer(args.teacher)).requires_grad_(False)
-    student_model = (load_video_transformer(args.student_init) if args.student_init else copy.deepcopy(teacher_model))
-    modules = {"teacher": teacher_model, "student": student_model.float().requires_grad_(True),
-               "fake_score": copy.deepcopy(teacher_model).float().requires_grad_(True)}
-    params = {n: list(modules[n].parameters()) for n in ("student", "fake_score")}
+    if args.lora_rank:  # adapters on the teacher itself ("base")
+        modules, params = build_players(teacher_model, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+                                        lora_target_modules=args.lora_target_modules)
+    else:
+        student_model = (load_video_transformer(args.student_init) if args.student_init else copy.deepcopy(teacher_model))
+        modules = {"teacher": teacher_model, "student": student_model.float().requires_grad_(True),
+                   "fake_score": copy.deepcopy(teacher_model).float().requires_grad_(True)}
+        params = {n: list(modules[n].parameters()) for n in ("student", "fake_score")}
     schedule = {"num_training_steps": run.max_train_steps, "num_processes": accelerator.num_processes}  # LR schedule
     critic_schedule = {**schedule, "num_training_steps": run.max_train_steps * max(args.student_update_freq - 1, 1)}
     optimizers = {"student": make_optimizer(params["student"], args.optimizer, **schedule),
@@ -146,9 +165,11 @@ def main(argv=None):
     modules, optimizers = prepare_players(accelerator, modules, optimizers, gradient_checkpointing=run.gradient_checkpointing)
     (student_opt, student_lr), (fake_opt, fake_lr) = optimizers["student"], optimizers["fake_score"]
     rf = RectifiedFlow()
-    teacher = Denoiser(modules["teacher"], rf, "flow")
-    fake_score = Denoiser(modules["fake_score"], rf, "flow")
-    student = Denoiser(CausalWan(modules["student"], args.num_frames_per_block), rf, "flow")
+    lora = "base" in modules  # one module, three players: the causal student only inside CausalWan calls
+    trained = modules["base"] if lora else modules["student"]  # the module holding the student's weights
+    teacher = Denoiser(modules["base"], rf, "flow", adapter=BASE) if lora else Denoiser(modules["teacher"], rf, "flow")
+    fake_score = Denoiser(modules["base" if lora else "fake_score"], rf, "flow", adapter="fake_score" if lora else None)
+    student = Denoiser(CausalWan(trained, args.num_frames_per_block), rf, "flow", adapter="student" if lora else None)
     ema = student_ema(accelerator, modules, args.ema, run.train_batch_size)
     if data is not None:  # the per-block schedule on the teacher's shift
         t_list = data.teacher.student_t_list(args.num_student_steps, shift=args.video.shift).to(accelerator.device)
@@ -163,10 +184,10 @@ def main(argv=None):
 
     # 2. Alternating updates on diffusion-forcing inputs.
     def validate(s):  # sample videos of the EMA student every `validation_steps`
-        validate_video_student(accelerator, modules["student"], ema, num_frames_per_block=args.num_frames_per_block,
+        validate_video_student(accelerator, trained, ema, num_frames_per_block=args.num_frames_per_block,
                                denoising_timesteps=timesteps_from_t_list(t_list.tolist()), context_noise=args.context_noise,
                                step=s, output_dir=run.output_dir, wan=data and data.teacher,
-                               embeddings=data and data.validation_embeddings())
+                               embeddings=data and data.validation_embeddings(), adapter="student" if lora else None)
 
     guard = NonFiniteGuard(run.max_nonfinite_skips)
     accumulator = Accumulator(run.gradient_accumulation_steps)  # per player
@@ -192,20 +213,20 @@ def main(argv=None):
         if not update(accelerator, loss, params["student"], student_opt, student_lr, args.optimizer.max_grad_norm,
                       guard=guard, accumulator=accumulator, step=step + 1):
             continue  # a skipped non-finite update (--max_nonfinite_skips)
-        ema.update(modules["student"])
+        ema.update(trained)
         step += 1
         logs["dmd_loss"] = loss.detach()
         log_and_checkpoint(accelerator, run, step, logs, ema, progress, validate=validate)
 
     # 3. Save the EMA student with its few-step recipe; reload and benchmark (moving digits).
     if data is not None:
-        finish_wan_run(accelerator, student.model, modules["student"], ema, data.teacher, output_dir=run.output_dir,
+        finish_wan_run(accelerator, student.model, trained, ema, data.teacher, output_dir=run.output_dir,
                        num_frames_per_block=args.num_frames_per_block,
                        denoising_timesteps=timesteps_from_t_list(t_list.tolist()), context_noise=args.context_noise,
-                       prompts=data.prompts, logger=logger)
+                       prompts=data.prompts, logger=logger, adapter="student" if lora else None)
         progress.summary("train_causvid", logger)
         return
-    finish_video_run(accelerator, student.model, modules["student"], ema, output_dir=run.output_dir,
+    finish_video_run(accelerator, student.model, trained, ema, output_dir=run.output_dir, adapter="student" if lora else None,
                      num_frames_per_block=args.num_frames_per_block,
                      denoising_timesteps=timesteps_from_t_list(t_list.tolist()), context_noise=args.context_noise,
                      eval_num_videos=args.eval_num_videos, name="CausVid student", logger=logger)

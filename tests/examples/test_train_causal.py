@@ -56,16 +56,19 @@ def test_distillation_scripts_two_steps(video_teacher, tmp_path, script, extra, 
     _check_folder(out, 2, 2)
 
 
-def test_self_forcing_lora_student_is_the_teacher_plus_its_adapter(video_teacher, tmp_path):
+@pytest.mark.parametrize("script", ["self_forcing", "causvid", "causal_kd", "causal_sft"])
+def test_lora_students_are_the_teacher_plus_their_adapter(video_teacher, tmp_path, script):
     """--lora_rank: student and fake score are adapters on the frozen teacher; the saved CausalWanPipeline holds
     the teacher with the EMA student adapter merged, and pytorch_lora_weights.safetensors applied to the teacher
     with stock load_lora_adapter gives the same model."""
     from diffusers import WanTransformer3DModel
 
-    out = str(tmp_path / "sf_lora")
-    run_script("self_forcing", ["--teacher", video_teacher, "--output_dir", out, "--num_student_steps", "2",
-                                "--student_update_freq", "2", "--lora_rank", "4", "--validation_steps", "2",
-                                *COMMON])
+    out = str(tmp_path / "lora")
+    extra = {"causal_kd": ["--num_pairs", "8", "--teacher_steps", "4", "--num_student_steps", "2"],
+             "causal_sft": ["--init_from", video_teacher, "--num_frames_per_block", "2", "--sample_steps", "2"]}.get(
+        script, ["--student_update_freq", "2", "--num_student_steps", "2"])
+    teacher = [] if script == "causal_sft" else ["--teacher", video_teacher]
+    run_script(script, [*teacher, "--output_dir", out, "--lora_rank", "4", "--validation_steps", "2", *extra, *COMMON])
     _check_folder(out, 2, 2)
     before, after = _weights(video_teacher), _weights(out)
     changed = [k for k in before if not torch.equal(before[k], after[k])]
@@ -80,8 +83,10 @@ def test_self_forcing_lora_student_is_the_teacher_plus_its_adapter(video_teacher
         a = merged(hidden_states=x, timestep=t, encoder_hidden_states=text).sample
         b = adapted(hidden_states=x, timestep=t, encoder_hidden_states=text).sample
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    if script in ("causal_kd", "causal_sft"):
+        return
     with pytest.raises(ValueError, match="student_init"):
-        run_script("self_forcing", ["--teacher", video_teacher, "--student_init", video_teacher, "--lora_rank", "4",
+        run_script(script, ["--teacher", video_teacher, "--student_init", video_teacher, "--lora_rank", "4",
                                     "--output_dir", str(tmp_path / "bad")])
 
 

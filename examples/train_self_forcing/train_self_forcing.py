@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from accelerate.logging import get_logger
 
-from diffusers_fastgen.evaluation.moving_digits import MOVING_DIGITS_TEACHER_PATH
+from diffusers_fastgen.evaluation.moving_digits import CANVAS, MOVING_DIGITS_TEACHER_PATH, NUM_FRAMES
 from diffusers_fastgen.models import Denoiser
 from diffusers_fastgen.models.causal_wan import CausalWan
 from diffusers_fastgen.parametrization import RectifiedFlow
@@ -47,7 +47,7 @@ from diffusers_fastgen.training import (
     setup_accelerator,
     update,
 )
-from diffusers_fastgen.training.causal import self_forcing_rollout, shared_exit_index
+from diffusers_fastgen.training.causal import rollout_window, self_forcing_rollout, shared_exit_index
 from diffusers_fastgen.training.distribution_matching_steps import (
     build_players,
     dmd_sample_loss,
@@ -94,6 +94,9 @@ class SelfForcingArgs:
     dmd_t_min: float = 0.02  # DMD re-noising level s ~ U[dmd_t_min, dmd_t_max]
     dmd_t_max: float = 0.98
     eval_num_videos: int = 500  # moving-digits benchmark videos at the end (0 skips; none with a WanPipeline)
+    rollout_frames: int | None = None  # latent frames of the student's rollout (default: the teacher's length)
+    local_attn_size: int = -1  # the student's attention window in frames (-1 = global), saved in its recipe
+    sink_size: int = 0  # frames at the start kept visible with a window
     lora_rank: int = 0  # > 0: student and fake score are LoRA adapters on one frozen base (the teacher)
     lora_alpha: float | None = None  # LoRA scaling numerator (default: lora_rank, i.e. scale 1)
     lora_target_modules: list[str] | None = None  # module names (suffixes) that get adapters (default: attention)
@@ -115,6 +118,10 @@ class SelfForcingArgs:
             raise ValueError(f"`guidance_scale` must be >= 1, got {self.guidance_scale}.")
         if not 0 <= self.dmd_t_min < self.dmd_t_max <= 1:
             raise ValueError(f"need 0 <= dmd_t_min < dmd_t_max <= 1, got {self.dmd_t_min}, {self.dmd_t_max}.")
+        CausalWan.check_layout(self.num_frames_per_block, self.local_attn_size, self.sink_size)
+        if self.rollout_frames is not None and (self.rollout_frames < 1 or self.rollout_frames % self.num_frames_per_block):
+            raise ValueError(f"`rollout_frames` must be a positive multiple of num_frames_per_block "
+                             f"({self.num_frames_per_block}), got {self.rollout_frames}.")
         if self.lora_rank < 0:
             raise ValueError(f"`lora_rank` must be >= 0 (0 = full fine-tuning), got {self.lora_rank}.")
         if self.lora_alpha is not None and not self.lora_alpha > 0:
@@ -162,14 +169,25 @@ def main(argv=None):
     trained = modules["base"] if lora else modules["student"]  # the module holding the student's weights
     teacher = Denoiser(modules["base"], rf, "flow", adapter=BASE) if lora else Denoiser(modules["teacher"], rf, "flow")
     fake_score = Denoiser(modules["base" if lora else "fake_score"], rf, "flow", adapter="fake_score" if lora else None)
-    student = Denoiser(CausalWan(trained, args.num_frames_per_block), rf, "flow", adapter="student" if lora else None)
+    student = Denoiser(CausalWan(trained, args.num_frames_per_block, local_attn_size=args.local_attn_size,
+                                 sink_size=args.sink_size), rf, "flow", adapter="student" if lora else None)
     ema = student_ema(accelerator, modules, args.ema, run.train_batch_size)
     if wan is not None:  # the per-block schedule on the teacher's shift; prompt indices drawn per micro-batch
         t_list = wan.student_t_list(args.num_student_steps, shift=args.video.shift).to(accelerator.device)
         batches = PromptBatches(len(prompts), run.train_batch_size, seed=run.seed, rank=accelerator.process_index)
+        video_shape = wan.latent_shape  # (C, F, h, w)
     else:
         t_list = student_t_list(args.num_student_steps).to(accelerator.device)
         batches = VideoBatches(run.train_batch_size, seed=run.seed, rank=accelerator.process_index)
+        video_shape = (1, NUM_FRAMES, CANVAS, CANVAS)
+    # Long rollouts: the student generates rollout_frames frames (with its window); the teacher and the fake score
+    # see a random window of the teacher's own length of it (Self-Forcing's DMD on a streamed video).
+    teacher_frames = video_shape[1]
+    rollout_frames = args.rollout_frames or teacher_frames
+    if rollout_frames < teacher_frames:
+        raise ValueError(f"`rollout_frames` ({rollout_frames}) must be >= the teacher's {teacher_frames} latent frames.")
+    rollout_shape = (video_shape[0], rollout_frames, *video_shape[2:])
+    window = {"local_attn_size": args.local_attn_size, "sink_size": args.sink_size}
 
     step = resume_step(accelerator, run, ema, logger)  # counts student updates
     iteration = step * args.student_update_freq * run.gradient_accumulation_steps  # counts micro-batches
@@ -191,26 +209,27 @@ def main(argv=None):
             index = next(batches)
             cond = wan.cond(embeddings, index, accelerator.device)
             uncond = wan.cond(negative, torch.zeros_like(index), accelerator.device)
-            noise = torch.randn(len(index), *wan.latent_shape, device=accelerator.device)
         else:
             batch = next(batches)
             cond = {"encoder_hidden_states": batch["cond"].to(accelerator.device)}
             uncond = null_cond(cond)
-            noise = torch.randn(batch["video"].shape, device=accelerator.device)
+        noise = torch.randn(cond["encoder_hidden_states"].shape[0], *rollout_shape, device=accelerator.device)
         iteration += 1
         exit_index = shared_exit_index(run.seed, iteration, args.num_student_steps)  # the same on every rank
+        # the window the teacher and the fake score see
+        frames = rollout_window(run.seed, iteration, rollout_frames, teacher_frames, args.num_frames_per_block)
         if ((iteration - 1) // run.gradient_accumulation_steps + 1) % args.student_update_freq:  # fake-score update
             with torch.no_grad():
                 x0 = self_forcing_rollout(student, noise, cond, t_list, exit_index=exit_index,
                                           context_noise=args.context_noise / 1000)
-            loss = fake_score_sample_loss(fake_score, x0, cond)
+            loss = fake_score_sample_loss(fake_score, x0[:, :, frames], cond)
             update(accelerator, loss, params["fake_score"], fake_opt, fake_lr, args.optimizer.max_grad_norm,
                    guard=guard, accumulator=accumulator, player="fake_score", step=step)
             logs["fake_score_loss"] = loss.detach()
             continue
         x0 = self_forcing_rollout(student, noise, cond, t_list, exit_index=exit_index,
                                   context_noise=args.context_noise / 1000)
-        loss = dmd_sample_loss(x0, teacher, fake_score, cond, uncond, guidance_scale=args.guidance_scale,
+        loss = dmd_sample_loss(x0[:, :, frames], teacher, fake_score, cond, uncond, guidance_scale=args.guidance_scale,
                                t_min=args.dmd_t_min, t_max=args.dmd_t_max)
         if not update(accelerator, loss, params["student"], student_opt, student_lr, args.optimizer.max_grad_norm,
                       guard=guard, accumulator=accumulator, step=step + 1):
@@ -225,14 +244,14 @@ def main(argv=None):
         finish_wan_run(accelerator, student.model, trained, ema, wan, output_dir=run.output_dir,
                        num_frames_per_block=args.num_frames_per_block,
                        denoising_timesteps=timesteps_from_t_list(t_list.tolist()), context_noise=args.context_noise,
-                       prompts=prompts, logger=logger, adapter="student" if lora else None)
+                       prompts=prompts, logger=logger, adapter="student" if lora else None, **window)
         progress.summary("train_self_forcing", logger)
         return
     finish_video_run(accelerator, student.model, trained, ema, output_dir=run.output_dir,
                      num_frames_per_block=args.num_frames_per_block,
                      denoising_timesteps=timesteps_from_t_list(t_list.tolist()), context_noise=args.context_noise,
                      eval_num_videos=args.eval_num_videos, name="Self-Forcing student" + (" (LoRA)" if lora else ""),
-                     logger=logger, adapter="student" if lora else None)
+                     logger=logger, adapter="student" if lora else None, **window)
     progress.summary("train_self_forcing", logger)
 
 if __name__ == "__main__":

@@ -90,6 +90,55 @@ def test_lora_students_are_the_teacher_plus_their_adapter(video_teacher, tmp_pat
                                     "--output_dir", str(tmp_path / "bad")])
 
 
+def test_self_forcing_long_rollouts_show_the_teacher_windows_of_its_length(video_teacher, tmp_path):
+    """--rollout_frames 16 with a 6-frame window: the student streams 16 frames, the teacher and the fake score see
+    8-frame windows of them starting on block boundaries (several draws), and the window goes into the recipe."""
+    from accelerate.state import AcceleratorState
+
+    module = load_script("self_forcing")
+    seen = []
+    real_dmd, real_fake = module.dmd_sample_loss, module.fake_score_sample_loss
+
+    def dmd(x0, *a, **kw):
+        seen.append(tuple(x0.shape))
+        return real_dmd(x0, *a, **kw)
+
+    def fake(fake_score, x0, cond):
+        seen.append(tuple(x0.shape))
+        return real_fake(fake_score, x0, cond)
+
+    rollouts = []
+    real_rollout = module.self_forcing_rollout
+
+    def rollout(student, noise, *a, **kw):
+        rollouts.append(noise.shape[2])
+        return real_rollout(student, noise, *a, **kw)
+
+    module.dmd_sample_loss, module.fake_score_sample_loss, module.self_forcing_rollout = dmd, fake, rollout
+    out = str(tmp_path / "long")
+    AcceleratorState._reset_state(True)
+    module.main(["--teacher", video_teacher, "--output_dir", out, "--num_student_steps", "2", "--student_update_freq",
+                 "2", "--rollout_frames", "16", "--local_attn_size", "6", *COMMON, "--max_train_steps", "3"])
+    AcceleratorState._reset_state(True)
+    assert set(rollouts) == {16} and seen and all(shape[2] == 8 for shape in seen)
+    config = CausalWanPipeline.from_pretrained(out).config
+    assert (config.local_attn_size, config.sink_size) == (6, 0)
+    with pytest.raises(ValueError, match="rollout_frames"):
+        run_script("self_forcing", ["--teacher", video_teacher, "--rollout_frames", "5", "--output_dir", str(tmp_path / "x")])
+
+
+def test_self_forcing_window_draws_cover_the_rollout():
+    """Block-aligned windows of the teacher's length, every start taken over draws, the same for the same
+    (seed, iteration), the whole rollout when it is as long as the window."""
+    from diffusers_fastgen.training.causal import rollout_window
+
+    windows = [rollout_window(0, i, 16, 8, 2) for i in range(64)]
+    assert {w.start for w in windows} == {0, 2, 4, 6, 8} and all(w.stop - w.start == 8 for w in windows)
+    assert rollout_window(0, 5, 16, 8, 2) == windows[5] and rollout_window(0, 5, 8, 8, 2) == slice(0, 8)
+    with pytest.raises(ValueError, match="longer than the rollout"):
+        rollout_window(0, 0, 6, 8, 2)
+
+
 @pytest.mark.parametrize("script", ["causal_kd", "causvid", "self_forcing"])
 def test_guidance_below_one_is_a_clear_error(video_teacher, script, tmp_path):
     with pytest.raises(ValueError, match="guidance_scale"):

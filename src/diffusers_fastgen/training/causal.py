@@ -88,3 +88,14 @@ def self_forcing_rollout(student, noise: torch.Tensor, cond: dict, t_list: torch
                 ctx = add_noise(student.process, ctx, torch.randn_like(ctx), torch.tensor(context_noise))
             student(ctx, torch.tensor(context_noise), {**cond, "kv_cache": cache, "update_cache": True})
     return torch.cat(blocks, 2)
+
+
+def rollout_window(seed: int, iteration: int, rollout_frames: int, window_frames: int, block: int) -> slice:
+    """The frames of a long rollout the teacher and the fake score see at `iteration`: `window_frames` frames from
+    a block-aligned start drawn uniformly, a function of (seed, iteration) only (so the same on every rank and
+    on resume); the whole rollout when it is no longer than the window."""
+    if window_frames > rollout_frames:
+        raise ValueError(f"the window ({window_frames} frames) is longer than the rollout ({rollout_frames}).")
+    starts = range(0, rollout_frames - window_frames + 1, block)
+    start = starts[int(torch.randint(len(starts), (1,), generator=step_generator(seed, iteration, 1_000_003)))]
+    return slice(start, start + window_frames)

@@ -233,7 +233,7 @@ def final_student(causal, model, ema, adapter: str | None, output_dir: str):
 
 def finish_video_run(accelerator, causal, model, ema, *, output_dir: str, num_frames_per_block: int,
                      denoising_timesteps, eval_num_videos: int, name: str, logger, context_noise: int = 0,
-                     scheduler=None, adapter: str | None = None) -> None:
+                     scheduler=None, adapter: str | None = None, local_attn_size: int = -1, sink_size: int = 0) -> None:
     """End of a causal-video run: restore Wan's processors on the trained model, copy the EMA weights
     into it, save it as a CausalWanPipeline with its sampling recipe, reload and benchmark it (rank 0),
     and tear the process group down on all ranks together."""
@@ -242,7 +242,8 @@ def finish_video_run(accelerator, causal, model, ema, *, output_dir: str, num_fr
     if accelerator.is_main_process:
         final = final_student(causal, model, ema, adapter, output_dir)
         save_video_student(final, output_dir, num_frames_per_block=num_frames_per_block,
-                           denoising_timesteps=denoising_timesteps, context_noise=context_noise, scheduler=scheduler)
+                           denoising_timesteps=denoising_timesteps, context_noise=context_noise, scheduler=scheduler,
+                           local_attn_size=local_attn_size, sink_size=sink_size)
         logger.info("saved %s to %s", name, output_dir)
         if eval_num_videos:
             benchmark_video_folder(output_dir, name=name, num_videos=eval_num_videos, logger=logger)
@@ -252,7 +253,7 @@ def finish_video_run(accelerator, causal, model, ema, *, output_dir: str, num_fr
 
 def finish_wan_run(accelerator, causal, model, ema, teacher, *, output_dir: str, num_frames_per_block: int,
                    denoising_timesteps, context_noise: int, prompts, logger, scheduler=None,
-                   adapter: str | None = None) -> None:
+                   adapter: str | None = None, local_attn_size: int = -1, sink_size: int = 0) -> None:
     """End of a causal-video run on a WanPipeline teacher: replicas agree, the EMA student is saved as a
     CausalWanPipeline of stock Wan components with its recipe (rank 0), and the process group goes down on all
     ranks together."""
@@ -262,7 +263,7 @@ def finish_wan_run(accelerator, causal, model, ema, teacher, *, output_dir: str,
         final = final_student(causal, model, ema, adapter, output_dir)
         teacher.save_student(output_dir, final, num_frames_per_block=num_frames_per_block,
                              denoising_timesteps=denoising_timesteps, context_noise=context_noise, prompts=list(prompts),
-                             scheduler=scheduler)
+                             scheduler=scheduler, local_attn_size=local_attn_size, sink_size=sink_size)
         logger.info("saved the causal student to %s", output_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()

@@ -116,7 +116,8 @@ class WanTeacher(TextToImageTeacher):
         return shift_times(u, self.shift if shift is None else shift)
 
     def save_student(self, output_dir: str, student, *, num_frames_per_block: int, denoising_timesteps,
-                     context_noise: int = 0, prompts=("",), scheduler=None) -> CausalWanPipeline:
+                     context_noise: int = 0, prompts=("",), scheduler=None, local_attn_size: int = -1,
+                     sink_size: int = 0) -> CausalWanPipeline:
         """A CausalWanPipeline folder: the student (fp32) with the teacher's tokenizer, UMT5 and VAE, the
         recipe in its config (`scheduler`: default FlowMatchFewStepScheduler, x0 then fresh noise); reloaded,
         it streams a sample of the first prompt to samples.gif."""
@@ -129,7 +130,7 @@ class WanTeacher(TextToImageTeacher):
             text_encoder=UMT5EncoderModel.from_pretrained(self.path, subfolder="text_encoder", **load),
             vae=AutoencoderKLWan.from_pretrained(self.path, subfolder="vae", **load),
             num_frames_per_block=num_frames_per_block, denoising_timesteps=list(denoising_timesteps),
-            context_noise=context_noise)
+            context_noise=context_noise, local_attn_size=local_attn_size, sink_size=sink_size)
         pipe.save_pretrained(output_dir)
         pipe = CausalWanPipeline.from_pretrained(output_dir)
         pipe.set_progress_bar_config(disable=True)

@@ -4,10 +4,12 @@
 1. The student f(x_t, t) is the teacher's UNet read as an x0 predictor (models.Denoiser, target="x0"),
    so f(x, 0) = x holds by construction.
 2. Each step draws real digits x0, noise eps and a pair r < t: sigma ~ LogNormal on the EDM noise
-   ratio, r's ratio = sigma (1 - n), with n halved every stage (`timesteps.sample_t_r_ect`), both mapped
-   to the student's process. The loss is pseudo-Huber d(f(x_t, t), sg f(x_r, r)) / (sigma_t - sigma_r) with x_r on the
-   same noise (`--source data`: consistency training) or one teacher DDIM step from x_t (`--source
-   teacher`: consistency distillation, CFG optional).
+   ratio, r's ratio = max(0, sigma - sigma n (1 + 8 sigmoid(-sigma))) (ECT's mapping; `--ect_mapping linear`:
+   sigma (1 - n)), with n halved every stage (`timesteps.sample_t_r_ect`), both mapped to the student's
+   process; where r = 0 the target is the data (distillation: the teacher's ODE end point). The loss is
+   pseudo-Huber d(f(x_t, t), sg f(x_r, r)) / (sigma_t - sigma_r) with x_r on the same noise (`--source
+   data`: consistency training) or one teacher DDIM step from x_t (`--source teacher`: consistency
+   distillation, CFG optional).
 3. The student is saved as a DigitsPipeline with the CM multistep sampler (x0, then fresh noise)
    FlowMatchFewStepScheduler(shift); 1 and 2 steps from the same folder.
 
@@ -80,6 +82,7 @@ class CMArgs:
     source: Literal["teacher", "data"] = "teacher"  # teacher = consistency distillation, data = consistency training (ECT)
     guidance_scale: float = 1.0  # teacher CFG in the DDIM step (source=teacher)
     num_stages: int = 4  # ECT curriculum: the gap ratio n halves at every stage (n = 1/2, 1/4, ...)
+    ect_mapping: Literal["sigmoid", "linear"] = "sigmoid"  # r = t - t n (1 + 8 sigmoid(-t)) clamped at 0 (ECT's), or t (1 - n)
     t_mean: float = -1.1  # ECT proposal: log sigma ~ N(t_mean, t_std^2) (EDM noise ratio)
     t_std: float = 2.0
     huber_c: float | None = None  # pseudo-Huber c (None: iCT's 0.00054 sqrt(D))
@@ -103,7 +106,8 @@ def sample_pair(b: int, step: int, args: CMArgs, process, device):
     """ECT's (t, r) on the EDM noise ratio, mapped to `process` time (r < t for every sample, also where a VP
     schedule cannot represent the ratio: `timesteps.times_from_noise_ratios`)."""
     sigma, sigma_r = sample_t_r_ect((b,), iteration=step, total_iterations=args.run.max_train_steps,
-                                    num_stages=args.num_stages, mean=args.t_mean, std=args.t_std, device=device,
+                                    num_stages=args.num_stages, mean=args.t_mean, std=args.t_std, mapping=args.ect_mapping,
+                                    device=device,
                                     dtype=torch.float64)
     return times_from_noise_ratios(process, sigma, sigma_r / sigma)
 

@@ -94,12 +94,27 @@ def ect_ratio(iteration: int, *, total_iterations: int, num_stages: int = 8, q: 
     return 1.0 / q ** (stage + 1)
 
 
+ECT_MAPPINGS = ("sigmoid", "linear")
+
+
 def sample_t_r_ect(shape, *, iteration: int, total_iterations: int, num_stages: int = 8, q: float = 2.0,
-                   mean: float = -1.1, std: float = 2.0, device=None, dtype=torch.float32, generator=None):
-    """(t, r) of ECT: t = sigma ~ LogNormal(mean, std) (EDM time), r = t (1 - n(iteration))."""
+                   mean: float = -1.1, std: float = 2.0, mapping: str = "sigmoid", k: float = 8.0, b: float = 1.0,
+                   device=None, dtype=torch.float32, generator=None):
+    """(t, r) of ECT: t = sigma ~ LogNormal(mean, std) (EDM time) and, with n = n(iteration) (`ect_ratio`),
+
+    mapping="sigmoid" (ECT's and FastGen's): r = max(0, t - t n (1 + k sigmoid(-b t))) -- small t get a wider gap
+      (up to (1 + k/2) n t at t -> 0), and early in training r = 0 for the smallest t, where the consistency
+      target is the data itself;
+    mapping="linear" (this package's first version): r = t (1 - n)."""
+    if mapping not in ECT_MAPPINGS:
+        raise ValueError(f"`mapping` must be one of {ECT_MAPPINGS}, got {mapping!r}.")
     t = sample_log_normal(shape, mean=mean, std=std, device=device, dtype=torch.float64, generator=generator)
     n = ect_ratio(iteration, total_iterations=total_iterations, num_stages=num_stages, q=q)
-    return t.to(dtype), (t * (1 - n)).to(dtype)
+    if mapping == "linear":
+        r = t * (1 - n)
+    else:
+        r = (t - t * n * (1 + k * torch.sigmoid(-b * t))).clamp_min(0.0)
+    return t.to(dtype), r.to(dtype)
 
 
 def times_from_noise_ratios(process, sigma: torch.Tensor, r_factor) -> tuple[torch.Tensor, torch.Tensor]:

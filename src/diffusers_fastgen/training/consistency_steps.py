@@ -43,6 +43,10 @@ def cm_step(student, x0, eps, t, r, cond, *, teacher=None, uncond=None, guidance
     with torch.no_grad():
         x_r = _ode_point(student, teacher, x0, eps, x_t, t, r, cond, uncond, guidance_scale)
         f_r = student(x_r, r, cond)
+        # r = 0 (ECT's mapping clamps there): the consistency function is the identity, so the target is the point
+        # itself -- the data (consistency training) or the teacher's ODE end point (distillation).
+        at_zero = (r == 0).view((-1,) + (1,) * (x0.ndim - 1))
+        f_r = torch.where(at_zero, x0 if teacher is None else x_r, f_r)
     f_t = student(x_t, t, cond)
     gap = noise_ratio_gap(student.process, t, r)  # ECT's weight 1 / (sigma_t - sigma_r), in the noise ratio
     return consistency_loss(f_t, f_r, t, r, huber_c=huber_c, gap=gap).mean(), {}

@@ -86,7 +86,8 @@ class TCMArgs:
     guidance_scale: float = 1.0  # teacher CFG (source=teacher)
     t_boundary: float = 0.4  # t' in the student's time (RF: 0 data, 1 noise)
     boundary_fraction: float = 0.25  # pairs drawn at t = t' exactly
-    boundary_weight: float = 1.0  # weight of the boundary loss (pairs with r < t')
+    boundary_weight: float = 0.1  # weight of the boundary loss (pairs with r < t'); TCM's 0.1
+    boundary_reduction: Literal["separate", "pooled"] = "separate"  # TCM's: mean(ordinary) + w mean(boundary)
     num_stages: int = 4  # ECT curriculum stages (the gap ratio halves every stage)
     start_stage: int = 2  # stage 2 continues stage 1's curriculum from this stage (gap ratio 1 / 2^(k+1))
     t_mean: float = -1.1  # proposal on the EDM noise ratio, log sigma ~ N(t_mean, t_std^2), restricted to t >= t'
@@ -204,7 +205,7 @@ def main(argv=None):
         loss, logs = tcm_step(student, stage1, x0, eps, t, r, cond, t_boundary=args.t_boundary,
                               boundary_weight=args.boundary_weight, teacher=teacher, uncond=uncond,
                               guidance_scale=t2i.cfg_scale if t2i is not None else args.guidance_scale,
-                              huber_c=args.huber_c)
+                              huber_c=args.huber_c, reduction=args.boundary_reduction)
         if not update(accelerator, loss, params["student"], optimizer, lr_scheduler, args.optimizer.max_grad_norm,
                       guard=guard, accumulator=accumulator, step=step + 1):
             continue  # a skipped non-finite update (--max_nonfinite_skips)

@@ -1,3 +1,4 @@
+
 """Consistency targets on Gaussian data (EDM / VE time, x_t = x0 + t eps, x0 ~ N(0, s^2 I)).
 
 The exact denoiser is D*(x, t) = s^2 / (s^2 + t^2) x; the PF-ODE keeps x / sqrt(s^2 + t^2) fixed, so the
@@ -6,6 +7,7 @@ exact consistency function is f*(x, t) = s x / sqrt(s^2 + t^2).
 
 import math
 
+import pytest
 import torch
 
 from diffusers_fastgen.losses.consistency import consistency_loss, consistency_pair, ddim_step, pseudo_huber, tcm_loss
@@ -83,6 +85,22 @@ def test_tcm_loss_takes_the_stage1_target_below_the_boundary():
     loss = tcm_loss(f_t, f_r, f_r_stage1, t, r, t_boundary=0.4, boundary_weight=3.0, huber_c=0.0)
     expected = torch.tensor([3.0 * 4.0 / 0.2, 2.0 / 0.15, 2.0 / 0.2], dtype=torch.float64)  # ||.|| = 2 sqrt(c^2)
     torch.testing.assert_close(loss, expected)
+
+
+def test_tcm_batch_loss_averages_boundary_and_ordinary_pairs_separately():
+    """TCM's reduction: mean over ordinary pairs + w x mean over boundary pairs (each over its own count); the pooled
+    one (the first version) weights boundary pairs by w inside one batch mean; an absent group adds 0."""
+    from diffusers_fastgen.losses.consistency import tcm_batch_loss
+
+    per = torch.tensor([1.0, 2.0, 3.0, 4.0, 10.0], dtype=torch.float64)
+    below = torch.tensor([False, False, False, True, True])
+    torch.testing.assert_close(tcm_batch_loss(per, below, boundary_weight=0.1),
+                               torch.tensor((1 + 2 + 3) / 3 + 0.1 * (4 + 10) / 2, dtype=torch.float64))
+    torch.testing.assert_close(tcm_batch_loss(per, below, boundary_weight=0.1, reduction="pooled"),
+                               torch.tensor((1 + 2 + 3 + 0.1 * 14) / 5, dtype=torch.float64))
+    torch.testing.assert_close(tcm_batch_loss(per, torch.zeros(5, dtype=torch.bool), boundary_weight=0.1), per.mean())
+    with pytest.raises(ValueError, match="reduction"):
+        tcm_batch_loss(per, below, boundary_weight=0.1, reduction="sum")
 
 
 def test_ect_weight_is_taken_in_the_noise_ratio():

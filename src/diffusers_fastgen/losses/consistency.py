@@ -87,3 +87,25 @@ def tcm_loss(f_t: torch.Tensor, f_r: torch.Tensor, f_r_stage1: torch.Tensor, t: 
     target = torch.where(below.view(view), f_r_stage1, f_r).detach()
     weight = torch.where(below, boundary_weight, 1.0).to(torch.promote_types(t.dtype, torch.float32))
     return weight * consistency_loss(f_t, target, t, r, huber_c=huber_c, gap=gap)
+
+
+TCM_REDUCTIONS = ("separate", "pooled")
+
+
+def tcm_batch_loss(per_sample: torch.Tensor, below: torch.Tensor, *, boundary_weight: float,
+                   reduction: str = "separate") -> torch.Tensor:
+    """The batch loss of TCM stage 2 from the unweighted per-sample losses (`tcm_loss` with boundary_weight 1).
+
+    reduction="separate" (TCM's): mean over the ordinary samples + boundary_weight x the mean over the boundary
+      samples (r < t'), each mean over its own samples (an absent group adds 0);
+    reduction="pooled" (this package's first version): one batch mean with weight boundary_weight on the
+      boundary samples."""
+    if reduction not in TCM_REDUCTIONS:
+        raise ValueError(f"`reduction` must be one of {TCM_REDUCTIONS}, got {reduction!r}.")
+    below = below.to(per_sample.dtype)
+    if reduction == "pooled":
+        return (per_sample * (1 + (boundary_weight - 1) * below)).mean()
+    ordinary = 1 - below
+    mean_ordinary = (per_sample * ordinary).sum() / ordinary.sum().clamp_min(1)
+    mean_boundary = (per_sample * below).sum() / below.sum().clamp_min(1)
+    return mean_ordinary + boundary_weight * mean_boundary

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..guidance import guided_prediction
-from ..losses.consistency import consistency_loss, ddim_step, noise_ratio_gap, tcm_loss
+from ..losses.consistency import consistency_loss, ddim_step, noise_ratio_gap, tcm_batch_loss, tcm_loss
 from ..losses.meanflow import meanflow_loss
 from ..losses.scm import scm_loss
 from ..models.trigflow import trigflow_network
@@ -53,7 +53,8 @@ def cm_step(student, x0, eps, t, r, cond, *, teacher=None, uncond=None, guidance
 
 
 def tcm_step(student, stage1, x0, eps, t, r, cond, *, t_boundary: float, boundary_weight: float,
-             teacher=None, uncond=None, guidance_scale: float = 1.0, huber_c: float | None = None):
+             teacher=None, uncond=None, guidance_scale: float = 1.0, huber_c: float | None = None,
+             reduction: str = "separate"):
     """TCM stage 2: like `cm_step` on t >= t_boundary, with the frozen stage-1 CM as the target where
     r < t_boundary (losses.consistency.tcm_loss). Both targets are computed for the whole batch (one
     batched call each, no data-dependent branching or host sync).
@@ -65,9 +66,10 @@ def tcm_step(student, stage1, x0, eps, t, r, cond, *, t_boundary: float, boundar
         x_r = _ode_point(student, teacher, x0, eps, x_t, t, r, cond, uncond, guidance_scale)
         f_r, f_r_stage1 = student(x_r, r, cond), stage1(x_r, r, cond)
     f_t = student(x_t, t, cond)
-    loss = tcm_loss(f_t, f_r, f_r_stage1, t, r, t_boundary=t_boundary, boundary_weight=boundary_weight, huber_c=huber_c,
-                    gap=noise_ratio_gap(student.process, t, r))
-    return loss.mean(), {"boundary_fraction": (r < t_boundary).float().mean()}
+    per_sample = tcm_loss(f_t, f_r, f_r_stage1, t, r, t_boundary=t_boundary, boundary_weight=1.0, huber_c=huber_c,
+                          gap=noise_ratio_gap(student.process, t, r))
+    loss = tcm_batch_loss(per_sample, r < t_boundary, boundary_weight=boundary_weight, reduction=reduction)
+    return loss, {"boundary_fraction": (r < t_boundary).float().mean()}
 
 
 def scm_step(student, x0, eps, t, cond, *, sigma_d: float, teacher=None, uncond=None, guidance_scale: float = 1.0,

@@ -38,6 +38,7 @@ from diffusers_fastgen.parametrization import RectifiedFlow
 from diffusers_fastgen.training import (
     Accumulator,
     EMAArgs,
+    LoRAArgs,
     NonFiniteGuard,
     OptimizerArgs,
     RunArgs,
@@ -88,18 +89,10 @@ class CausalKDArgs:
     guidance_scale: float = 3.0  # CFG of the teacher ODE; 3 = best for the shipped teacher (docs/results.md)
     pair_batch_size: int = 128  # teacher batch while generating pairs
     eval_num_videos: int = 500  # moving-digits benchmark videos at the end (0 skips; none with a WanPipeline)
-    lora_rank: int = 0  # > 0: the student is a LoRA adapter on the frozen teacher
-    lora_alpha: float | None = None  # LoRA scaling numerator (default: lora_rank, i.e. scale 1)
-    lora_target_modules: list[str] | None = None  # module names (suffixes) that get adapters (default: attention)
+    lora: LoRAArgs = field(default_factory=LoRAArgs)  # LoRA mode: adapters on the frozen teacher
 
     def __post_init__(self):
         check_pipeline_folder(self.teacher, "CausalWanPipeline", "teacher")
-        if self.lora_rank < 0:
-            raise ValueError(f"`lora_rank` must be >= 0 (0 = full fine-tuning), got {self.lora_rank}.")
-        if self.lora_alpha is not None and not self.lora_alpha > 0:
-            raise ValueError(f"`lora_alpha` must be > 0, got {self.lora_alpha}.")
-        if (self.lora_alpha is not None or self.lora_target_modules) and not self.lora_rank:
-            raise ValueError("`lora_alpha` / `lora_target_modules` need `lora_rank` > 0.")
         if not os.path.isdir(self.teacher):
             raise ValueError(f"`teacher` {self.teacher!r} is not a CausalWanPipeline folder; train one with "
                              "examples/train_causal_sft/train_causal_sft.py --num_frames_per_block 8 and pass --teacher.")
@@ -183,7 +176,7 @@ def main(argv=None):
     args = parse_args(CausalKDArgs, argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     run = args.run
-    accelerator = setup_accelerator(run, "train_causal_kd", args, find_unused_parameters=args.lora_rank > 0)
+    accelerator = setup_accelerator(run, "train_causal_kd", args, find_unused_parameters=args.lora.lora_rank > 0)
     if accelerator.is_main_process:
         save_config(args, os.path.join(run.output_dir, "train_config.yaml"))
 
@@ -191,9 +184,9 @@ def main(argv=None):
     # a stock WanPipeline teacher (--pretrained_model_name_or_path; wan set), else the moving-digits teacher
     wan, teacher_model, prompts, embeddings, negative = load_video_teacher(args.video, args.teacher,
                                                                            guidance_scale=args.guidance_scale)
-    if args.lora_rank:  # the student: an adapter on the teacher itself ("base")
-        modules, params = build_players(teacher_model, lora_rank=args.lora_rank, trainable=("student",),
-                                        lora_alpha=args.lora_alpha, lora_target_modules=args.lora_target_modules)
+    if args.lora.lora_rank:  # the student: an adapter on the teacher itself ("base")
+        modules, params = build_players(teacher_model, lora_rank=args.lora.lora_rank, trainable=("student",),
+                                        lora_alpha=args.lora.lora_alpha, lora_target_modules=args.lora.lora_target_modules)
     else:
         modules = {"teacher": teacher_model, "student": copy.deepcopy(teacher_model).float().requires_grad_(True)}
         params = {"student": list(modules["student"].parameters())}

@@ -49,6 +49,7 @@ from diffusers_fastgen.pipelines import CausalWanPipeline
 from diffusers_fastgen.training import (
     Accumulator,
     EMAArgs,
+    LoRAArgs,
     NonFiniteGuard,
     OptimizerArgs,
     RunArgs,
@@ -99,19 +100,11 @@ class CausalSFTArgs:
     sample_steps: int = 50  # Euler steps per block of the saved sampler
     eval_num_videos: int = 500  # moving-digits benchmark videos at the end (0 skips; none with a WanPipeline)
     video: TextToVideoArgs = field(default_factory=TextToVideoArgs)  # a stock WanPipeline and captioned videos instead
-    lora_rank: int = 0  # > 0: train a LoRA adapter on the frozen model (init_from or the WanPipeline's transformer)
-    lora_alpha: float | None = None  # LoRA scaling numerator (default: lora_rank, i.e. scale 1)
-    lora_target_modules: list[str] | None = None  # module names (suffixes) that get adapters (default: attention)
+    lora: LoRAArgs = field(default_factory=LoRAArgs)  # LoRA mode: adapters on the frozen teacher
 
     def __post_init__(self):
         check_pipeline_folder(self.init_from, "CausalWanPipeline", "init_from")
-        if self.lora_rank < 0:
-            raise ValueError(f"`lora_rank` must be >= 0 (0 = full fine-tuning), got {self.lora_rank}.")
-        if self.lora_alpha is not None and not self.lora_alpha > 0:
-            raise ValueError(f"`lora_alpha` must be > 0, got {self.lora_alpha}.")
-        if (self.lora_alpha is not None or self.lora_target_modules) and not self.lora_rank:
-            raise ValueError("`lora_alpha` / `lora_target_modules` need `lora_rank` > 0.")
-        if self.lora_rank and self.init_from is None and self.video.pretrained_model_name_or_path is None:
+        if self.lora.lora_rank and self.init_from is None and self.video.pretrained_model_name_or_path is None:
             raise ValueError("`lora_rank` adapts a trained model: give `init_from` (or a WanPipeline).")
         if self.video.pretrained_model_name_or_path is not None:
             if self.video.train_data_dir is None:
@@ -157,17 +150,17 @@ def main(argv=None):
     # 1. Model, optimizer, data (a WanPipeline's transformer and its encoded videos, or the moving-digits model).
     data = WanVideoData(args.video, accelerator, run) if args.video.pretrained_model_name_or_path else None
     if data is not None:  # trained in fp32 whatever the frozen parts' dtype (LoRA: the adapter only)
-        model = data.teacher.model if args.lora_rank else data.teacher.model.float()
+        model = data.teacher.model if args.lora.lora_rank else data.teacher.model.float()
     elif args.init_from:
         model = CausalWanPipeline.from_pretrained(args.init_from).transformer
     else:
         torch.manual_seed(run.seed)
         model = moving_digits_transformer(args.num_layers, args.num_attention_heads, args.attention_head_dim,
                                           args.ffn_dim)
-    adapter = "student" if args.lora_rank else None
+    adapter = "student" if args.lora.lora_rank else None
     if adapter:  # fp32 adapter weights on the frozen model
-        add_lora_adapters(model, [adapter], rank=args.lora_rank, alpha=args.lora_alpha,
-                          target_modules=args.lora_target_modules or DEFAULT_TARGETS)
+        add_lora_adapters(model, [adapter], rank=args.lora.lora_rank, alpha=args.lora.lora_alpha,
+                          target_modules=args.lora.lora_target_modules or DEFAULT_TARGETS)
         for p in adapter_parameters(model, adapter):
             p.data = p.data.float()
     if run.gradient_checkpointing:

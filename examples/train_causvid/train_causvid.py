@@ -43,6 +43,7 @@ from diffusers_fastgen.parametrization import RectifiedFlow
 from diffusers_fastgen.training import (
     Accumulator,
     EMAArgs,
+    LoRAArgs,
     NonFiniteGuard,
     OptimizerArgs,
     RunArgs,
@@ -98,22 +99,14 @@ class CausVidArgs:
     dmd_t_max: float = 0.98
     eval_num_videos: int = 500  # moving-digits benchmark videos at the end (0 skips; none with a WanPipeline)
     video: TextToVideoArgs = field(default_factory=TextToVideoArgs)  # a stock WanPipeline and captioned videos instead
-    lora_rank: int = 0  # > 0: student and fake score are LoRA adapters on one frozen base (the teacher)
-    lora_alpha: float | None = None  # LoRA scaling numerator (default: lora_rank, i.e. scale 1)
-    lora_target_modules: list[str] | None = None  # module names (suffixes) that get adapters (default: attention)
+    lora: LoRAArgs = field(default_factory=LoRAArgs)  # LoRA mode: adapters on the frozen teacher
 
     def __post_init__(self):
         check_pipeline_folder(self.teacher, "CausalWanPipeline", "teacher")
         check_pipeline_folder(self.student_init, "CausalWanPipeline", "student_init")
-        if self.lora_rank < 0:
-            raise ValueError(f"`lora_rank` must be >= 0 (0 = full fine-tuning), got {self.lora_rank}.")
-        if self.lora_alpha is not None and not self.lora_alpha > 0:
-            raise ValueError(f"`lora_alpha` must be > 0, got {self.lora_alpha}.")
-        if (self.lora_alpha is not None or self.lora_target_modules) and not self.lora_rank:
-            raise ValueError("`lora_alpha` / `lora_target_modules` need `lora_rank` > 0.")
-        if self.lora_rank and self.student_init is not None:
+        if self.lora.lora_rank and self.student_init is not None:
             raise ValueError("`student_init` is a full model; with `lora_rank` the student is an adapter on the teacher.")
-        if self.lora_rank and self.run.gradient_checkpointing:
+        if self.lora.lora_rank and self.run.gradient_checkpointing:
             raise ValueError("`gradient_checkpointing` with `lora_rank`: the student and the bidirectional players share "
                              "one module, so a recomputation could run the other's attention.")
         if self.video.pretrained_model_name_or_path is not None:
@@ -139,7 +132,7 @@ def main(argv=None):
     args = parse_args(CausVidArgs, argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     run = args.run
-    accelerator = setup_accelerator(run, "train_causvid", args, find_unused_parameters=args.lora_rank > 0)
+    accelerator = setup_accelerator(run, "train_causvid", args, find_unused_parameters=args.lora.lora_rank > 0)
     if accelerator.is_main_process:
         save_config(args, os.path.join(run.output_dir, "train_config.yaml"))
 
@@ -148,9 +141,9 @@ def main(argv=None):
     data = (WanVideoData(args.video, accelerator, run, guidance_scale=args.guidance_scale)
             if args.video.pretrained_model_name_or_path else None)
     teacher_model = (data.teacher.model if data is not None else load_video_transformer(args.teacher)).requires_grad_(False)
-    if args.lora_rank:  # adapters on the teacher itself ("base")
-        modules, params = build_players(teacher_model, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
-                                        lora_target_modules=args.lora_target_modules)
+    if args.lora.lora_rank:  # adapters on the teacher itself ("base")
+        modules, params = build_players(teacher_model, lora_rank=args.lora.lora_rank, lora_alpha=args.lora.lora_alpha,
+                                        lora_target_modules=args.lora.lora_target_modules)
     else:
         student_model = (load_video_transformer(args.student_init) if args.student_init else copy.deepcopy(teacher_model))
         modules = {"teacher": teacher_model, "student": student_model.float().requires_grad_(True),

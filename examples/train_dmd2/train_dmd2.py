@@ -38,6 +38,7 @@ from diffusers_fastgen.schedulers import flow_match_sde_scheduler, t_list_from_s
 from diffusers_fastgen.training import (
     Accumulator,
     EMAArgs,
+    LoRAArgs,
     NonFiniteGuard,
     OptimizerArgs,
     RunArgs,
@@ -95,9 +96,7 @@ class DMD2Args:
     dmd_t_min: float = 0.02  # the DMD loss noises student samples at t ~ U[dmd_t_min, dmd_t_max]
     dmd_t_max: float = 0.98
     backward_simulation: bool = True  # multi-step: inputs from the student's own rollout (else noised data)
-    lora_rank: int = 0  # > 0: student and fake score are LoRA adapters on one frozen base (the teacher)
-    lora_alpha: float | None = None  # LoRA scaling numerator (default: lora_rank, i.e. scale 1)
-    lora_target_modules: list[str] | None = None  # module names (suffixes) that get adapters (default: attention + convs)
+    lora: LoRAArgs = field(default_factory=LoRAArgs)  # LoRA mode: adapters on the frozen teacher
     gan_generator_weight: float = 0.0  # > 0 turns on DMD2's GAN branch: weight of the student's GAN loss
     gan_discriminator_weight: float = 1e-2  # weight of the discriminator loss added to the fake-score loss
     gan_feature_module: str = "mid_block"  # fake-score block whose output the discriminator head reads
@@ -125,12 +124,6 @@ class DMD2Args:
             raise ValueError(f"`guidance_scale` must be >= 0, got {self.guidance_scale}.")
         if self.gan_generator_weight < 0 or self.gan_discriminator_weight < 0 or self.r1_weight < 0:
             raise ValueError("`gan_generator_weight`, `gan_discriminator_weight` and `r1_weight` must be >= 0.")
-        if self.lora_rank < 0:
-            raise ValueError(f"`lora_rank` must be >= 0 (0 = full fine-tuning), got {self.lora_rank}.")
-        if self.lora_alpha is not None and not self.lora_alpha > 0:
-            raise ValueError(f"`lora_alpha` must be > 0, got {self.lora_alpha}.")
-        if (self.lora_alpha is not None or self.lora_target_modules) and not self.lora_rank:
-            raise ValueError("`lora_alpha` / `lora_target_modules` need `lora_rank` > 0.")
         if self.fake_score_learning_rate <= 0:
             raise ValueError(f"`fake_score_learning_rate` must be > 0, got {self.fake_score_learning_rate}.")
 
@@ -139,7 +132,7 @@ def main(argv=None):
     args = parse_args(DMD2Args, argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     run = args.run
-    accelerator = setup_accelerator(run, "train_dmd2", args, find_unused_parameters=args.lora_rank > 0)
+    accelerator = setup_accelerator(run, "train_dmd2", args, find_unused_parameters=args.lora.lora_rank > 0)
     if accelerator.is_main_process:
         save_config(args, os.path.join(run.output_dir, "train_config.yaml"))
 
@@ -153,8 +146,8 @@ def main(argv=None):
         teacher_pipe = DigitsPipeline.from_pretrained(args.teacher)
         process, prediction_type = process_from_scheduler(teacher_pipe.scheduler)
         teacher_model = teacher_pipe.unet
-    modules, params = build_players(teacher_model, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
-                                    lora_target_modules=args.lora_target_modules)
+    modules, params = build_players(teacher_model, lora_rank=args.lora.lora_rank, lora_alpha=args.lora.lora_alpha,
+                                    lora_target_modules=args.lora.lora_target_modules)
     nets = player_denoisers(modules, process, prediction_type)
     if args.gan_generator_weight > 0:  # discriminator head on the fake score's features, trained with it
         if t2i is not None:

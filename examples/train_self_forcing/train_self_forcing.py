@@ -35,6 +35,7 @@ from diffusers_fastgen.parametrization import RectifiedFlow
 from diffusers_fastgen.training import (
     Accumulator,
     EMAArgs,
+    LoRAArgs,
     NonFiniteGuard,
     OptimizerArgs,
     RunArgs,
@@ -97,9 +98,7 @@ class SelfForcingArgs:
     rollout_frames: int | None = None  # latent frames of the student's rollout (default: the teacher's length)
     local_attn_size: int = -1  # the student's attention window in frames (-1 = global), saved in its recipe
     sink_size: int = 0  # frames at the start kept visible with a window
-    lora_rank: int = 0  # > 0: student and fake score are LoRA adapters on one frozen base (the teacher)
-    lora_alpha: float | None = None  # LoRA scaling numerator (default: lora_rank, i.e. scale 1)
-    lora_target_modules: list[str] | None = None  # module names (suffixes) that get adapters (default: attention)
+    lora: LoRAArgs = field(default_factory=LoRAArgs)  # LoRA mode: adapters on the frozen teacher
 
     def __post_init__(self):
         check_pipeline_folder(self.teacher, "CausalWanPipeline", "teacher")
@@ -122,13 +121,7 @@ class SelfForcingArgs:
         if self.rollout_frames is not None and (self.rollout_frames < 1 or self.rollout_frames % self.num_frames_per_block):
             raise ValueError(f"`rollout_frames` must be a positive multiple of num_frames_per_block "
                              f"({self.num_frames_per_block}), got {self.rollout_frames}.")
-        if self.lora_rank < 0:
-            raise ValueError(f"`lora_rank` must be >= 0 (0 = full fine-tuning), got {self.lora_rank}.")
-        if self.lora_alpha is not None and not self.lora_alpha > 0:
-            raise ValueError(f"`lora_alpha` must be > 0, got {self.lora_alpha}.")
-        if (self.lora_alpha is not None or self.lora_target_modules) and not self.lora_rank:
-            raise ValueError("`lora_alpha` / `lora_target_modules` need `lora_rank` > 0.")
-        if self.lora_rank and self.student_init is not None:
+        if self.lora.lora_rank and self.student_init is not None:
             raise ValueError("`student_init` is a full model; with `lora_rank` the student is an adapter on the teacher.")
         if self.run.gradient_checkpointing:
             raise ValueError("`gradient_checkpointing` is not supported here: the rollout's gradient forwards read "
@@ -139,7 +132,7 @@ def main(argv=None):
     args = parse_args(SelfForcingArgs, argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     run = args.run
-    accelerator = setup_accelerator(run, "train_self_forcing", args, find_unused_parameters=args.lora_rank > 0)
+    accelerator = setup_accelerator(run, "train_self_forcing", args, find_unused_parameters=args.lora.lora_rank > 0)
     if accelerator.is_main_process:
         save_config(args, os.path.join(run.output_dir, "train_config.yaml"))
 
@@ -148,9 +141,9 @@ def main(argv=None):
     wan, teacher_model, prompts, embeddings, negative = load_video_teacher(args.video, args.teacher,
                                                                            guidance_scale=args.guidance_scale)
     # Trained players in fp32 whatever the frozen teacher's dtype. LoRA: adapters on the teacher itself ("base").
-    if args.lora_rank:
-        modules, params = build_players(teacher_model, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
-                                        lora_target_modules=args.lora_target_modules)
+    if args.lora.lora_rank:
+        modules, params = build_players(teacher_model, lora_rank=args.lora.lora_rank, lora_alpha=args.lora.lora_alpha,
+                                        lora_target_modules=args.lora.lora_target_modules)
     else:
         student_model = (load_video_transformer(args.student_init) if args.student_init else copy.deepcopy(teacher_model))
         modules = {"teacher": teacher_model, "student": student_model.float().requires_grad_(True),

@@ -10,6 +10,7 @@ from .accelerate_setup import (
 )
 from .args import (
     EMAArgs,
+    LoRAArgs,
     OptimizerArgs,
     RunArgs,
     TextToImageArgs,

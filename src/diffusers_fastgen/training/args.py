@@ -131,6 +131,19 @@ class EMAArgs:
 
 
 @dataclass
+class LoRAArgs:
+    lora_rank: int = 0  # > 0: the trained players are LoRA adapters on the frozen teacher (0 = full fine-tuning)
+    lora_alpha: float | None = None  # LoRA scaling numerator (default: lora_rank, i.e. scale 1)
+    lora_target_modules: list[str] | None = None  # module names (suffixes) that get adapters (default: attention + convs)
+
+    def __post_init__(self):
+        _check(self.lora_rank >= 0, f"`lora_rank` must be >= 0 (0 = full fine-tuning), got {self.lora_rank}.")
+        _check(self.lora_alpha is None or self.lora_alpha > 0, f"`lora_alpha` must be > 0, got {self.lora_alpha}.")
+        _check(bool(self.lora_rank) or (self.lora_alpha is None and not self.lora_target_modules),
+               "`lora_alpha` / `lora_target_modules` need `lora_rank` > 0.")
+
+
+@dataclass
 class PipelineSourceArgs:
     """Where a stock pipeline teacher and its prompts come from (shared by the image and video groups)."""
 

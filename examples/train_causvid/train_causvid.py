@@ -29,7 +29,6 @@ teacher's shift, and the output is a CausalWanPipeline of stock Wan components:
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 from dataclasses import dataclass, field, replace
@@ -37,9 +36,6 @@ from dataclasses import dataclass, field, replace
 from accelerate.logging import get_logger
 
 from diffusers_fastgen.evaluation.moving_digits import MOVING_DIGITS_TEACHER_PATH
-from diffusers_fastgen.models import Denoiser
-from diffusers_fastgen.models.causal_wan import CausalWan
-from diffusers_fastgen.parametrization import RectifiedFlow
 from diffusers_fastgen.training import (
     Accumulator,
     EMAArgs,
@@ -57,8 +53,7 @@ from diffusers_fastgen.training import (
     update,
 )
 from diffusers_fastgen.training.causal import diffusion_forcing_inputs
-from diffusers_fastgen.training.distribution_matching_steps import build_players, fake_score_step, student_step
-from diffusers_fastgen.training.lora import BASE
+from diffusers_fastgen.training.distribution_matching_steps import fake_score_step, student_step
 from diffusers_fastgen.training.players import log_and_checkpoint, prepare_players, resume_step, student_ema
 from diffusers_fastgen.training.progress import TrainingProgress
 from diffusers_fastgen.training.video import (
@@ -71,6 +66,8 @@ from diffusers_fastgen.training.video import (
     student_t_list,
     timesteps_from_t_list,
     validate_video_student,
+    video_dmd_denoisers,
+    video_dmd_players,
 )
 
 logger = get_logger("train_causvid", log_level="INFO")
@@ -141,14 +138,7 @@ def main(argv=None):
     data = (WanVideoData(args.video, accelerator, run, guidance_scale=args.guidance_scale)
             if args.video.pretrained_model_name_or_path else None)
     teacher_model = (data.teacher.model if data is not None else load_video_transformer(args.teacher)).requires_grad_(False)
-    if args.lora.lora_rank:  # adapters on the teacher itself ("base")
-        modules, params = build_players(teacher_model, lora_rank=args.lora.lora_rank, lora_alpha=args.lora.lora_alpha,
-                                        lora_target_modules=args.lora.lora_target_modules)
-    else:
-        student_model = (load_video_transformer(args.student_init) if args.student_init else copy.deepcopy(teacher_model))
-        modules = {"teacher": teacher_model, "student": student_model.float().requires_grad_(True),
-                   "fake_score": copy.deepcopy(teacher_model).float().requires_grad_(True)}
-        params = {n: list(modules[n].parameters()) for n in ("student", "fake_score")}
+    modules, params = video_dmd_players(teacher_model, student_init=args.student_init, lora=args.lora)
     schedule = {"num_training_steps": run.max_train_steps, "num_processes": accelerator.num_processes}  # LR schedule
     critic_schedule = {**schedule, "num_training_steps": run.max_train_steps * max(args.student_update_freq - 1, 1)}
     optimizers = {"student": make_optimizer(params["student"], args.optimizer, **schedule),
@@ -157,12 +147,9 @@ def main(argv=None):
                                                **critic_schedule)}
     modules, optimizers = prepare_players(accelerator, modules, optimizers, gradient_checkpointing=run.gradient_checkpointing)
     (student_opt, student_lr), (fake_opt, fake_lr) = optimizers["student"], optimizers["fake_score"]
-    rf = RectifiedFlow()
-    lora = "base" in modules  # one module, three players: the causal student only inside CausalWan calls
-    trained = modules["base"] if lora else modules["student"]  # the module holding the student's weights
-    teacher = Denoiser(modules["base"], rf, "flow", adapter=BASE) if lora else Denoiser(modules["teacher"], rf, "flow")
-    fake_score = Denoiser(modules["base" if lora else "fake_score"], rf, "flow", adapter="fake_score" if lora else None)
-    student = Denoiser(CausalWan(trained, args.num_frames_per_block), rf, "flow", adapter="student" if lora else None)
+    nets = video_dmd_denoisers(modules, args.num_frames_per_block)
+    trained, teacher, fake_score, student = nets["trained"], nets["teacher"], nets["fake_score"], nets["student"]
+    lora = nets["adapter"] is not None
     ema = student_ema(accelerator, modules, args.ema, run.train_batch_size)
     if data is not None:  # the per-block schedule on the teacher's shift
         t_list = data.teacher.student_t_list(args.num_student_steps, shift=args.video.shift).to(accelerator.device)

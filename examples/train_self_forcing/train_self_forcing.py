@@ -20,7 +20,6 @@ is trained on its own KV-cached rollouts (Huang et al. arXiv:2506.08009).
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 from dataclasses import dataclass, field, replace
@@ -29,9 +28,7 @@ import torch
 from accelerate.logging import get_logger
 
 from diffusers_fastgen.evaluation.moving_digits import CANVAS, MOVING_DIGITS_TEACHER_PATH, NUM_FRAMES
-from diffusers_fastgen.models import Denoiser
 from diffusers_fastgen.models.causal_wan import CausalWan
-from diffusers_fastgen.parametrization import RectifiedFlow
 from diffusers_fastgen.training import (
     Accumulator,
     EMAArgs,
@@ -50,11 +47,9 @@ from diffusers_fastgen.training import (
 )
 from diffusers_fastgen.training.causal import rollout_window, self_forcing_rollout, shared_exit_index
 from diffusers_fastgen.training.distribution_matching_steps import (
-    build_players,
     dmd_sample_loss,
     fake_score_sample_loss,
 )
-from diffusers_fastgen.training.lora import BASE
 from diffusers_fastgen.training.players import log_and_checkpoint, prepare_players, resume_step, student_ema
 from diffusers_fastgen.training.progress import TrainingProgress
 from diffusers_fastgen.training.teachers import PromptBatches
@@ -63,11 +58,12 @@ from diffusers_fastgen.training.video import (
     finish_video_run,
     finish_wan_run,
     load_video_teacher,
-    load_video_transformer,
     null_cond,
     student_t_list,
     timesteps_from_t_list,
     validate_video_student,
+    video_dmd_denoisers,
+    video_dmd_players,
 )
 
 logger = get_logger("train_self_forcing", log_level="INFO")
@@ -141,14 +137,7 @@ def main(argv=None):
     wan, teacher_model, prompts, embeddings, negative = load_video_teacher(args.video, args.teacher,
                                                                            guidance_scale=args.guidance_scale)
     # Trained players in fp32 whatever the frozen teacher's dtype. LoRA: adapters on the teacher itself ("base").
-    if args.lora.lora_rank:
-        modules, params = build_players(teacher_model, lora_rank=args.lora.lora_rank, lora_alpha=args.lora.lora_alpha,
-                                        lora_target_modules=args.lora.lora_target_modules)
-    else:
-        student_model = (load_video_transformer(args.student_init) if args.student_init else copy.deepcopy(teacher_model))
-        modules = {"teacher": teacher_model, "student": student_model.float().requires_grad_(True),
-                   "fake_score": copy.deepcopy(teacher_model).float().requires_grad_(True)}
-        params = {n: list(modules[n].parameters()) for n in ("student", "fake_score")}
+    modules, params = video_dmd_players(teacher_model, student_init=args.student_init, lora=args.lora)
     schedule = {"num_training_steps": run.max_train_steps, "num_processes": accelerator.num_processes}  # LR schedule
     critic_schedule = {**schedule, "num_training_steps": run.max_train_steps * max(args.student_update_freq - 1, 1)}
     optimizers = {"student": make_optimizer(params["student"], args.optimizer, **schedule),
@@ -157,13 +146,9 @@ def main(argv=None):
                                                **critic_schedule)}
     modules, optimizers = prepare_players(accelerator, modules, optimizers)
     (student_opt, student_lr), (fake_opt, fake_lr) = optimizers["student"], optimizers["fake_score"]
-    rf = RectifiedFlow()
-    lora = "base" in modules  # one module, three players: the causal student only inside CausalWan calls
-    trained = modules["base"] if lora else modules["student"]  # the module holding the student's weights
-    teacher = Denoiser(modules["base"], rf, "flow", adapter=BASE) if lora else Denoiser(modules["teacher"], rf, "flow")
-    fake_score = Denoiser(modules["base" if lora else "fake_score"], rf, "flow", adapter="fake_score" if lora else None)
-    student = Denoiser(CausalWan(trained, args.num_frames_per_block, local_attn_size=args.local_attn_size,
-                                 sink_size=args.sink_size), rf, "flow", adapter="student" if lora else None)
+    nets = video_dmd_denoisers(modules, args.num_frames_per_block, local_attn_size=args.local_attn_size, sink_size=args.sink_size)
+    trained, teacher, fake_score, student = nets["trained"], nets["teacher"], nets["fake_score"], nets["student"]
+    lora = nets["adapter"] is not None
     ema = student_ema(accelerator, modules, args.ema, run.train_batch_size)
     if wan is not None:  # the per-block schedule on the teacher's shift; prompt indices drawn per micro-batch
         t_list = wan.student_t_list(args.num_student_steps, shift=args.video.shift).to(accelerator.device)

@@ -3,6 +3,7 @@ ODE pairs, saving and benchmarking a CausalWanPipeline student."""
 
 from __future__ import annotations
 
+import copy
 import os
 
 import torch
@@ -20,13 +21,17 @@ from ..evaluation.moving_digits import (
     sample_motion,
 )
 from ..guidance import guided_prediction
+from ..models import Denoiser
+from ..models.causal_wan import CausalWan
 from ..models.unwrap import unwrap_model
+from ..parametrization import RectifiedFlow
 from ..pipelines import CausalWanPipeline
 from ..schedulers import FlowMatchFewStepScheduler
 from ..timesteps import sample_logit_normal
 from .accelerate_setup import check_replicas_in_sync
 from .causal import step_generator
-from .lora import merged_copy
+from .distribution_matching_steps import build_players
+from .lora import BASE, merged_copy
 from .nonfinite import check_finite
 from .teachers import PromptBatches, lora_config, lora_state
 from .validation import log_image_grid, save_image_grid
@@ -190,6 +195,34 @@ class WanVideoData:
         x0 = rows.pop("latents").to(device)
         uncond = self.teacher.cond(self.negative, torch.zeros(len(index), dtype=torch.long), device)
         return x0, self.teacher.cond(rows, None, device), uncond
+
+
+def video_dmd_players(teacher_model, *, student_init: str | None, lora) -> tuple[dict, dict]:
+    """(modules, {player: parameters}) of a video DMD script (CausVid, Self-Forcing): full mode, the frozen
+    teacher with fp32 copies as student (from `student_init` if given) and fake score; LoRA mode (`lora`, a
+    LoRAArgs), both as adapters on the teacher itself ("base")."""
+    if lora.lora_rank:
+        return build_players(teacher_model, lora_rank=lora.lora_rank, lora_alpha=lora.lora_alpha,
+                             lora_target_modules=lora.lora_target_modules)
+    student_model = load_video_transformer(student_init) if student_init else copy.deepcopy(teacher_model)
+    modules = {"teacher": teacher_model, "student": student_model.float().requires_grad_(True),
+               "fake_score": copy.deepcopy(teacher_model).float().requires_grad_(True)}
+    return modules, {n: list(modules[n].parameters()) for n in ("student", "fake_score")}
+
+
+def video_dmd_denoisers(modules: dict, num_frames_per_block: int, **causal_kwargs) -> dict:
+    """{"trained": the module holding the student's weights, "teacher", "fake_score", "student": Denoisers, "adapter":
+    the student's adapter or None} over the prepared modules of `video_dmd_players`. In LoRA mode one module serves
+    all three: the causal student only inside its CausalWan calls."""
+    rf = RectifiedFlow()
+    if "base" in modules:
+        base = modules["base"]
+        return {"trained": base, "adapter": "student", "teacher": Denoiser(base, rf, "flow", adapter=BASE),
+                "fake_score": Denoiser(base, rf, "flow", adapter="fake_score"),
+                "student": Denoiser(CausalWan(base, num_frames_per_block, **causal_kwargs), rf, "flow", adapter="student")}
+    return {"trained": modules["student"], "adapter": None, "teacher": Denoiser(modules["teacher"], rf, "flow"),
+            "fake_score": Denoiser(modules["fake_score"], rf, "flow"),
+            "student": Denoiser(CausalWan(modules["student"], num_frames_per_block, **causal_kwargs), rf, "flow")}
 
 
 def load_video_teacher(video, digits_teacher: str, *, guidance_scale: float = 1.0):

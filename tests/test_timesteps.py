@@ -60,7 +60,7 @@ def test_ect_curriculum():
     assert ts.ect_ratio(0, total_iterations=800, num_stages=8) == 0.5
     assert ts.ect_ratio(100, total_iterations=800, num_stages=8) == 0.25
     assert ts.ect_ratio(799, total_iterations=800, num_stages=8) == 0.5**8
-    t, r = ts.sample_t_r_ect((100,), iteration=100, total_iterations=800, generator=_gen(), mapping="linear")
+    t, r = ts.sample_t_r_ect((100,), iteration=100, total_iterations=800, generator=_gen())
     torch.testing.assert_close(r, t * 0.75)
 
 
@@ -69,7 +69,7 @@ def test_ect_sigmoid_mapping_is_ects():
     where the widened gap exceeds t (small t, early stages) and r -> t (1 - n) for large t."""
     for iteration, n in ((0, 0.5), (100, 0.25), (799, 0.5**8)):
         t, r = ts.sample_t_r_ect((4000,), iteration=iteration, total_iterations=800, generator=_gen(iteration),
-                                 dtype=torch.float64)
+                                 dtype=torch.float64, mapping="sigmoid")
         expected = [max(0.0, x - x * n * (1 + 8 / (1 + math.exp(x)))) for x in t.tolist()]
         torch.testing.assert_close(r, torch.tensor(expected, dtype=torch.float64))
         assert bool((r < t).all())

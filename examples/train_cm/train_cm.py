@@ -4,9 +4,9 @@
 1. The student f(x_t, t) is the teacher's UNet read as an x0 predictor (models.Denoiser, target="x0"),
    so f(x, 0) = x holds by construction.
 2. Each step draws real digits x0, noise eps and a pair r < t: sigma ~ LogNormal on the EDM noise
-   ratio, r's ratio = max(0, sigma - sigma n (1 + 8 sigmoid(-sigma))) (ECT's mapping; `--ect_mapping linear`:
-   sigma (1 - n)), with n halved every stage (`timesteps.sample_t_r_ect`), both mapped to the student's
-   process; where r = 0 the target is the data (distillation: the teacher's ODE end point). The loss is
+   ratio, r's ratio = sigma (1 - n) (`--ect_mapping sigmoid`: ECT's max(0, sigma - sigma n (1 + 8
+   sigmoid(-sigma))), measured worse here), with n halved every stage (`timesteps.sample_t_r_ect`), both mapped
+   to the student's process; where r = 0 the target is the data (distillation: the teacher's ODE end point). The loss is
    pseudo-Huber d(f(x_t, t), sg f(x_r, r)) / (sigma_t - sigma_r) with x_r on the same noise (`--source
    data`: consistency training) or one teacher DDIM step from x_t (`--source teacher`: consistency
    distillation, CFG optional).
@@ -82,7 +82,7 @@ class CMArgs:
     source: Literal["teacher", "data"] = "teacher"  # teacher = consistency distillation, data = consistency training (ECT)
     guidance_scale: float = 1.0  # teacher CFG in the DDIM step (source=teacher)
     num_stages: int = 4  # ECT curriculum: the gap ratio n halves at every stage (n = 1/2, 1/4, ...)
-    ect_mapping: Literal["sigmoid", "linear"] = "sigmoid"  # r = t - t n (1 + 8 sigmoid(-t)) clamped at 0 (ECT's), or t (1 - n)
+    ect_mapping: Literal["linear", "sigmoid"] = "linear"  # r = t (1 - n), or ECT's t - t n (1 + 8 sigmoid(-t)) clamped at 0
     t_mean: float = -1.1  # ECT proposal: log sigma ~ N(t_mean, t_std^2) (EDM noise ratio)
     t_std: float = 2.0
     huber_c: float | None = None  # pseudo-Huber c (None: iCT's 0.00054 sqrt(D))

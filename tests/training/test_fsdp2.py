@@ -12,7 +12,7 @@ import pytest
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fsdp2_lora_worker.py")
 
 
-@pytest.mark.parametrize("mode,port", [("plain", 29541), ("gan", 29542)])
+@pytest.mark.parametrize("mode,port", [("gan", 29542)])  # the GAN mode runs the plain steps plus the head
 def test_fully_shard_shared_base_lora_matches_replicas(tmp_path, mode, port):
     out = tmp_path / "result.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}

@@ -1,7 +1,9 @@
 """The embedded digits benchmark: sample a class-conditional pipeline, score it against held-out digits.
 
 FD: Fréchet distance in the shipped classifier's 128-d penultimate features between generated
-samples and the 360 held-out real digits. Accuracy: classifier agreement with the requested class.
+samples and the 360 held-out real digits; KID: the unbiased kernel distance in the same features (no small-sample
+bias); precision / recall: fidelity and coverage of the held-out digits' feature manifold (k = 3).
+Accuracy: classifier agreement with the requested class.
 Diversity: within-class mean pairwise feature distance, divided by that of real digits (1.0 = as
 varied as real data). Wall time: seconds per 1,000 samples (median over `repeats` timed passes).
 """
@@ -42,6 +44,32 @@ class DigitsReference:
         return rows
 
 
+METRICS = ("fd", "kid", "precision", "recall", "accuracy", "diversity")
+
+
+def real_floor(reference: DigitsReference, num_samples: int, seed: int) -> dict:
+    """The scores of `num_samples` real training digits against the held-out digits, class-balanced like the
+    generated sets (sample i has class i % 10, a seeded random choice within the class): the floor every
+    generated set of that size is measured against."""
+    train_x, train_y = load_digits_arrays("train")
+    g = torch.Generator().manual_seed(seed)
+    labels = np.arange(num_samples) % 10
+    pools = {c: np.flatnonzero(train_y == c) for c in range(10)}
+    picks = {c: pools[c][torch.randperm(len(pools[c]), generator=g).numpy()] for c in range(10)}
+    counts = {c: 0 for c in range(10)}
+    idx = []
+    for c in labels:  # without replacement inside a class while it lasts
+        idx.append(picks[c][counts[c] % len(picks[c])])
+        counts[c] += 1
+    return reference.score(torch.from_numpy(train_x[np.array(idx)]), labels)
+
+
+def seeded_scores(score_fn, seeds) -> dict:
+    """{metric: (mean, std)} of `score_fn(seed)` over `seeds` (std 0 for one seed)."""
+    rows = [score_fn(seed) for seed in seeds]
+    return {m: (float(np.mean([r[m] for r in rows])), float(np.std([r[m] for r in rows]))) for m in METRICS}
+
+
 @torch.no_grad()
 def sample_pipeline(pipe, num_samples: int, *, num_inference_steps: int, guidance_scale: float, seed: int = 0,
                     batch_size: int = 500) -> tuple[torch.Tensor, np.ndarray, float]:
@@ -70,14 +98,18 @@ def benchmark_row(pipe, reference: DigitsReference, *, name: str, num_inference_
 
 
 def markdown_table(rows: list[dict]) -> str:
-    head = "| model | steps | CFG | NFE | s / 1k samples | FD ↓ | accuracy | diversity (real = 1) |\n" \
-           "|---|---|---|---|---|---|---|---|\n"
+    """Rows of `benchmark_row` / `DigitsReference.score` (KID in units of 1e-3; precision / recall against the
+    held-out digits, k = 3)."""
+    head = ("| model | steps | CFG | NFE | s / 1k samples | FD ↓ | KID ×1e3 ↓ | precision | recall | accuracy | "
+            "diversity (real = 1) |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for r in rows:
-        lines.append("| {model} | {steps} | {cfg} | {nfe} | {time} | {fd:.2f} | {acc:.1%} | {div:.2f} |".format(
-            model=r["model"], steps=r.get("steps", "–"), cfg=r.get("cfg", "–"), nfe=r.get("nfe", "–"),
-            time=f"{r['s_per_1k']:.2f}" if "s_per_1k" in r else "–", fd=r["fd"], acc=r["accuracy"],
-            div=r["diversity"]))
+        lines.append("| {model} | {steps} | {cfg} | {nfe} | {time} | {fd:.2f} | {kid} | {p} | {rc} | {acc:.1%} | {div:.2f} |"
+                     .format(model=r["model"], steps=r.get("steps", "–"), cfg=r.get("cfg", "–"), nfe=r.get("nfe", "–"),
+                             time=f"{r['s_per_1k']:.2f}" if "s_per_1k" in r else "–", fd=r["fd"],
+                             kid=f"{1e3 * r['kid']:.2f}" if "kid" in r else "–",
+                             p=f"{r['precision']:.2f}" if "precision" in r else "–",
+                             rc=f"{r['recall']:.2f}" if "recall" in r else "–", acc=r["accuracy"], div=r["diversity"]))
     return head + "\n".join(lines)
 
 

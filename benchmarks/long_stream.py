@@ -53,25 +53,23 @@ def run_length(args) -> dict:
         cache_bytes.append(self.k.numel() * self.k.element_size() * 2)
 
     KVCache.__init__ = counting_init
-    windows, block_seconds, pending = [], [], []
-    for start in range(0, args.num_videos, args.batch_size):
-        sl = slice(start, start + args.batch_size)
-        tick = time.perf_counter()
-        for block in pipe.stream(prompt_embeds=moving_digits_cond(labels[sl], v[sl]), num_frames=frames,
-                                 height=CANVAS, width=CANVAS, generator=g):
-            block_seconds.append(time.perf_counter() - tick)
-            pending.append(block)
-            if sum(b.shape[2] for b in pending) == NUM_FRAMES:  # a full window: keep its frames only until scored
-                windows.append((start, torch.cat(pending, 2)))
-                pending = []
+    windows, block_seconds, pending = [], [], []  # windows: batch-major, args.multiple per batch
+    try:
+        for start in range(0, args.num_videos, args.batch_size):
+            sl = slice(start, start + args.batch_size)
             tick = time.perf_counter()
-    KVCache.__init__ = real_new_cache
+            for block in pipe.stream(prompt_embeds=moving_digits_cond(labels[sl], v[sl]), num_frames=frames,
+                                     height=CANVAS, width=CANVAS, generator=g):
+                block_seconds.append(time.perf_counter() - tick)
+                pending.append(block)
+                if sum(b.shape[2] for b in pending) == NUM_FRAMES:  # a full window: only its frames are kept
+                    windows.append(torch.cat(pending, 2))
+                    pending = []
+                tick = time.perf_counter()
+    finally:
+        KVCache.__init__ = real_new_cache
     ref = MovingDigitsReference()
-    per_window = []
-    n_windows = args.multiple
-    for w in range(n_windows):
-        video = torch.cat([chunk for i, (s, chunk) in enumerate(windows) if i % n_windows == w])
-        per_window.append(score_windows(ref, video, labels, v)[0])
+    per_window = [score_windows(ref, torch.cat(windows[w::args.multiple]), labels, v)[0] for w in range(args.multiple)]
     return {"multiple": args.multiple, "frames": frames, "windows": per_window,
             "median_block_s": statistics.median(block_seconds), "kv_cache_mb": max(cache_bytes) / 2**20,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}

@@ -75,19 +75,23 @@ def preprocess_image(image: Image.Image, resolution: int, *, center_crop: bool, 
 
 
 @torch.no_grad()
+@torch.no_grad()
 def encode_latents(vae, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """(B, 3, H, W) in [-1, 1] -> model latents, z drawn from the posterior: (z - shift_factor) * scaling_factor
-    (AutoencoderKL), or per channel (z - latents_mean) / latents_std for the video-style VAE of Qwen-Image
-    (one frame: it encodes (B, 3, 1, H, W); the inverse of QwenImagePipeline's decode)."""
+    """Pixels in [-1, 1] -> model latents, z drawn from the posterior: (z - shift_factor) * scaling_factor
+    (AutoencoderKL, images (B, 3, H, W)), or per channel (z - latents_mean) / latents_std for the video VAEs of
+    Wan and Qwen-Image (the inverse of their pipelines' decode): videos (B, 3, F, H, W) -> (B, C, f, h, w), and an
+    image (B, 3, H, W) as one frame -> (B, C, h, w)."""
     per_channel = getattr(vae.config, "latents_mean", None) is not None
+    image = pixels.ndim == 4
     x = pixels.to(vae.device, vae.dtype)
-    dist = vae.encode(x[:, :, None] if per_channel else x).latent_dist
+    dist = vae.encode(x[:, :, None] if per_channel and image else x).latent_dist
     z = dist.sample(generator=generator).float()
     if per_channel:
         shape = (1, -1, 1, 1, 1)
         mean = torch.tensor(vae.config.latents_mean, device=z.device).view(shape)
         std = torch.tensor(vae.config.latents_std, device=z.device).view(shape)
-        return ((z - mean) / std)[:, :, 0].cpu().contiguous()
+        z = (z - mean) / std
+        return (z[:, :, 0] if image else z).cpu().contiguous()
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return ((z - shift) * vae.config.scaling_factor).cpu().contiguous()
 

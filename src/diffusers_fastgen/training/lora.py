@@ -52,4 +52,4 @@ def merged_copy(model, adapter: str, ema=None):
     state = {k.replace(".base_layer", ""): v for k, v in work.state_dict().items() if "lora_" not in k}
     plain = type(work).from_config(work.config)
     plain.load_state_dict(state)
-    return plain.float()
+    return plain

@@ -254,10 +254,9 @@ def final_student(causal, model, ema, adapter: str | None, output_dir: str):
     `pytorch_lora_weights.safetensors` (WanPipeline's `save_lora_weights` format, for `load_lora_weights`)."""
     causal.remove()
     base = unwrap_model(model)
+    ema.copy_to(base)  # LoRA mode: the EMA adapter weights, for the LoRA file and the merge
     if adapter is None:
-        ema.copy_to(base)
         return base
-    ema.copy_to(base)  # the EMA adapter weights, for the LoRA file and the merge
     os.makedirs(output_dir, exist_ok=True)
     WanPipeline.save_lora_weights(output_dir, transformer_lora_layers=lora_state(base, adapter),
                                   transformer_lora_adapter_metadata=lora_config(base, adapter))

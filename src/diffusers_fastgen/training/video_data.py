@@ -23,7 +23,7 @@ from diffusers.utils import load_video
 from PIL import Image, ImageSequence
 from safetensors.torch import save_file
 
-from .image_data import LatentShards
+from .image_data import LatentShards, encode_latents
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 VIDEO_EXTENSIONS = (".gif", ".mp4", ".webm", ".mov", ".avi", ".mkv")
@@ -91,16 +91,6 @@ def video_to_tensor(frames: list[Image.Image], num_frames: int, height: int, wid
     return torch.from_numpy(np.stack(out)).permute(3, 0, 1, 2) / 127.5 - 1.0
 
 
-@torch.no_grad()
-def encode_video_latents(vae, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """(B, 3, F, H, W) in [-1, 1] -> normalised Wan latents (B, C, f, h, w), one posterior draw."""
-    z = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.sample(generator=generator).float()
-    shape = (1, -1, 1, 1, 1)
-    mean = torch.tensor(vae.config.latents_mean, device=z.device).view(shape)
-    std = torch.tensor(vae.config.latents_std, device=z.device).view(shape)
-    return ((z - mean) / std).cpu().contiguous()
-
-
 def encode_video_dataset(teacher, *, train_data_dir: str, caption_column: str = "text", out_dir: str,
                          shard_size: int = 8, seed: int = 0) -> str:
     """Encode the video folder with `teacher` (a `WanTeacher`, still holding its VAE and UMT5) into shards
@@ -126,7 +116,7 @@ def encode_video_dataset(teacher, *, train_data_dir: str, caption_column: str = 
         pixels = torch.stack([video_to_tensor(read_frames(p), teacher.num_frames, teacher.height, teacher.width,
                                               name=repr(os.path.relpath(p, train_data_dir))) for p, _ in rows])
         g = torch.Generator().manual_seed(seed * 100_003 + shard)
-        tensors = {"latents": encode_video_latents(teacher.pipe.vae, pixels, g)}
+        tensors = {"latents": encode_latents(teacher.pipe.vae, pixels, g)}
         tensors.update({k: v.detach().float().cpu().contiguous() for k, v in teacher._encode([c for _, c in rows]).items()})
         save_file(tensors, path + ".tmp")
         os.replace(path + ".tmp", path)

@@ -193,9 +193,7 @@ class CausalWanPipeline(DiffusionPipeline):
             if image.ndim == 4:  # pixels -> latent frame 0
                 if self.vae is None:
                     raise ValueError("`image` as pixels (B, 3, H, W) needs a VAE; pass latents (B, C, 1, h, w).")
-                encoded = self.vae.encode(image[:, :, None].to(device, self.vae.dtype)).latent_dist.mode()
-                mean, std = self._latent_norm(encoded)
-                image = (encoded - mean) / std
+                image = self.encode_video(image[:, :, None])
             first = image.to(device=device, dtype=torch.float32)
         with self.causal_transformer() as causal:  # also restored when the consumer stops early (close())
             yield from self._blocks(causal, latents, first, text, b, num_frames, height, width, guidance_scale,

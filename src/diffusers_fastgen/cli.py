@@ -21,24 +21,21 @@ from .generate import check_request, generate, load_pipeline, pipeline_class_nam
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _timesteps(text: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.replace(",", " ").split()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one timestep")
-    return values
+def _comma_list(cast, kind: str):
+    """An argparse type: a non-empty list of `cast` values separated by commas (or spaces)."""
+    def parse(text: str) -> list:
+        try:
+            values = [cast(v) for v in text.replace(",", " ").split()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind} separated by commas, got {text!r}") from None
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected at least one of the {kind}")
+        return values
+    return parse
 
 
-def _block_sizes(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.replace(",", " ").split()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one block size")
-    return values
+_timesteps = _comma_list(float, "numbers")
+_block_sizes = _comma_list(int, "integers")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,6 +18,12 @@ from .nonfinite import NonFiniteError, NonFiniteGuard
 
 logger = logging.getLogger("diffusers_fastgen")
 
+# Multi-process launches keep their Accelerator (and with it the DDP modules it prepared) until `run_main` leaves
+# through os._exit: if main()'s locals were freed on return, a DDP Reducer's last reference to the gloo process
+# group would run ~ProcessGroupGloo, which joins a gloo worker thread waiting for the GIL the freeing thread holds
+# (a hang at the end of a finished run; seen with gdb on an orphaned rank 1 in CI).
+_KEEP_UNTIL_EXIT: list = []
+
 
 def setup_accelerator(run: RunArgs, project_name: str, config=None, *, find_unused_parameters: bool = False) -> Accelerator:
     """Accelerator for `run`. Without CUDA it is created with cpu=True, which is what makes
@@ -35,6 +41,8 @@ def setup_accelerator(run: RunArgs, project_name: str, config=None, *, find_unus
         project_config=ProjectConfiguration(project_dir=run.output_dir, logging_dir=os.path.join(run.output_dir, "logs")),
         cpu=not torch.cuda.is_available(),
     )
+    if accelerator.num_processes > 1:
+        _KEEP_UNTIL_EXIT.append(accelerator)
     if accelerator.device.type == "cpu" and retain_freed_memory():
         logger.info("CPU run: glibc keeps freed tensor memory for reuse (training.cpu_memory)")
     set_seed(run.seed, device_specific=True)
@@ -160,7 +168,9 @@ def run_main(main) -> None:
     it in ~ProcessGroupGloo (the process hangs; seen with gdb) — after the run has finished and saved. A plain accelerate
     DDP script on two CPU processes beside one busy process failed 6 of 40 launches that way, 0 of 40 through
     this exit (benchmarks/ddp_exit.py, docs/results.md). Everything the scripts write is closed by then
-    (end_training finishes the trackers; files are written atomically).
+    (end_training finishes the trackers; files are written atomically). The same deadlock can strike earlier, when
+    main()'s locals are freed on return and a DDP Reducer drops the last reference to the process group, so
+    `setup_accelerator` keeps multi-process accelerators (and their DDP modules) alive until this exit.
     An exception from `main` propagates as usual."""
     main()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:

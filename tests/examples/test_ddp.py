@@ -4,11 +4,11 @@ on moving digits CausalSFT, CausalKD, CausVid and Self-Forcing (whose student ru
 with gradient, one per block, inside one DDP backward)."""
 
 import os
-import signal
 import subprocess
 import sys
 
 import pytest
+from launch_utils import run_launcher
 from script_utils import ROOT
 
 
@@ -20,24 +20,10 @@ def _launch(script, args, tmp_path, port):
     # each run takes 10-20 s. A CI run once saw a two-process gloo launch hang until the timeout: a deadlock at
     # interpreter finalization, which the scripts now skip (training.run_main); the one retry stays as a guard.
     try:
-        return _run(cmd, env, tmp_path)
+        return run_launcher(cmd, env, tmp_path, timeout=150)
     except subprocess.TimeoutExpired:  # one fresh launch on another port; a second hang fails the test
         cmd[cmd.index("--main_process_port") + 1] = str(port + 100)
-        return _run(cmd, env, tmp_path)
-
-
-def _run(cmd, env, cwd, timeout=150):
-    """subprocess.run in its own session: on a timeout the launcher and both ranks are killed, so a hung rank
-    is not left behind to slow the rest of the suite."""
-    proc = subprocess.Popen(cmd, env=env, cwd=str(cwd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+        return run_launcher(cmd, env, tmp_path, timeout=150)
 
 
 GAN = ["--gan_generator_weight", "0.01", "--gan_discriminator_weight", "0.1", "--r1_weight", "0.1"]

@@ -4,10 +4,10 @@ sharded, the frozen base never changes, and both adapters (and the GAN head) tra
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
+from launch_utils import run_launcher
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fsdp2_lora_worker.py")
 
@@ -16,9 +16,8 @@ WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fsdp2_lora_wo
 def test_fully_shard_shared_base_lora_matches_replicas(tmp_path, mode, port):
     out = tmp_path / "result.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(port), WORKER, str(out), mode], env=env, cwd=str(tmp_path), capture_output=True,
-                          text=True, timeout=300)
+    proc = run_launcher([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                         str(port), WORKER, str(out), mode], env, tmp_path, timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     r = json.loads(out.read_text())
     assert r["world"] == 2 and r["sharded_params"] > 100

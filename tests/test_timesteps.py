@@ -105,6 +105,30 @@ def test_trigflow_time_is_logit_normal_on_the_rf_path():
         sample_trigflow_time((2,), sigma_d=0.0)
 
 
+def test_trigflow_time_inside_a_vp_schedules_ratio_range_is_the_truncated_log_normal():
+    """With the SD1.5 VP schedule's ratio range (0.029 .. 14.6) every draw stays inside it and log(sigma_d tan t)
+    follows the normal truncated there (scipy's truncnorm), over several seeds; (0, inf) keeps the plain draw."""
+    from diffusers_fastgen.parametrization import RectifiedFlow, vp_from_betas
+    from diffusers_fastgen.timesteps import noise_ratio_range, sample_trigflow_time
+
+    low, high = noise_ratio_range(vp_from_betas())
+    assert abs(low - 0.02917) < 1e-4 and abs(high - 14.6146) < 1e-3
+    assert noise_ratio_range(RectifiedFlow()) == (0.0, float("inf"))
+    mean, std, sd = -1.0, 1.4, 0.5
+    a, b = (math.log(low) - mean) / std, (math.log(high) - mean) / std
+    for seed in range(3):
+        t = sample_trigflow_time((20000,), sigma_d=sd, mean=mean, std=std, ratio_range=(low, high), dtype=torch.float64,
+                                 generator=torch.Generator().manual_seed(seed))
+        n = torch.log(sd * torch.tan(t))
+        assert float(n.min()) >= math.log(low) - 1e-9 and float(n.max()) <= math.log(high) + 1e-9
+        assert stats.kstest(n.numpy(), stats.truncnorm(a, b, loc=mean, scale=std).cdf).pvalue > 0.01
+    plain = sample_trigflow_time((5,), sigma_d=sd, generator=torch.Generator().manual_seed(0))
+    same = sample_trigflow_time((5,), sigma_d=sd, ratio_range=(0.0, float("inf")), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(plain, same, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="ratio_range"):
+        sample_trigflow_time((2,), ratio_range=(1.0, 0.5))
+
+
 def test_ect_pairs_on_a_vp_schedule_stay_ordered_where_the_ratio_is_out_of_its_range():
     """SD1.5's VP schedule spans noise ratios 0.029 .. 14.6: ECT's log-normal(-1.1, 2) draws outside that span
     used to map t and r to the same end (t = r = 0 or 1, a 0 / 0 loss: NaN at the first step of train_cm on a

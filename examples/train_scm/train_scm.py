@@ -33,7 +33,7 @@ from diffusers_fastgen.models.logvar import LogVarHead
 from diffusers_fastgen.parametrization import process_from_scheduler
 from diffusers_fastgen.pipelines import DigitsPipeline
 from diffusers_fastgen.schedulers import scm_rf_scheduler
-from diffusers_fastgen.timesteps import sample_trigflow_time
+from diffusers_fastgen.timesteps import noise_ratio_range, sample_trigflow_time
 from diffusers_fastgen.training import (
     Accumulator,
     EMAArgs,
@@ -170,6 +170,7 @@ def main(argv=None):
                                                   num_steps=1, step=s, output_dir=run.output_dir)
         validate_digits_student(accelerator, modules, ema, scheduler, num_steps=1, step=s, output_dir=run.output_dir)
 
+    ratio_range = noise_ratio_range(process)  # a VP teacher spans only part of TrigFlow's (0, pi/2)
     guard = NonFiniteGuard(run.max_nonfinite_skips)
     accumulator = Accumulator(run.gradient_accumulation_steps)  # per player
     progress = TrainingProgress(accelerator, run, step, guard)
@@ -181,7 +182,7 @@ def main(argv=None):
             cond, uncond = digits_cond(y), digits_cond(torch.full_like(y, NULL_CLASS))
         eps = torch.randn_like(x0)
         t = sample_trigflow_time((x0.shape[0],), sigma_d=args.sigma_d, mean=args.t_mean, std=args.t_std,
-                                 device=x0.device)
+                                 device=x0.device, ratio_range=ratio_range)
         warmup = min(1.0, step / args.warmup_steps) if args.warmup_steps else 1.0
         cfg_scale = t2i.cfg_scale if t2i is not None else args.guidance_scale  # guidance-distilled Flux: no CFG
         loss, logs = scm_step(student, x0, eps, t, cond, sigma_d=args.sigma_d, teacher=teacher, uncond=uncond,

@@ -118,6 +118,17 @@ def sample_t_r_ect(shape, *, iteration: int, total_iterations: int, num_stages: 
     return t.to(dtype), r.to(dtype)
 
 
+def noise_ratio_range(process) -> tuple[float, float]:
+    """(low, high): the noise ratios sigma / alpha at the ends t = 0 and t = t_max of `process` (0 and inf for
+    RF and TrigFlow; SD1.5's VP schedule: 0.029 and 14.6)."""
+    ends = torch.tensor([0.0, float(getattr(process, "t_max", 1.0))], dtype=torch.float64)
+    with torch.no_grad():
+        alpha, sig = process.alpha(ends).to(torch.float64), process.sigma(ends).to(torch.float64)
+    low = float(sig[0] / alpha[0]) if alpha[0] > 0 else 0.0
+    high = float(sig[1] / alpha[1]) if alpha[1] > 0 else float("inf")
+    return low, high
+
+
 def times_from_noise_ratios(process, sigma: torch.Tensor, r_factor) -> tuple[torch.Tensor, torch.Tensor]:
     """(t, r) of `process` for the EDM noise ratio sigma (t) and sigma * r_factor (r), r_factor in [0, 1)
     (a float or a (B,) tensor), with r < t for every sample.
@@ -127,11 +138,7 @@ def times_from_noise_ratios(process, sigma: torch.Tensor, r_factor) -> tuple[tor
     coincide (a 0 / 0 consistency loss). So sigma is first clamped into that span (just above its lower end),
     and r's ratio is taken from the clamped sigma; below the span r is the process's t = 0. Inside the span
     the times are `process.t_from_noise_ratio` unchanged."""
-    ends = torch.tensor([0.0, float(getattr(process, "t_max", 1.0))], dtype=torch.float64, device=sigma.device)
-    with torch.no_grad():
-        alpha, sig = process.alpha(ends).to(torch.float64), process.sigma(ends).to(torch.float64)
-    low = float(sig[0] / alpha[0]) if alpha[0] > 0 else 0.0
-    high = float(sig[1] / alpha[1]) if alpha[1] > 0 else float("inf")
+    low, high = noise_ratio_range(process)
     sigma = sigma.to(torch.float64).clamp(min=low * 1.01 if low > 0 else 0.0, max=high)
     t = process.t_from_noise_ratio(sigma).float()
     r = process.t_from_noise_ratio(sigma * r_factor).float()
@@ -139,11 +146,27 @@ def times_from_noise_ratios(process, sigma: torch.Tensor, r_factor) -> tuple[tor
 
 
 def sample_trigflow_time(shape, *, sigma_d: float = 0.5, mean: float = -1.0, std: float = 1.4, device=None,
-                         dtype=torch.float32, generator=None):
+                         dtype=torch.float32, generator=None, ratio_range: tuple[float, float] | None = None):
     """TrigFlow time of sCM (arXiv:2410.11081 Sec. 4): t = arctan(exp(n) / sigma_d), n ~ N(mean, std^2),
     i.e. the EDM log-normal proposal on sigma = exp(n) mapped to t in (0, pi/2). On the RF path the same
-    points have t_rf = sigmoid(n): logit-normal(mean, std)."""
+    points have t_rf = sigmoid(n): logit-normal(mean, std).
+
+    ratio_range (low, high): the noise ratios sigma the model's own process spans (`noise_ratio_range`; a VP
+    schedule such as SD1.5's spans only 0.029 .. 14.6). n is then drawn from the normal truncated to
+    [log low, log high], so no sample lies where the model was never trained; with (0, inf) or None the
+    draw is the plain log-normal one."""
     if sigma_d <= 0:
         raise ValueError(f"`sigma_d` must be > 0, got {sigma_d}.")
-    sigma = sample_log_normal(shape, mean=mean, std=std, device=device, dtype=torch.float64, generator=generator)
+    low, high = ratio_range if ratio_range is not None else (0.0, float("inf"))
+    if not 0 <= low < high:
+        raise ValueError(f"`ratio_range` must be (low, high) with 0 <= low < high, got {ratio_range}.")
+    if low == 0 and high == float("inf"):
+        sigma = sample_log_normal(shape, mean=mean, std=std, device=device, dtype=torch.float64, generator=generator)
+    else:  # inverse-CDF draw of the truncated normal
+        if std <= 0:
+            raise ValueError(f"`std` must be > 0, got {std}.")
+        bounds = torch.tensor([low, high], dtype=torch.float64).log().sub(mean).div(std)
+        cdf_low, cdf_high = torch.special.ndtr(bounds).tolist()
+        u = cdf_low + (cdf_high - cdf_low) * _uniform(shape, device, generator)
+        sigma = torch.exp(mean + std * torch.special.ndtri(u)).clamp(low, high)
     return torch.atan(sigma / sigma_d).to(dtype)

@@ -4,7 +4,8 @@
    (models.trigflow: x_t = cos(t) x0 + sin(t) sigma_d eps, F from the model's own prediction after a
    change of variables), so it stays an ordinary model of the teacher's process (RF here).
 2. Each step draws real digits x0, noise eps and TrigFlow time t (log-normal proposal on
-   sigma_d tan t), and takes sCM's loss: one JVP of F along the PF-ODE tangent, tangent warm-up and
+   sigma_d tan t, truncated to the noise ratios the teacher's process spans: all of them for RF, 0.029 ..
+   14.6 for SD1.5's VP schedule), and takes sCM's loss: one JVP of F along the PF-ODE tangent, tangent warm-up and
    normalisation, adaptive weighting by a learned log-variance head (models.logvar). The ODE velocity
    comes from the teacher with CFG (`--source teacher`: sCD) or from the data pair (`--source data`: sCT).
 3. The student is saved as a DigitsPipeline with sCM's 1-step (t = pi/2) and 2-step (pi/2,

@@ -71,7 +71,7 @@ def main():
                                                                   seed=seed), args.seeds)
                 excess = scores["fd"][0] - floor["fd"][0]
                 lines.append(f"| {label} | {steps} | {g} | " + " | ".join(_cell(m, *scores[m]) for m in METRICS)
-                             + f" | {excess:.2f} |")
+                             + f" | {excess:.3f} |")
                 print(lines[-1], flush=True)
     print(f"\n({len(args.seeds)} seed(s) x {args.num_samples} samples against the 360 held-out digits; KID x 1e3)")
     print("\n".join(lines))

@@ -12,6 +12,10 @@
    `intermediate_t`) sampler, expressed on the RF path (schedulers.scm_rf_scheduler).
 
     accelerate launch examples/train_scm/train_scm.py --output_dir outputs/scd
+
+A VP teacher (SD1.5-style, eps prediction) through its TrigFlow view wants a smaller step: pass
+`--learning_rate 3e-5` (at 1e-4 the text-to-image digits student diverged once the tangent warm-up ended;
+docs/results.md).
 """
 
 from __future__ import annotations

@@ -153,3 +153,26 @@ def test_ect_pairs_on_a_vp_schedule_stay_ordered_where_the_ratio_is_out_of_its_r
     t, r = ts.times_from_noise_ratios(rf, sigma, 0.5)
     torch.testing.assert_close(t, rf.t_from_noise_ratio(sigma).float())
     torch.testing.assert_close(r, rf.t_from_noise_ratio(sigma * 0.5).float())
+
+
+def test_log_student_t_is_the_truncated_student_t_in_log_sigma():
+    """log sigma = mean + std T, T ~ t(df), truncated to ratio_range: KS against scipy's t restricted to the
+    window (its CDF renormalised there), over several seeds and two df; every draw inside the window."""
+    low, high = 0.667, 80.0
+    for df in (2.0, 5.0):
+        a, b = stats.t.cdf((math.log(low) + 1.1) / 2.0, df), stats.t.cdf((math.log(high) + 1.1) / 2.0, df)
+        for seed in range(3):
+            sigma = ts.sample_log_student_t((20000,), mean=-1.1, std=2.0, df=df, ratio_range=(low, high),
+                                            dtype=torch.float64, generator=_gen(seed))
+            assert float(sigma.min()) >= low and float(sigma.max()) <= high
+            z = (torch.log(sigma).numpy() + 1.1) / 2.0
+            assert stats.kstest(z, lambda x, df=df, a=a, b=b: (stats.t.cdf(x, df) - a) / (b - a)).pvalue > 0.01
+    # heavier tails than the log-normal of the same (mean, std): more mass far above the mean
+    t_tail = ts.sample_log_student_t((20000,), mean=-1.1, std=2.0, df=2.0, generator=_gen(0), dtype=torch.float64)
+    n_tail = ts.sample_log_normal((20000,), mean=-1.1, std=2.0, generator=_gen(0), dtype=torch.float64)
+    far = -1.1 + 3 * 2.0
+    assert float((torch.log(t_tail) > far).double().mean()) > 5 * float((torch.log(n_tail) > far).double().mean())
+    with pytest.raises(ValueError, match="df"):
+        ts.sample_log_student_t((2,), df=0.0)
+    with pytest.raises(ValueError, match="ratio_range"):
+        ts.sample_log_student_t((2,), ratio_range=(2.0, 1.0))

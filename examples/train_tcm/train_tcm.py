@@ -34,7 +34,13 @@ from diffusers_fastgen.models.digits import NULL_CLASS, digits_cond
 from diffusers_fastgen.parametrization import process_from_scheduler
 from diffusers_fastgen.pipelines import DigitsPipeline
 from diffusers_fastgen.schedulers import flow_match_sde_scheduler
-from diffusers_fastgen.timesteps import ect_ratio, sample_log_normal, times_from_noise_ratios
+from diffusers_fastgen.timesteps import (
+    ect_ratio,
+    noise_ratio_range,
+    sample_log_normal,
+    sample_log_student_t,
+    times_from_noise_ratios,
+)
 from diffusers_fastgen.training import (
     Accumulator,
     EMAArgs,
@@ -92,6 +98,8 @@ class TCMArgs:
     start_stage: int = 2  # stage 2 continues stage 1's curriculum from this stage (gap ratio 1 / 2^(k+1))
     t_mean: float = -1.1  # proposal on the EDM noise ratio, log sigma ~ N(t_mean, t_std^2), restricted to t >= t'
     t_std: float = 2.0
+    t_proposal: Literal["reflected_log_normal", "log_student_t"] = "reflected_log_normal"  # t > t': folded / TCM's log-t
+    t_df: float = 2.0  # degrees of freedom of the log-Student-t proposal (FastGen's 2)
     huber_c: float | None = None  # pseudo-Huber c (None: iCT's 0.00054 sqrt(D))
     shift: float = 1.0  # sampler shift; the 2-step midpoint shift / (1 + shift) must be >= t_boundary
     eval_num_samples: int = 1000  # samples for the final benchmark rows (0 skips)
@@ -116,19 +124,27 @@ class TCMArgs:
         if digits and (self.shift <= 0 or self.shift / (1 + self.shift) < self.t_boundary):
             raise ValueError(f"`shift` must give a 2-step midpoint shift/(1+shift) >= t_boundary={self.t_boundary}, "
                              f"got shift={self.shift}.")
+        if self.t_proposal not in ("reflected_log_normal", "log_student_t") or self.t_df <= 0:
+            raise ValueError(f"`t_proposal` must be 'reflected_log_normal' or 'log_student_t' and `t_df` > 0, got "
+                             f"{self.t_proposal!r}, {self.t_df}.")
         if self.num_stages < 1 or not 0 <= self.start_stage < self.num_stages or self.t_std <= 0:
             raise ValueError(f"need num_stages >= 1, 0 <= start_stage < num_stages, t_std > 0; got "
                              f"{self.num_stages}, {self.start_stage}, {self.t_std}.")
 
 
 def sample_pair(b: int, step: int, args: TCMArgs, process, device):
-    """(t, r): t = t' for a `boundary_fraction` of the batch, else the log-normal proposal folded onto
-    t > t' (log sigma reflected about log sigma(t')); r's noise ratio is t's times (1 - n), n = ECT's gap
-    ratio of the current stage (stage 2 continues stage 1's curriculum from `start_stage`)."""
+    """(t, r): t = t' for a `boundary_fraction` of the batch, else t > t' from `t_proposal`: the log-normal
+    folded onto t > t' (log sigma reflected about log sigma(t')) or the log-Student-t truncated there; r's
+    noise ratio is t's times (1 - n), n = ECT's gap ratio of the current stage (stage 2 continues stage 1's
+    curriculum from `start_stage`)."""
     tb = torch.tensor(args.t_boundary, dtype=torch.float64)
     ratio_b = float(process.sigma(tb) / process.alpha(tb))  # t' as an EDM noise ratio (RF: t / (1 - t))
-    sigma = sample_log_normal((b,), mean=args.t_mean, std=args.t_std, device=device, dtype=torch.float64)
-    sigma = torch.where(sigma > ratio_b, sigma, ratio_b * ratio_b / sigma)  # reflect log sigma about log ratio_b
+    if args.t_proposal == "log_student_t":
+        sigma = sample_log_student_t((b,), mean=args.t_mean, std=args.t_std, df=args.t_df, device=device,
+                                     ratio_range=(ratio_b, noise_ratio_range(process)[1]), dtype=torch.float64)
+    else:
+        sigma = sample_log_normal((b,), mean=args.t_mean, std=args.t_std, device=device, dtype=torch.float64)
+        sigma = torch.where(sigma > ratio_b, sigma, ratio_b * ratio_b / sigma)  # reflect log sigma about log ratio_b
     sigma = torch.where(torch.rand(b, device=device) < args.boundary_fraction, torch.full_like(sigma, ratio_b), sigma)
     stage = args.start_stage + step * (args.num_stages - args.start_stage) // args.run.max_train_steps
     n = ect_ratio(stage, total_iterations=args.num_stages, num_stages=args.num_stages)  # 1 / 2^(stage + 1)

@@ -5,6 +5,7 @@ Every sampler takes (shape, device, dtype, generator) and returns a tensor of `s
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -35,6 +36,28 @@ def sample_log_normal(shape, *, mean: float = -1.2, std: float = 1.2, device=Non
     if std <= 0:
         raise ValueError(f"`std` must be > 0, got {std}.")
     return torch.exp(mean + std * _normal(shape, device, generator)).to(dtype)
+
+
+def sample_log_student_t(shape, *, mean: float = -1.1, std: float = 2.0, df: float = 2.0,
+                         ratio_range: tuple[float, float] = (0.0, float("inf")), device=None, dtype=torch.float32,
+                         generator=None):
+    """sigma = exp(mean + std * T), T ~ Student-t(df), truncated to sigma in ratio_range = (low, high): a
+    heavier-tailed log-normal (df -> inf is EDM's). Truncated consistency models (Lee et al. arXiv:2410.14895)
+    draw their stage-2 times this way above the dividing time t'; NVIDIA FastGen's truncated log-t uses df = 2.
+    Inverse-CDF draw (scipy's t CDF / PPF, float64)."""
+    from scipy import stats
+
+    low, high = ratio_range
+    if std <= 0 or df <= 0:
+        raise ValueError(f"`std` and `df` must be > 0, got {std}, {df}.")
+    if not 0 <= low < high:
+        raise ValueError(f"`ratio_range` must be (low, high) with 0 <= low < high, got {ratio_range}.")
+    with np.errstate(divide="ignore"):
+        z = (np.log([low, high]) - mean) / std
+    cdf_low, cdf_high = stats.t.cdf(z, df)
+    u = cdf_low + (cdf_high - cdf_low) * _uniform(shape, device, generator)
+    log_sigma = torch.from_numpy(stats.t.ppf(u.cpu().numpy(), df) * std + mean).to(u.device)
+    return torch.exp(log_sigma).clamp(low, high).to(dtype)
 
 
 def shift_time(t, shift: float):

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 from diffusers import FlowMapEulerDiscreteScheduler
-from script_utils import assert_changed, file_digest, run_script, unet_weights
+from script_utils import assert_changed, file_digest, load_script, run_script, unet_weights
 
 from diffusers_fastgen.models import Denoiser
 from diffusers_fastgen.models.digits import digits_cond
@@ -73,6 +73,35 @@ def test_tcm_two_steps_from_a_stage1_model(tiny_teacher, tmp_path):
     pipe = DigitsPipeline.from_pretrained(out)
     torch.manual_seed(0)
     assert torch.isfinite(pipe([3], num_inference_steps=2, output_type="latent").images).all()
+
+
+@pytest.mark.parametrize("proposal", ["reflected_log_normal", "log_student_t"])
+def test_tcm_pairs_stay_above_t_boundary_and_the_log_t_proposal_is_truncated_there(tiny_teacher, proposal):
+    """Stage-2 pairs on the RF digits process and SD1.5's VP schedule, several seeds and steps: every t >= t',
+    r < t, a boundary_fraction of t exactly at t'; with log_student_t the other log noise ratios follow the
+    Student-t truncated at t' (KS against scipy)."""
+    from scipy import stats
+
+    from diffusers_fastgen.parametrization import RectifiedFlow, vp_from_betas
+    from diffusers_fastgen.training import parse_args
+
+    module = load_script("tcm")
+    args = parse_args(module.TCMArgs, ["--stage1", tiny_teacher, "--teacher", tiny_teacher, "--t_proposal", proposal,
+                                       "--t_boundary", "0.4", "--boundary_fraction", "0.25"])
+    for process in (RectifiedFlow(), vp_from_betas()):
+        tb = torch.tensor(0.4, dtype=torch.float64)
+        ratio_b = float(process.sigma(tb) / process.alpha(tb))
+        for seed in range(3):
+            torch.manual_seed(seed)
+            t, r = module.sample_pair(8192, seed * 300, args, process, "cpu")
+            assert bool((t >= 0.4 - 1e-5).all()) and bool((r < t).all()) and bool((t <= 1).all())
+            at_boundary = (t - 0.4).abs() < 1e-5
+            assert abs(float(at_boundary.double().mean()) - 0.25) < 0.03
+            if proposal == "log_student_t" and isinstance(process, RectifiedFlow):
+                t_free = t[~at_boundary].double()
+                z = (torch.log(t_free / (1 - t_free)).numpy() + 1.1) / 2.0  # RF: sigma = t / (1 - t)
+                a = stats.t.cdf((math.log(ratio_b) + 1.1) / 2.0, 2.0)
+                assert stats.kstest(z, lambda x: (stats.t.cdf(x, 2.0) - a) / (1 - a)).pvalue > 0.01
 
 
 def test_tcm_needs_a_stage1_model_and_a_midpoint_above_t_boundary(tiny_teacher, tmp_path):

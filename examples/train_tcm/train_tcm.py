@@ -98,7 +98,7 @@ class TCMArgs:
     start_stage: int = 2  # stage 2 continues stage 1's curriculum from this stage (gap ratio 1 / 2^(k+1))
     t_mean: float = -1.1  # proposal on the EDM noise ratio, log sigma ~ N(t_mean, t_std^2), restricted to t >= t'
     t_std: float = 2.0
-    t_proposal: Literal["reflected_log_normal", "log_student_t"] = "reflected_log_normal"  # t > t': folded / TCM's log-t
+    t_proposal: Literal["reflected_log_normal", "log_student_t"] = "log_student_t"  # t > t': TCM's log-t / folded
     t_df: float = 2.0  # degrees of freedom of the log-Student-t proposal (FastGen's 2)
     huber_c: float | None = None  # pseudo-Huber c (None: iCT's 0.00054 sqrt(D))
     shift: float = 1.0  # sampler shift; the 2-step midpoint shift / (1 + shift) must be >= t_boundary

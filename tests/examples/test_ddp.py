@@ -17,9 +17,9 @@ def _launch(script, args, tmp_path, port):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
            os.path.join(ROOT, "examples", f"train_{script}", f"train_{script}.py"), *args]
-    # each run takes 8-20 s. A two-process gloo launch still hangs now and then at exit (seen in about one suite
-    # run in three, after training.run_main's fixes): the hung launch is killed whole after 90 s and retried once
-    # on a fresh port; a second hang fails the test.
+    # each run takes 8-20 s. A two-process gloo launch can still hang at exit now and then (after training.run_main's
+    # fixes; a CI run once hung forever on one): the hung launch is killed whole after 90 s and retried once on a
+    # fresh port; a second hang fails the test.
     try:
         return run_launcher(cmd, env, tmp_path, timeout=90)
     except subprocess.TimeoutExpired:

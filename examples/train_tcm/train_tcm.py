@@ -124,7 +124,7 @@ class TCMArgs:
         if digits and (self.shift <= 0 or self.shift / (1 + self.shift) < self.t_boundary):
             raise ValueError(f"`shift` must give a 2-step midpoint shift/(1+shift) >= t_boundary={self.t_boundary}, "
                              f"got shift={self.shift}.")
-        if self.t_proposal not in ("reflected_log_normal", "log_student_t") or self.t_df <= 0:
+        if self.t_proposal not in ("reflected_log_normal", "log_student_t") or not self.t_df > 0:  # NaN fails too
             raise ValueError(f"`t_proposal` must be 'reflected_log_normal' or 'log_student_t' and `t_df` > 0, got "
                              f"{self.t_proposal!r}, {self.t_df}.")
         if self.num_stages < 1 or not 0 <= self.start_stage < self.num_stages or self.t_std <= 0:

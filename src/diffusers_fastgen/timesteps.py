@@ -42,22 +42,23 @@ def sample_log_student_t(shape, *, mean: float = -1.1, std: float = 2.0, df: flo
                          ratio_range: tuple[float, float] = (0.0, float("inf")), device=None, dtype=torch.float32,
                          generator=None):
     """sigma = exp(mean + std * T), T ~ Student-t(df), truncated to sigma in ratio_range = (low, high): a
-    heavier-tailed log-normal (df -> inf is EDM's). Truncated consistency models (Lee et al. arXiv:2410.14895)
-    draw their stage-2 times this way above the dividing time t'; NVIDIA FastGen's truncated log-t uses df = 2.
-    Inverse-CDF draw (scipy's t CDF / PPF, float64)."""
+    heavier-tailed log-normal (df = inf is EDM's log-normal, truncated). Truncated consistency models (Lee et al.
+    arXiv:2410.14895) draw their stage-2 times this way above the dividing time t'; NVIDIA FastGen's truncated
+    log-t uses df = 2. Inverse-CDF draw in float64 on the CPU (scipy's t CDF / PPF; the uniforms come from
+    `generator` on its own device), moved to `device` once."""
     from scipy import stats
 
     low, high = ratio_range
-    if std <= 0 or df <= 0:
+    if not (std > 0 and df > 0):  # NaN fails too
         raise ValueError(f"`std` and `df` must be > 0, got {std}, {df}.")
     if not 0 <= low < high:
         raise ValueError(f"`ratio_range` must be (low, high) with 0 <= low < high, got {ratio_range}.")
     with np.errstate(divide="ignore"):
         z = (np.log([low, high]) - mean) / std
     cdf_low, cdf_high = stats.t.cdf(z, df)
-    u = cdf_low + (cdf_high - cdf_low) * _uniform(shape, device, generator)
-    log_sigma = torch.from_numpy(stats.t.ppf(u.cpu().numpy(), df) * std + mean).to(u.device)
-    return torch.exp(log_sigma).clamp(low, high).to(dtype)
+    u = cdf_low + (cdf_high - cdf_low) * _uniform(shape, generator.device if generator is not None else None, generator)
+    sigma = torch.from_numpy(np.exp(stats.t.ppf(u.cpu().numpy(), df) * std + mean)).clamp(low, high)
+    return sigma.to(device=device, dtype=dtype)
 
 
 def shift_time(t, shift: float):
@@ -185,11 +186,7 @@ def sample_trigflow_time(shape, *, sigma_d: float = 0.5, mean: float = -1.0, std
         raise ValueError(f"`ratio_range` must be (low, high) with 0 <= low < high, got {ratio_range}.")
     if low == 0 and high == float("inf"):
         sigma = sample_log_normal(shape, mean=mean, std=std, device=device, dtype=torch.float64, generator=generator)
-    else:  # inverse-CDF draw of the truncated normal
-        if std <= 0:
-            raise ValueError(f"`std` must be > 0, got {std}.")
-        bounds = torch.tensor([low, high], dtype=torch.float64).log().sub(mean).div(std)
-        cdf_low, cdf_high = torch.special.ndtr(bounds).tolist()
-        u = cdf_low + (cdf_high - cdf_low) * _uniform(shape, device, generator)
-        sigma = torch.exp(mean + std * torch.special.ndtri(u)).clamp(low, high)
+    else:  # the truncated log-normal: a log-Student-t with infinitely many degrees of freedom
+        sigma = sample_log_student_t(shape, mean=mean, std=std, df=float("inf"), ratio_range=(low, high), device=device,
+                                     dtype=torch.float64, generator=generator)
     return torch.atan(sigma / sigma_d).to(dtype)

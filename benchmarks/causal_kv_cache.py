@@ -20,7 +20,7 @@ import torch
 from diffusers import WanTransformer3DModel
 
 from diffusers_fastgen.pipelines import CausalWanPipeline
-from diffusers_fastgen.schedulers import FlowMatchFewStepScheduler
+from diffusers_fastgen.schedulers import FlowMatchFewStepScheduler, causal_scheduler
 
 
 def recompute_rollout(causal, noise, text, steps, n, generator):
@@ -52,7 +52,7 @@ def main():
     transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=16,
                                         in_channels=16, out_channels=16, text_dim=32, freq_dim=64, ffn_dim=128,
                                         num_layers=args.num_layers, cross_attn_norm=True, rope_max_seq_len=64).eval()
-    pipe = CausalWanPipeline(transformer=transformer, scheduler=FlowMatchFewStepScheduler(),
+    pipe = CausalWanPipeline(transformer=transformer, scheduler=causal_scheduler(),
                              num_frames_per_block=args.frames_per_block, denoising_timesteps=args.steps)
     f, s = args.blocks * args.frames_per_block, args.size
     noise, text = torch.randn(1, 16, f, s, s), torch.randn(1, 8, 32)

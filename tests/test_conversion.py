@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import diffusers_fastgen.schedulers.scheduling_flow_match_few_step as few_step
+import diffusers.schedulers.scheduling_flow_match_euler_discrete as stock_euler
 from diffusers_fastgen.cli import main as cli_main
 from diffusers_fastgen.conversion import (
     convert_causal_checkpoint,
@@ -44,7 +44,9 @@ def _run_like_self_forcing(folder):
 
     pipe = CausalWanPipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
-    with mock.patch.object(few_step, "randn_tensor", replay):
+    # The converter writes the stock scheduler; its x0-then-fresh-noise step makes the draws.
+    assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler" and pipe.scheduler.config.stochastic_sampling
+    with mock.patch.object(stock_euler, "randn_tensor", replay):
         video = pipe(prompt_embeds=inputs["prompt_embeds"], latents=inputs["noise"].permute(0, 2, 1, 3, 4),
                      height=8, width=12, output_type="latent").frames
     assert len(used) == 6  # every stored draw consumed, none invented

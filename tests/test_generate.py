@@ -15,7 +15,7 @@ from diffusers_fastgen.evaluation.moving_digits import MOVING_DIGITS_TEACHER_PAT
 from diffusers_fastgen.generate import load_pipeline, to_channels_last
 from diffusers_fastgen.models.digits import digits_unet
 from diffusers_fastgen.pipelines import CausalWanPipeline, DigitsPipeline
-from diffusers_fastgen.schedulers import FlowMatchFewStepScheduler, flow_map_scheduler
+from diffusers_fastgen.schedulers import FlowMatchFewStepScheduler, causal_scheduler, flow_map_scheduler
 from diffusers_fastgen.testing import tiny as T
 
 
@@ -160,6 +160,16 @@ def test_channels_last_agrees_with_the_default_layout(tmp_path):
                             num_frames_per_block=1, denoising_timesteps=[1000])
     with pytest.raises(ValueError, match="channels_last"):
         to_channels_last(wan)
+
+
+def test_a_scheduler_override_that_would_move_a_causal_recipe_is_refused(tmp_path):
+    model = str(tmp_path / "causal")
+    CausalWanPipeline(transformer=T.tiny_wan_transformer(num_layers=1), scheduler=causal_scheduler(),
+                      num_frames_per_block=1, denoising_timesteps=[1000, 500]).save_pretrained(model)
+    assert type(load_pipeline(model, scheduler="FlowMatchFewStepScheduler").scheduler) is FlowMatchFewStepScheduler
+    for name in ("DDIMScheduler", "EulerDiscreteScheduler"):
+        with pytest.raises(ValueError, match="`scheduler` must be FlowMatchEulerDiscreteScheduler"):
+            load_pipeline(model, scheduler=name)
 
 
 def test_scheduler_override_is_the_named_class_on_the_same_config(tmp_path):

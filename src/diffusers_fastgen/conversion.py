@@ -37,7 +37,7 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, UMT5EncoderModel
 
 from .pipelines import CausalWanPipeline
-from .schedulers import FlowMatchFewStepScheduler, shift_times
+from .schedulers import causal_scheduler, shift_times
 from .training.nonfinite import check_finite
 
 
@@ -220,7 +220,8 @@ def convert_causal_checkpoint(checkpoint: str, output_dir: str, *, recipe: str |
                               attention_head_dim: int = 128, base_pipeline: str | None = None,
                               dtype: torch.dtype | None = None, **recipe_fields) -> CausalWanPipeline:
     """Write `output_dir` as a CausalWanPipeline folder: the checkpoint's generator (its EMA with use_ema) as a
-    stock WanTransformer3DModel, FlowMatchFewStepScheduler, and the recipe in model_index.json.
+    stock WanTransformer3DModel, the stock FlowMatchEulerDiscreteScheduler that runs the recipe
+    (`causal_scheduler`), and the recipe in model_index.json.
 
     base_pipeline: a WanPipeline folder whose tokenizer, text encoder and VAE are added (so the folder takes
     prompts and decodes to pixels); its transformer config is used unless `transformer_config` is given.
@@ -238,6 +239,6 @@ def convert_causal_checkpoint(checkpoint: str, output_dir: str, *, recipe: str |
         extra = dict(tokenizer=AutoTokenizer.from_pretrained(base_pipeline, subfolder="tokenizer"),
                      text_encoder=UMT5EncoderModel.from_pretrained(base_pipeline, subfolder="text_encoder"),
                      vae=AutoencoderKLWan.from_pretrained(base_pipeline, subfolder="vae"))
-    pipe = CausalWanPipeline(transformer=transformer, scheduler=FlowMatchFewStepScheduler(), **extra, **settings)
+    pipe = CausalWanPipeline(transformer=transformer, scheduler=causal_scheduler(), **extra, **settings)
     pipe.save_pretrained(output_dir)
     return pipe

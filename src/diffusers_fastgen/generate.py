@@ -138,6 +138,8 @@ def load_pipeline(model: str, *, lora: str | None = None, dtype: str = "fp32", d
             pipe.scheduler = cls.from_pretrained(lora, subfolder="scheduler")
     if override is not None:
         pipe.scheduler = override.from_config(pipe.scheduler.config)
+        if isinstance(pipe, CausalWanPipeline):  # its recipe's sigmas must reach the model unchanged
+            fastgen_schedulers.check_causal_scheduler(pipe.scheduler)
     pipe.set_progress_bar_config(disable=True)
     if quantize == "int8":
         quantize_int8(getattr(pipe, "unet", None) or pipe.transformer)

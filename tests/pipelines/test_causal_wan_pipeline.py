@@ -1,10 +1,10 @@
 import pytest
 import torch
-from diffusers import WanTransformer3DModel
+from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
 
 from diffusers_fastgen.models.causal_wan import CausalWan
 from diffusers_fastgen.pipelines import CausalWanPipeline
-from diffusers_fastgen.schedulers import FlowMatchFewStepScheduler
+from diffusers_fastgen.schedulers import FlowMatchFewStepScheduler, causal_scheduler
 from diffusers_fastgen.testing.tiny import (
     tiny_t5_text_encoder,
     tiny_tokenizer,
@@ -187,6 +187,57 @@ def test_save_and_reload_round_trip(tmp_path):
     a, b = (p(prompt_embeds=_text(), latents=noise, height=H, width=W, output_type="latent",
               generator=torch.Generator().manual_seed(3)).frames for p in (pipe, reloaded))
     torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("recipe", [
+    {},
+    {"context_noise": 100},
+    {"denoising_timesteps": [1000, 757, 522], "denoising_sigmas": [1.0, 0.7568, 0.5217]},
+    {"block_sizes": [2, 1, 1, 2], "local_attn_size": 4, "sink_size": 1},
+    {"denoising_timesteps": [1000.0, 937.5, 833.3333, 625.0]},
+])
+def test_the_stock_scheduler_samples_exactly_as_ours(recipe):
+    """Folders are saved with stock FlowMatchEulerDiscreteScheduler(stochastic_sampling=True): with the same
+    generator it gives the very same videos as FlowMatchFewStepScheduler (earlier folders), over several seeds,
+    with a clean prefix and with I2V; and a folder saved with it reloads it by class."""
+    ours = _pipe(**recipe)
+    stock = CausalWanPipeline(transformer=ours.transformer, scheduler=causal_scheduler(), num_frames_per_block=2,
+                              **{"denoising_timesteps": STEPS, **recipe})
+    text = _text()
+    for seed in range(3):
+        noise = torch.randn(B, C, F_, H, W, generator=torch.Generator().manual_seed(10 + seed))
+        extra = [{}, {"image": noise[:, :, :1] * 0.5}, {"prefix_latents": noise[:, :, :2] * 0.5}][seed]
+        a, b = (p(prompt_embeds=text, latents=noise, height=H, width=W, output_type="latent",
+                  generator=torch.Generator().manual_seed(seed), **extra).frames for p in (ours, stock))
+        assert torch.equal(a, b)
+        c = ours(prompt_embeds=text, latents=noise, height=H, width=W, output_type="latent",
+                 generator=torch.Generator().manual_seed(seed + 100), **extra).frames
+        assert (c - a).abs().max() > 1e-3  # the re-noising draws matter, so equality above is not vacuous
+
+
+def test_the_saved_scheduler_is_stock_and_others_are_refused(tmp_path):
+    stock = CausalWanPipeline(transformer=tiny_wan_transformer(num_layers=1), scheduler=causal_scheduler(),
+                              num_frames_per_block=2, denoising_timesteps=STEPS)
+    stock.save_pretrained(tmp_path)
+    sched = FlowMatchEulerDiscreteScheduler.from_pretrained(tmp_path, subfolder="scheduler")  # stock class, stock call
+    assert sched.config.stochastic_sampling and sched.config.shift == 1.0
+    assert type(CausalWanPipeline.from_pretrained(tmp_path).scheduler) is FlowMatchEulerDiscreteScheduler
+    # Euler (stochastic_sampling=False) steps at the same sigmas: an ODE sampler, x_next = x + (s' - s) v.
+    euler = CausalWanPipeline(transformer=stock.transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0),
+                              num_frames_per_block=2, denoising_timesteps=[1000])
+    noise = torch.randn(B, C, 2, H, W, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), euler.causal_transformer() as causal:
+        v = causal(noise, torch.full((B,), 1000.0), _text())
+    out = euler(prompt_embeds=_text(), latents=noise, height=H, width=W, output_type="latent").frames
+    torch.testing.assert_close(out, noise - v, atol=1e-6, rtol=1e-6)
+    for bad, match in [(FlowMatchEulerDiscreteScheduler(shift=3.0, stochastic_sampling=True), "shift"),
+                       (FlowMatchEulerDiscreteScheduler(use_karras_sigmas=True), "use_karras_sigmas"),
+                       (FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True), "use_dynamic_shifting"),
+                       (FlowMatchEulerDiscreteScheduler(shift_terminal=0.1), "shift_terminal"),
+                       (DDIMScheduler(), "DDIMScheduler")]:
+        with pytest.raises(ValueError, match=f"`scheduler`.*{match}"):
+            CausalWanPipeline(transformer=stock.transformer, scheduler=bad, num_frames_per_block=2,
+                              denoising_timesteps=STEPS)
 
 
 def test_image_fixes_the_first_frame():

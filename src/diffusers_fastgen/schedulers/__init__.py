@@ -1,4 +1,6 @@
 from .recipes import (
+    causal_scheduler,
+    check_causal_scheduler,
     flow_map_scheduler,
     flow_match_sde_scheduler,
     lcm_scheduler,

@@ -12,11 +12,17 @@ in tests/schedulers.
 | lcm_scheduler             | LCMScheduler                            | VP       | multistep consistency           |
 | scm_scheduler             | SCMScheduler                            | TrigFlow | sCM multistep (needs set_timesteps kwargs) |
 | scm_rf_scheduler          | FlowMatchFewStepScheduler (ours)        | RF       | sCM multistep of a TrigFlow-trained RF model |
+| causal_scheduler          | FlowMatchEulerDiscreteScheduler         | RF       | x0 + fresh noise at the pipeline's explicit sigmas (CausalWanPipeline) |
 
 An sCM student trained through the TrigFlow view of an RF model (models.trigflow) stays an RF model;
 sCM's multistep sampler (x0, then fresh noise at t_mid) is, on the RF path, the x0-and-renoise sampler
 at t_rf = sigma_d tan(t_mid) / (1 + sigma_d tan(t_mid)) — exactly FlowMatchFewStepScheduler with
 shift = sigma_d tan(t_mid), since its 2-step midpoint is shift / (1 + shift).
+
+CausalWanPipeline holds its per-block schedule in its own config and hands the scheduler explicit sigmas,
+so the stock FlowMatchEulerDiscreteScheduler with `stochastic_sampling=True` and shift 1 runs the causal
+recipes exactly: x0 = x - sigma v, then (1 - sigma') x0 + sigma' eps with fresh eps (`check_causal_scheduler`
+says which configurations qualify).
 """
 
 from __future__ import annotations
@@ -24,7 +30,13 @@ from __future__ import annotations
 import math
 
 import torch
-from diffusers import DDIMScheduler, FlowMapEulerDiscreteScheduler, LCMScheduler, SCMScheduler
+from diffusers import (
+    DDIMScheduler,
+    FlowMapEulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    LCMScheduler,
+    SCMScheduler,
+)
 
 from .scheduling_flow_match_few_step import FlowMatchFewStepScheduler
 
@@ -53,6 +65,39 @@ def scm_rf_scheduler(sigma_d: float, intermediate_t: float = 1.1, num_train_time
         raise ValueError(f"`intermediate_t` must be in (0, pi/2) (TrigFlow radians), got {intermediate_t}.")
     return FlowMatchFewStepScheduler(num_train_timesteps=num_train_timesteps,
                                      shift=float(sigma_d * math.tan(intermediate_t)))
+
+
+def causal_scheduler(num_train_timesteps: int = 1000) -> FlowMatchEulerDiscreteScheduler:
+    """The stock scheduler of CausalWanPipeline folders: stochastic flow-matching steps at the sigmas the
+    pipeline passes (x0 then fresh noise), no shift of its own."""
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps, shift=1.0,
+                                           stochastic_sampling=True)
+
+
+# FlowMatchEulerDiscreteScheduler config values that would change the sigmas a caller passes (or the update).
+_SIGMA_CHANGING = ("use_dynamic_shifting", "shift_terminal", "use_karras_sigmas", "use_exponential_sigmas",
+                   "use_beta_sigmas", "invert_sigmas")
+
+
+def check_causal_scheduler(scheduler) -> None:
+    """ValueError naming `scheduler` unless it steps at exactly the sigmas it is given: FlowMatchFewStepScheduler,
+    or FlowMatchEulerDiscreteScheduler with shift 1 and none of the options that move the sigmas
+    (stochastic_sampling=True: x0 then fresh noise, the distilled students' recipe; False: Euler, an ODE
+    sampler for a many-step causal teacher)."""
+    if isinstance(scheduler, FlowMatchFewStepScheduler):
+        return
+    if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+        cfg = scheduler.config
+        bad = {k: cfg.get(k) for k in _SIGMA_CHANGING if cfg.get(k)}
+        if float(cfg.get("shift", 1.0)) != 1.0:
+            bad["shift"] = cfg.get("shift")
+        if not bad:
+            return
+        raise ValueError(f"`scheduler`: FlowMatchEulerDiscreteScheduler must step at the recipe's own sigmas (shift=1.0, "
+                         f"no dynamic shifting, shift_terminal, karras/exponential/beta or inverted sigmas); this "
+                         f"one has {bad}.")
+    raise ValueError(f"`scheduler` must be FlowMatchEulerDiscreteScheduler (shift=1.0; stochastic_sampling=True for "
+                     f"x0 then fresh noise) or FlowMatchFewStepScheduler, got {type(scheduler).__name__}.")
 
 
 def lcm_scheduler(teacher_scheduler=None, *, original_inference_steps: int = 50, prediction_type: str | None = None,

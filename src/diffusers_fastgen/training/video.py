@@ -26,7 +26,7 @@ from ..models.causal_wan import CausalWan
 from ..models.unwrap import unwrap_model
 from ..parametrization import RectifiedFlow
 from ..pipelines import CausalWanPipeline
-from ..schedulers import FlowMatchFewStepScheduler
+from ..schedulers import causal_scheduler
 from ..timesteps import sample_logit_normal
 from .accelerate_setup import check_replicas_in_sync
 from .causal import step_generator
@@ -99,7 +99,7 @@ def save_video_student(model, output_dir: str, *, num_frames_per_block: int, den
     """Save `model` (a WanTransformer3DModel) as a CausalWanPipeline folder with its sampling recipe
     (NonFiniteError, before writing, if a weight is NaN or inf)."""
     check_finite(model, "the video student")
-    pipe = CausalWanPipeline(transformer=model, scheduler=scheduler or FlowMatchFewStepScheduler(),
+    pipe = CausalWanPipeline(transformer=model, scheduler=scheduler or causal_scheduler(),
                              num_frames_per_block=num_frames_per_block, denoising_timesteps=list(denoising_timesteps),
                              context_noise=context_noise, local_attn_size=local_attn_size, sink_size=sink_size)
     pipe.save_pretrained(output_dir)
@@ -140,7 +140,7 @@ def validate_video_student(accelerator, model, ema, *, num_frames_per_block: int
         fresh = WanTransformer3DModel.from_config(trained.config).to(trained.device)
         fresh.load_state_dict(trained.state_dict())
         ema.copy_to(fresh)
-    pipe = CausalWanPipeline(transformer=fresh.float().eval(), scheduler=scheduler or FlowMatchFewStepScheduler(),
+    pipe = CausalWanPipeline(transformer=fresh.float().eval(), scheduler=scheduler or causal_scheduler(),
                              vae=None if wan is None else wan.pipe.vae, num_frames_per_block=num_frames_per_block,
                              denoising_timesteps=list(denoising_timesteps), context_noise=context_noise)
     pipe.set_progress_bar_config(disable=True)

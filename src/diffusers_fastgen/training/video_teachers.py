@@ -23,7 +23,7 @@ from transformers import AutoTokenizer, UMT5EncoderModel
 
 from ..parametrization import RectifiedFlow
 from ..pipelines import CausalWanPipeline
-from ..schedulers import FlowMatchFewStepScheduler, shift_times
+from ..schedulers import causal_scheduler, shift_times
 from .nonfinite import check_finite
 from .teachers import WEIGHT_DTYPES, TextToImageTeacher, load_prompts, read_pipeline_class
 from .video_data import read_video_folder
@@ -119,12 +119,12 @@ class WanTeacher(TextToImageTeacher):
                      context_noise: int = 0, prompts=("",), scheduler=None, local_attn_size: int = -1,
                      sink_size: int = 0) -> CausalWanPipeline:
         """A CausalWanPipeline folder: the student (fp32) with the teacher's tokenizer, UMT5 and VAE, the
-        recipe in its config (`scheduler`: default FlowMatchFewStepScheduler, x0 then fresh noise); reloaded,
+        recipe in its config (`scheduler`: default `causal_scheduler()`, x0 then fresh noise); reloaded,
         it streams a sample of the first prompt to samples.gif."""
         check_finite(student, "the video student")
         load = dict(self.load_kwargs)
         pipe = CausalWanPipeline(
-            transformer=student.float(), scheduler=scheduler or FlowMatchFewStepScheduler(),
+            transformer=student.float(), scheduler=scheduler or causal_scheduler(),
             tokenizer=AutoTokenizer.from_pretrained(self.path, subfolder="tokenizer", revision=load["revision"],
                                                     cache_dir=load["cache_dir"]),
             text_encoder=UMT5EncoderModel.from_pretrained(self.path, subfolder="text_encoder", **load),

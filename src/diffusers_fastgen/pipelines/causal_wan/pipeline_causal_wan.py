@@ -2,7 +2,7 @@
 
 For each block of `num_frames_per_block` latent frames:
   1. start from Gaussian noise and run the few-step schedule `denoising_timesteps` with the scheduler
-     (FlowMatchFewStepScheduler: x0 = x_t - sigma v, re-noised with fresh noise to the next sigma),
+     (x0 = x_t - sigma v, re-noised with fresh noise to the next sigma; the last step returns x0),
      each forward attending to the cached earlier frames (the cache is read, not written);
   2. write the finished block into the KV cache with one forward at timestep `context_noise`
      (0: the clean block; > 0: the block re-noised to that level, as CausVid / Self-Forcing do);
@@ -13,8 +13,10 @@ timesteps), and the rest of the first block is generated around it.
 
 Every sampling setting lives in the pipeline config (model_index.json), so `from_pretrained` samples
 exactly as the student was trained. The components are stock: WanTransformer3DModel (made block-causal
-at run time by `models.causal_wan.CausalWan`, weights untouched), FlowMatchFewStepScheduler, and the
-optional UMT5 tokenizer/text encoder and AutoencoderKLWan (without a VAE the latents are the frames).
+at run time by `models.causal_wan.CausalWan`, weights untouched), FlowMatchEulerDiscreteScheduler with
+`stochastic_sampling=True` (`schedulers.causal_scheduler`; our FlowMatchFewStepScheduler, which earlier
+folders hold, samples identically), and the optional UMT5 tokenizer/text encoder and AutoencoderKLWan
+(without a VAE the latents are the frames).
 """
 
 from __future__ import annotations
@@ -28,10 +30,13 @@ from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from ...models.causal_wan import CausalWan, block_bounds
+from ...schedulers import check_causal_scheduler
 
 
 class CausalWanPipeline(DiffusionPipeline):
-    """Components: `transformer` (WanTransformer3DModel), `scheduler` (FlowMatchFewStepScheduler), and
+    """Components: `transformer` (WanTransformer3DModel), `scheduler` (FlowMatchEulerDiscreteScheduler with shift 1:
+    stochastic_sampling=True for the students' x0-then-fresh-noise steps, False for Euler; or FlowMatchFewStepScheduler;
+    `schedulers.check_causal_scheduler`), and
     optional `tokenizer` + `text_encoder` (UMT5) and `vae` (AutoencoderKLWan).
 
     Config (saved in model_index.json):
@@ -66,6 +71,7 @@ class CausalWanPipeline(DiffusionPipeline):
         self.check_recipe(num_frames_per_block=num_frames_per_block, denoising_timesteps=denoising_timesteps,
                           context_noise=context_noise, local_attn_size=local_attn_size, sink_size=sink_size,
                           denoising_sigmas=denoising_sigmas, sinks_in_window=sinks_in_window, block_sizes=block_sizes)
+        check_causal_scheduler(scheduler)
         self.register_modules(transformer=transformer, scheduler=scheduler, tokenizer=tokenizer,
                               text_encoder=text_encoder, vae=vae)
         self.register_to_config(num_frames_per_block=num_frames_per_block, denoising_timesteps=denoising_timesteps,
@@ -227,6 +233,7 @@ class CausalWanPipeline(DiffusionPipeline):
             self.scheduler.set_timesteps(sigmas=sigmas, device=device)
             x = latents[:, :, start:end]  # (B, C, N, h, w)
             fixed = first is not None and start == 0
+            last = len(self.scheduler.timesteps) - 1
             for i, timestep in enumerate(self.scheduler.timesteps):
                 if fixed:
                     x = torch.cat([first, x[:, :, 1:]], 2)
@@ -236,7 +243,11 @@ class CausalWanPipeline(DiffusionPipeline):
                     frame_t = model_t.expand(b, n).clone()
                     frame_t[:, 0] = 0
                 v = self._velocity(causal, x, frame_t, text, cache, guidance_scale, use_cfg, dtype)
-                x = self.scheduler.step(v, timestep, x, generator=generator).prev_sample
+                if i < last:
+                    x = self.scheduler.step(v, timestep, x, generator=generator).prev_sample
+                else:  # the final x0 (every accepted scheduler's last step), taken here because the stock
+                    # scheduler would draw, and multiply by 0, one more noise: the draws stay the same for both
+                    x = x.float() - self.scheduler.sigmas[i].to(x.device) * v
             if fixed:
                 x = torch.cat([first, x[:, :, 1:]], 2)
             self._write_context(causal, x, text, cache, use_cfg, dtype, generator, device)

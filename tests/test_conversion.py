@@ -7,11 +7,11 @@ must reproduce them. The re-noising draws are replayed in the order Self-Forcing
 import os
 from unittest import mock
 
+import diffusers.schedulers.scheduling_flow_match_euler_discrete as stock_euler
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import diffusers.schedulers.scheduling_flow_match_euler_discrete as stock_euler
 from diffusers_fastgen.cli import main as cli_main
 from diffusers_fastgen.conversion import (
     convert_causal_checkpoint,

@@ -7,7 +7,9 @@ how the moving-digits teacher is trained:
 
 (the shipped teacher, evaluation/assets/moving_digits_teacher, had 10,000 steps without and 3,000 with
 cond_dropout 0.1; sampled with classifier-free guidance 3 it scores 97.7 % per-frame accuracy,
-docs/results.md).
+docs/results.md). Its clips start moving along the requested velocity; `--any_phase` draws starts anywhere on
+the bounce cycle, the teacher that students streaming past 8 frames need (every window of a long video is
+then a clip it was trained on; docs/results.md, long streams).
 
 1. Each step draws moving-digit videos x0 (B, 1, 8, 16, 16), noise eps, and one logit-normal time per
    block of `num_frames_per_block` frames (independent noise levels: diffusion forcing). With
@@ -97,6 +99,9 @@ class CausalSFTArgs:
     logit_mean: float = 0.0  # per-block t ~ sigmoid(N(logit_mean, logit_std^2))
     logit_std: float = 1.0
     cond_dropout: float = 0.1  # probability of training a sample on the null conditioning (for CFG; 0 = none)
+    # moving digits start anywhere on the bounce cycle, not only moving along v: every window of a long video is
+    # then a training clip (for students that stream past 8 frames; see sample_motion)
+    any_phase: bool = False
     sample_steps: int = 50  # Euler steps per block of the saved sampler
     eval_num_videos: int = 500  # moving-digits benchmark videos at the end (0 skips; none with a WanPipeline)
     video: TextToVideoArgs = field(default_factory=TextToVideoArgs)  # a stock WanPipeline and captioned videos instead
@@ -112,6 +117,8 @@ class CausalSFTArgs:
                                  "captioned videos.")
             if self.init_from is not None:
                 raise ValueError("`init_from` is for the moving-digits model; a WanPipeline starts from its own transformer.")
+            if self.any_phase:
+                raise ValueError("`any_phase` is a moving-digits option; a WanPipeline trains on its captioned videos.")
             if self.num_frames_per_block < 1:
                 raise ValueError(f"`num_frames_per_block` must be >= 1, got {self.num_frames_per_block}.")
             self.video.check_block(self.num_frames_per_block)
@@ -177,7 +184,7 @@ def main(argv=None):
               if adapter else None)
     causal = Denoiser(CausalWan(model, args.num_frames_per_block), RectifiedFlow(), "flow")
     batches = data if data is not None else VideoBatches(run.train_batch_size, seed=run.seed,
-                                                          rank=accelerator.process_index)
+                                                          rank=accelerator.process_index, any_phase=args.any_phase)
     # The saved Euler sampler: linear in t for moving digits, on the teacher's shifted grid for a WanPipeline.
     sample_timesteps = ((data.teacher.student_t_list(args.sample_steps, shift=args.video.shift) * 1000).tolist()
                         if data is not None else torch.linspace(1000, 0, args.sample_steps + 1)[:-1].tolist())
@@ -228,7 +235,7 @@ def main(argv=None):
                      num_frames_per_block=args.num_frames_per_block,
                      denoising_timesteps=sample_timesteps,
                      scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0), eval_num_videos=args.eval_num_videos,
-                     name=name, logger=logger, adapter=adapter)
+                     name=name, logger=logger, adapter=adapter, any_phase=args.any_phase)
 
     progress.summary("train_causal_sft", logger)
 

@@ -131,3 +131,28 @@ def test_windows_of_long_real_videos_score_like_the_first():
     assert min(r["motion_error"] for r in score_windows(ref, frozen, data["labels"], data["v"])) > 1.0
     with pytest.raises(ValueError, match="window"):
         score_windows(ref, long[:, :, :12], data["labels"], data["v"])
+
+
+def test_any_phase_starts_make_every_window_of_a_long_video_a_training_clip():
+    """Forward starts (0..8, moving along v) are not stationary: 8 frames on, a start lands on the return half
+    of the cycle (9..15: moving against v) for most starts. Any-phase starts (0..15) are: the starts of the
+    windows are the clip starts shifted by 8 v on the 16-cycle, a permutation of them."""
+    all_starts = torch.arange(16)
+    for v in (-1, 1):
+        assert sorted(((all_starts + 8 * v) % 16).tolist()) == all_starts.tolist()
+        forward_later = (torch.arange(9) + 8 * v) % 16
+        assert (forward_later > 8).sum() >= 7  # outside the forward starts' range
+    g = torch.Generator().manual_seed(0)
+    data = MovingDigits("held_out", any_phase=True).sample(4000, g)
+    counts = torch.bincount(data["p0"].flatten(), minlength=16)
+    assert len(counts) == 16 and counts.min() > 0.8 * 500 and counts.max() < 1.2 * 500  # uniform on 0..15
+    forward = MovingDigits("held_out").sample(500, torch.Generator().manual_seed(0))["p0"]
+    assert forward.max() == 8  # the default is unchanged
+    # Any-phase clips are rendered on their bounce path and score as real under the any-phase fit.
+    ref = MovingDigitsReference()
+    few = MovingDigits("held_out", any_phase=True).sample(60, torch.Generator().manual_seed(1))
+    c = ink_centroid(few["video"].permute(0, 2, 1, 3, 4).reshape(-1, 1, 16, 16)).reshape(60, 8, 2)
+    true = bounce(few["p0"], few["v"])
+    torch.testing.assert_close(c - c[:, :1], (true - true[:, :1]).float(), atol=1e-4, rtol=0)
+    assert ref.score(few["video"], few["labels"], few["v"], any_phase=True)["motion_error"] < 0.05
+    assert ref.score(few["video"], few["labels"], few["v"])["motion_error"] > 0.3  # the forward-only fit misses them

@@ -77,9 +77,14 @@ def render(digits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return video
 
 
-def sample_motion(b: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, 2) start positions uniform in 0..8 and (B, 2) velocities in {-1, +1}."""
-    p0 = torch.randint(0, _MAX_POS + 1, (b, 2), generator=generator)
+def sample_motion(b: int, generator: torch.Generator | None = None, *, any_phase: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, 2) start positions uniform in 0..8 and (B, 2) velocities in {-1, +1}: the digit first moves along v.
+    any_phase: starts uniform on the whole bounce cycle (0..15 on the unfolded circle, `bounce`), so a video may
+    begin moving against v on an axis. That distribution is stationary under the motion: every window of a
+    long video is distributed as a fresh clip, which the forward starts are not (v is then only the initial
+    direction, and a window cut later starts against it about half the time)."""
+    p0 = torch.randint(0, 2 * _MAX_POS if any_phase else _MAX_POS + 1, (b, 2), generator=generator)
     v = torch.randint(0, 2, (b, 2), generator=generator) * 2 - 1
     return p0, v
 
@@ -114,14 +119,15 @@ def drop_cond(cond: torch.Tensor, p: float, generator: torch.Generator | None = 
 class MovingDigits:
     """Random moving-digit videos from one split of the digits (a fresh motion per draw)."""
 
-    def __init__(self, split: str = "train"):
+    def __init__(self, split: str = "train", *, any_phase: bool = False):
         images, labels = load_digits_arrays(split)
         self.images, self.labels = torch.from_numpy(images), torch.from_numpy(labels)
+        self.any_phase = bool(any_phase)
 
     def sample(self, b: int, generator: torch.Generator | None = None) -> dict:
-        """{'video' (B, 1, 8, 16, 16), 'labels', 'p0', 'v', 'cond' (B, 3, 32)}."""
+        """{'video' (B, 1, 8, 16, 16), 'labels', 'p0', 'v', 'cond' (B, 3, 32)}; starts as `sample_motion`'s."""
         idx = torch.randint(0, len(self.labels), (b,), generator=generator)
-        p0, v = sample_motion(b, generator)
+        p0, v = sample_motion(b, generator, any_phase=self.any_phase)
         labels = self.labels[idx]
         return {"video": render(self.images[idx], bounce(p0, v)), "labels": labels, "p0": p0, "v": v,
                 "cond": moving_digits_cond(labels, v)}
@@ -251,10 +257,11 @@ def moving_digits_transformer(num_layers: int = 4, heads: int = 4, head_dim: int
 
 @torch.no_grad()
 def benchmark_video_pipeline(pipe, reference: MovingDigitsReference, *, num_videos: int = 500, seed: int = 0,
-                             batch_size: int = 100, guidance_scale: float = 1.0) -> dict:
+                             batch_size: int = 100, guidance_scale: float = 1.0, any_phase: bool = False) -> dict:
     """Sample `num_videos` videos from a CausalWanPipeline for held-out conditions (classes 0-9 in turn,
     seeded velocities), score them, and time the sampling (seconds per video). guidance_scale > 1 uses
-    classifier-free guidance against `moving_digits_null_cond`."""
+    classifier-free guidance against `moving_digits_null_cond`. any_phase: the path fit may start anywhere on
+    the bounce cycle (for models trained on `sample_motion(any_phase=True)` clips)."""
     g = torch.Generator().manual_seed(seed)
     labels = torch.arange(num_videos) % 10
     _, v = sample_motion(num_videos, g)
@@ -268,7 +275,7 @@ def benchmark_video_pipeline(pipe, reference: MovingDigitsReference, *, num_vide
         videos.append(pipe(prompt_embeds=moving_digits_cond(labels[sl], v[sl]), latents=noise,
                            height=CANVAS, width=CANVAS, output_type="latent", generator=g, **extra).frames)
         elapsed += time.perf_counter() - begin
-    scores = reference.score(torch.cat(videos), labels, v)
+    scores = reference.score(torch.cat(videos), labels, v, any_phase=any_phase)
     return {**scores, "s_per_video": elapsed / num_videos}
 
 

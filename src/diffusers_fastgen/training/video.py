@@ -43,8 +43,9 @@ class VideoBatches:
     """Moving-digits batches; batch `i` on rank `r` is a pure function of (seed, r, i), so a resumed run
     sees the batches it would have seen."""
 
-    def __init__(self, batch_size: int, *, seed: int = 0, rank: int = 0, split: str = "train"):
-        self.data, self.batch_size, self.seed, self.rank, self.index = MovingDigits(split), batch_size, seed, rank, 0
+    def __init__(self, batch_size: int, *, seed: int = 0, rank: int = 0, split: str = "train", any_phase: bool = False):
+        self.data = MovingDigits(split, any_phase=any_phase)
+        self.batch_size, self.seed, self.rank, self.index = batch_size, seed, rank, 0
 
     def state_at(self, index: int) -> None:
         self.index = index
@@ -106,13 +107,14 @@ def save_video_student(model, output_dir: str, *, num_frames_per_block: int, den
     return pipe
 
 
-def benchmark_video_folder(output_dir: str, *, name: str, num_videos: int, logger=None) -> str:
-    """Reload the saved folder, benchmark it on moving digits, write `benchmark.md` beside it."""
+def benchmark_video_folder(output_dir: str, *, name: str, num_videos: int, logger=None, any_phase: bool = False) -> str:
+    """Reload the saved folder, benchmark it on moving digits, write `benchmark.md` beside it (`any_phase`: see
+    `benchmark_video_pipeline`)."""
     pipe = CausalWanPipeline.from_pretrained(output_dir)
     pipe.set_progress_bar_config(disable=True)
     torch.manual_seed(0)
     row = {"model": name, "steps": len(pipe.config.denoising_timesteps),
-           **benchmark_video_pipeline(pipe, MovingDigitsReference(), num_videos=num_videos)}
+           **benchmark_video_pipeline(pipe, MovingDigitsReference(), num_videos=num_videos, any_phase=any_phase)}
     table = markdown_rows([row])
     with open(os.path.join(output_dir, "benchmark.md"), "w") as f:
         f.write(table + "\n")
@@ -265,7 +267,8 @@ def final_student(causal, model, ema, adapter: str | None, output_dir: str):
 
 def finish_video_run(accelerator, causal, model, ema, *, output_dir: str, num_frames_per_block: int,
                      denoising_timesteps, eval_num_videos: int, name: str, logger, context_noise: int = 0,
-                     scheduler=None, adapter: str | None = None, local_attn_size: int = -1, sink_size: int = 0) -> None:
+                     scheduler=None, adapter: str | None = None, local_attn_size: int = -1, sink_size: int = 0,
+                     any_phase: bool = False) -> None:
     """End of a causal-video run: restore Wan's processors on the trained model, copy the EMA weights
     into it, save it as a CausalWanPipeline with its sampling recipe, reload and benchmark it (rank 0),
     and tear the process group down on all ranks together."""
@@ -278,7 +281,7 @@ def finish_video_run(accelerator, causal, model, ema, *, output_dir: str, num_fr
                            local_attn_size=local_attn_size, sink_size=sink_size)
         logger.info("saved %s to %s", name, output_dir)
         if eval_num_videos:
-            benchmark_video_folder(output_dir, name=name, num_videos=eval_num_videos, logger=logger)
+            benchmark_video_folder(output_dir, name=name, num_videos=eval_num_videos, logger=logger, any_phase=any_phase)
     accelerator.wait_for_everyone()
     accelerator.end_training()
 

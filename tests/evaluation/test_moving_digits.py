@@ -156,3 +156,10 @@ def test_any_phase_starts_make_every_window_of_a_long_video_a_training_clip():
     torch.testing.assert_close(c - c[:, :1], (true - true[:, :1]).float(), atol=1e-4, rtol=0)
     assert ref.score(few["video"], few["labels"], few["v"], any_phase=True)["motion_error"] < 0.05
     assert ref.score(few["video"], few["labels"], few["v"])["motion_error"] > 0.3  # the forward-only fit misses them
+
+
+def test_video_batches_pass_any_phase_on():
+    from diffusers_fastgen.training.video import VideoBatches
+
+    starts = [torch.cat([next(iter(VideoBatches(64, seed=s, any_phase=a)))["p0"] for s in range(3)]) for a in (False, True)]
+    assert starts[0].max() == 8 and starts[1].max() == 15 and (starts[1] > 8).float().mean() > 0.3

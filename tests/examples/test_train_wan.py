@@ -216,3 +216,10 @@ def test_self_forcing_lora_on_a_bf16_wan_teacher(wan, tmp_path):
     pipe = CausalWanPipeline.from_pretrained(out)
     assert {p.dtype for p in pipe.transformer.parameters()} == {torch.float32}
     assert len(list(pipe.stream(["a red cat"], num_frames=3, height=4, width=4))) == 3
+
+
+def test_any_phase_is_a_moving_digits_option(wan, videos, tmp_path):
+    out = str(tmp_path / "x")
+    with pytest.raises(ValueError, match="`any_phase` is a moving-digits option"):
+        run_script("causal_sft", _video_argv(wan, videos, out, "--any_phase", "true", script="causal_sft"))
+    assert not os.path.exists(out)

@@ -223,3 +223,25 @@ def test_any_phase_is_a_moving_digits_option(wan, videos, tmp_path):
     with pytest.raises(ValueError, match="`any_phase` is a moving-digits option"):
         run_script("causal_sft", _video_argv(wan, videos, out, "--any_phase", "true", script="causal_sft"))
     assert not os.path.exists(out)
+
+
+def test_embedding_cache_gives_the_same_video_student_bit_for_bit(wan, tmp_path):
+    """UMT5 embeddings read back from the cache (written by the first cached run, only read by the second) train
+    the same Self-Forcing student as embedding the prompts in the run."""
+    from safetensors.torch import load_file
+
+    cache = str(tmp_path / "cache")
+    for name, extra in [("plain", []), ("cached", ["--embeddings_cache", cache]), ("again", ["--embeddings_cache", cache])]:
+        run_script("self_forcing", _argv(wan, str(tmp_path / name), "--encode_batch_size", "2", *extra))
+        if name == "cached":
+            files = sorted(os.path.join(root, f) for root, _, fs in os.walk(cache) for f in fs)
+            assert files and all(f.endswith(".safetensors") for f in files)
+            mtimes = {f: os.path.getmtime(f) for f in files}
+    assert mtimes == {f: os.path.getmtime(f) for f in mtimes}  # the second cached run wrote nothing
+    weights = [load_file(str(tmp_path / d / "transformer" / "diffusion_pytorch_model.safetensors"))
+               for d in ("plain", "cached", "again")]
+    assert weights[0].keys() == weights[1].keys() == weights[2].keys()
+    for k in weights[0]:
+        assert torch.equal(weights[0][k], weights[1][k]) and torch.equal(weights[0][k], weights[2][k])
+    base = load_file(os.path.join(wan[0], "transformer", "diffusion_pytorch_model.safetensors"))
+    assert any(not torch.equal(weights[0][k], base[k]) for k in base)  # it did train

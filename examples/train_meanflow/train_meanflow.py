@@ -10,10 +10,26 @@
    z_r = z_t - (t - r) u is MeanFlow's sampler; 1 and 2 steps from the same folder.
 
     accelerate launch examples/train_meanflow/train_meanflow.py --output_dir outputs/meanflow
+
+On a stock SD1.5 / SDXL pipeline (`--pretrained_model_name_or_path` with real images and captions,
+`--train_data_dir` or `--dataset_name`) the same loss runs on the rectified-flow view of the VP teacher
+(models.flow_view: same (x0, eps), RF time t = s / (a + s), at most 0.936 for SD1.5's schedule), with the
+teacher's CFG velocity (`--guidance_scale`) as v. The interval reaches the student UNet as the guidance-scale
+embedding the stock pipeline computes itself (models.interval.guidance_interval_embedding), and the saved
+scheduler is DDIMScheduler with trailing spacing, whose step is MeanFlow's jump in those coordinates; so the
+folder samples in N steps with the stock call
+
+    StableDiffusionPipeline.from_pretrained(out)(prompt, num_inference_steps=N, guidance_scale=1 + 0.01 / N)
+
+(`interval_guidance_scale(N)`; written in the model card). For example:
+
+    accelerate launch examples/train_meanflow/train_meanflow.py --pretrained_model_name_or_path <sd folder> \
+        --train_data_dir images/ --guidance_scale 1.5 --output_dir outputs/meanflow_sd
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from dataclasses import dataclass, field
@@ -26,10 +42,11 @@ from diffusers_fastgen.evaluation import DIGITS_TEACHER_PATH
 from diffusers_fastgen.jvp import JVP_METHODS
 from diffusers_fastgen.models import Denoiser
 from diffusers_fastgen.models.digits import NULL_CLASS, digits_cond
-from diffusers_fastgen.models.interval import add_interval_input
+from diffusers_fastgen.models.flow_view import FlowView
+from diffusers_fastgen.models.interval import add_interval_input, interval_guidance_scale
 from diffusers_fastgen.parametrization import process_from_scheduler
 from diffusers_fastgen.pipelines import DigitsPipeline
-from diffusers_fastgen.schedulers import flow_map_scheduler
+from diffusers_fastgen.schedulers import flow_map_scheduler, t_list_from_scheduler
 from diffusers_fastgen.timesteps import sample_t_r_meanflow
 from diffusers_fastgen.training import (
     Accumulator,
@@ -37,6 +54,7 @@ from diffusers_fastgen.training import (
     NonFiniteGuard,
     OptimizerArgs,
     RunArgs,
+    TextToImageArgs,
     check_pipeline_folder,
     make_optimizer,
     parse_args,
@@ -46,15 +64,20 @@ from diffusers_fastgen.training import (
     update,
 )
 from diffusers_fastgen.training.consistency_steps import SOURCES, meanflow_step
+from diffusers_fastgen.training.image_data import TextToImageData
 from diffusers_fastgen.training.players import (
     digits_batches,
     finish_digits_run,
+    finish_text_to_image_run,
     log_and_checkpoint,
     prepare_players,
+    resumed_batches,
     student_ema,
     validate_digits_student,
+    validate_text_to_image_student,
 )
 from diffusers_fastgen.training.progress import TrainingProgress
+from diffusers_fastgen.training.teachers import TEXT_TO_IMAGE, read_pipeline_class
 
 logger = get_logger("train_meanflow", log_level="INFO")
 
@@ -69,6 +92,7 @@ class MeanFlowArgs:
     optimizer: OptimizerArgs = field(default_factory=lambda: OptimizerArgs(learning_rate=2e-4, adam_beta2=0.99,
                                                                            max_grad_norm=1.0))
     ema: EMAArgs = field(default_factory=lambda: EMAArgs(ema_schedule="halflife", ema_halflife_kimg=10.0))
+    text: TextToImageArgs = field(default_factory=TextToImageArgs)  # a stock SD1.5 / SDXL teacher + real images instead
     teacher: str = DIGITS_TEACHER_PATH  # teacher pipeline folder: the student's init (and the velocity, source=teacher)
     source: Literal["teacher", "data"] = "teacher"  # where v comes from: teacher (distillation) / data (eps - x0)
     guidance_scale: float = 1.0  # teacher CFG folded into the target (source=teacher)
@@ -85,6 +109,16 @@ class MeanFlowArgs:
 
     def __post_init__(self):
         check_pipeline_folder(self.teacher, "DigitsPipeline", "teacher")
+        self.text.require(images=True)  # z_t on the teacher's marginal: noised real images
+        if self.text.pretrained_model_name_or_path is not None:
+            name = read_pipeline_class(self.text.pretrained_model_name_or_path, revision=self.text.revision,
+                                       cache_dir=self.text.cache_dir)
+            if TEXT_TO_IMAGE.get(name) not in ("sd", "sdxl"):
+                raise ValueError(f"`pretrained_model_name_or_path` is a {name}: MeanFlow students here are UNet students "
+                                 "of StableDiffusionPipeline / StableDiffusionXLPipeline (the interval enters through the "
+                                 "UNet's time_cond_proj_dim, which the stock pipeline fills from its guidance_scale).")
+            if self.interval_dim < 4:
+                raise ValueError(f"`interval_dim` must be >= 4 for the stock guidance embedding, got {self.interval_dim}.")
         if self.source not in SOURCES:
             raise ValueError(f"`source` must be one of {SOURCES}, got {self.source!r}.")
         if self.jvp_method not in JVP_METHODS:
@@ -109,12 +143,14 @@ class MeanFlowArgs:
             raise ValueError(f"`interval_dim` must be an even number >= 2, got {self.interval_dim}.")
 
 
-def sample_t_r(b: int, args: MeanFlowArgs, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """MeanFlow's logit-normal (t, r) pairs; a fraction of the r != t ones replaced by the jumps the
-    1- and 2-step samplers make ((1, 0), (1, 0.5), (0.5, 0)), so the exported schedule is trained on."""
+def sample_t_r(b: int, args: MeanFlowArgs, device, *, t_max: float = 1.0,
+               jumps=((1.0, 0.0), (1.0, 0.5), (0.5, 0.0))) -> tuple[torch.Tensor, torch.Tensor]:
+    """MeanFlow's logit-normal (t, r) pairs on [0, t_max]; a fraction of the r != t ones replaced by the jumps
+    the 1- and 2-step samplers make (`jumps`, (t, r) in RF time), so the exported schedule is trained on."""
     t, r = sample_t_r_meanflow((b,), ratio_r_neq_t=args.ratio_r_neq_t, mean=args.t_mean, std=args.t_std, device=device)
-    jumps = torch.tensor([[1.0, 0.0], [1.0, 0.5], [0.5, 0.0]], device=device)
-    pick = jumps[torch.randint(0, 3, (b,), device=device)]  # (B, 2)
+    t, r = t * t_max, r * t_max
+    jumps = torch.tensor(jumps, device=device, dtype=t.dtype)
+    pick = jumps[torch.randint(0, len(jumps), (b,), device=device)]  # (B, 2)
     use = (torch.rand(b, device=device) < args.endpoint_fraction * args.ratio_r_neq_t)
     return torch.where(use, pick[:, 0], t), torch.where(use, pick[:, 1], r)
 
@@ -128,37 +164,64 @@ def main(argv=None):
         save_config(args, os.path.join(run.output_dir, "train_config.yaml"))
 
     # 1. Teacher (frozen) and student (teacher + interval input r), one optimizer.
-    teacher_pipe = DigitsPipeline.from_pretrained(args.teacher)
-    process, prediction_type = process_from_scheduler(teacher_pipe.scheduler)
-    student_unet = add_interval_input(teacher_pipe.unet, dim=args.interval_dim).requires_grad_(True)
-    modules = {"teacher": teacher_pipe.unet.requires_grad_(False), "student": student_unet}
+    t2i = data = None  # a stock SD1.5 / SDXL teacher (--pretrained_model_name_or_path) with real images, else digits
+    if args.text.pretrained_model_name_or_path is not None:
+        data = TextToImageData(args.text, accelerator, run, guidance_scale=args.guidance_scale)
+        t2i = data.teacher
+        process, prediction_type = t2i.process, t2i.prediction_type
+        teacher_unet = t2i.model
+        student_unet = add_interval_input(copy.deepcopy(t2i.model).float(), dim=args.interval_dim).requires_grad_(True)
+    else:
+        teacher_pipe = DigitsPipeline.from_pretrained(args.teacher)
+        process, prediction_type = process_from_scheduler(teacher_pipe.scheduler)
+        teacher_unet = teacher_pipe.unet
+        student_unet = add_interval_input(teacher_pipe.unet, dim=args.interval_dim).requires_grad_(True)
+    modules = {"teacher": teacher_unet.requires_grad_(False), "student": student_unet}
     params = {"student": list(student_unet.parameters())}
     schedule = {"num_training_steps": run.max_train_steps, "num_processes": accelerator.num_processes}  # LR schedule
     optimizers = {"student": make_optimizer(params["student"], args.optimizer, **schedule)}
     modules, optimizers = prepare_players(accelerator, modules, optimizers, gradient_checkpointing=run.gradient_checkpointing)
     optimizer, lr_scheduler = optimizers["student"]
+    # The stock SD call feeds the interval as its guidance embedding; our DigitsPipeline feeds Fourier features.
+    interval = "guidance" if t2i is not None else "fourier"
     teacher = Denoiser(modules["teacher"], process, prediction_type) if args.source == "teacher" else None
-    student = Denoiser(modules["student"], process, prediction_type)
+    student = Denoiser(modules["student"], process, prediction_type, interval=interval)
     ema = student_ema(accelerator, modules, args.ema, run.train_batch_size)
-    scheduler = flow_map_scheduler()
-
-    batches, step = digits_batches(accelerator, run, ema, logger)
+    if t2i is not None:  # MeanFlow on the RF view of the VP teacher; DDIM (trailing) is its jump z_r = z_t - (t - r) u
+        student, teacher = FlowView(student), (FlowView(teacher) if teacher is not None else None)
+        scheduler = t2i.student_scheduler(stochastic=False)
+        # The sampler's times in RF time; its last step lands on alpha = 1 (set_alpha_to_one), i.e. t = 0.
+        times = [[float(student.process.t_from_noise_ratio(process.sigma(t) / process.alpha(t))) if t > 0 else 0.0
+                  for t in t_list_from_scheduler(scheduler, n).double()] for n in (1, 2)]
+        jumps = [(ts[i], ts[i + 1]) for ts in times for i in range(len(ts) - 1)]  # (1, 0), (1, mid), (mid, 0)
+        sampling = [{**t2i.sampling_kwargs(n), "guidance_scale": interval_guidance_scale(n)} for n in (1, 2)]
+        batches, step = resumed_batches(accelerator, run, ema, logger, data)
+    else:
+        scheduler, jumps, sampling = flow_map_scheduler(), ((1.0, 0.0), (1.0, 0.5), (0.5, 0.0)), None
+        batches, step = digits_batches(accelerator, run, ema, logger)
+    t_max = student.process.t_max
 
     # 2. The loop: one MeanFlow step per iteration.
     def validate(s):  # a 1-step sample grid of the EMA student every `validation_steps`
+        if t2i is not None:  # the teacher's pipeline class with the interval as its guidance_scale
+            return validate_text_to_image_student(accelerator, modules, ema, t2i, scheduler, data.validation_embeddings(),
+                                                  num_steps=1, step=s, output_dir=run.output_dir, sampling=sampling[0])
         validate_digits_student(accelerator, modules, ema, scheduler, num_steps=1, step=s, output_dir=run.output_dir)
 
     guard = NonFiniteGuard(run.max_nonfinite_skips)
     accumulator = Accumulator(run.gradient_accumulation_steps)  # per player
     progress = TrainingProgress(accelerator, run, step, guard)
     while step < run.max_train_steps:
-        x0, y = (v.to(accelerator.device) for v in next(batches))
+        if t2i is not None:  # real latents with their captions' embeddings
+            x0, cond, uncond = data.next(accelerator.device)
+        else:
+            x0, y = (v.to(accelerator.device) for v in next(batches))
+            cond, uncond = digits_cond(y), digits_cond(torch.full_like(y, NULL_CLASS))
         eps = torch.randn_like(x0)
-        t, r = sample_t_r(x0.shape[0], args, x0.device)
-        cond, uncond = digits_cond(y), digits_cond(torch.full_like(y, NULL_CLASS))
+        t, r = sample_t_r(x0.shape[0], args, x0.device, t_max=t_max, jumps=jumps)
         loss, logs = meanflow_step(student, x0, eps, t, r, cond, teacher=teacher, uncond=uncond,
-                                   guidance_scale=args.guidance_scale, jvp_method=args.jvp_method,
-                                   fd_eps=args.fd_eps, adaptive_p=args.adaptive_p,
+                                   guidance_scale=t2i.cfg_scale if t2i is not None else args.guidance_scale,
+                                   jvp_method=args.jvp_method, fd_eps=args.fd_eps, adaptive_p=args.adaptive_p,
                                    warmup=min(1.0, step / args.warmup_steps) if args.warmup_steps else 1.0)
         if not update(accelerator, loss, params["student"], optimizer, lr_scheduler, args.optimizer.max_grad_norm,
                       guard=guard, accumulator=accumulator, step=step + 1):
@@ -169,6 +232,12 @@ def main(argv=None):
 
     # 3. Save the student with its sampler, reload it, benchmark 1 and 2 steps.
     name = "MeanFlow student" + (" (from data)" if args.source == "data" else "")
+    if t2i is not None:
+        finish_text_to_image_run(accelerator, modules, params, optimizers, ema, t2i, scheduler, output_dir=run.output_dir,
+                                 num_steps=1, method="MeanFlow", prompts=data.prompts, logger=logger,
+                                 push_to_hub=args.text.push_to_hub, hub_model_id=args.text.hub_model_id, sampling=sampling)
+        progress.summary("train_meanflow", logger)
+        return
     finish_digits_run(accelerator, modules, params, optimizers, ema, scheduler, output_dir=run.output_dir,
                       teacher_path=args.teacher, num_steps=1, step=step, eval_num_samples=args.eval_num_samples,
                       name=name, logger=logger, step_counts=[1, 2])

@@ -113,6 +113,63 @@ def _stock_equals_training_rollout(teacher: TextToImageTeacher, pipe, num_steps:
     torch.testing.assert_close(stock.float(), x, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("name", ["sd", "sd_v", "sdxl"])
+def test_meanflow_student_samples_its_jumps_through_the_stock_call(teachers, name, tmp_path):
+    """MeanFlow on the RF view of a VP teacher: the saved folder is the teacher's class with a UNet that has
+    time_cond_proj_dim and DDIMScheduler (trailing); the stock call with guidance_scale = 1 + 0.01 / N (the card's)
+    equals MeanFlow's own sampler z_r = z_t - (t - r) u(z_t, r, t) in RF time, computed independently here."""
+    from diffusers_fastgen.models.flow_view import FlowView
+    from diffusers_fastgen.models.interval import interval_guidance_scale
+    from diffusers_fastgen.parametrization import RectifiedFlow
+
+    out = str(tmp_path / "mf")
+    run_script("meanflow", ["--pretrained_model_name_or_path", teachers[name], "--train_data_dir", teachers["images"],
+                            "--output_dir", out, "--max_train_steps", "3", "--train_batch_size", "2", "--resolution", "16",
+                            "--report_to", "none", "--guidance_scale", "2", "--learning_rate", "1e-2",
+                            "--warmup_steps", "0", "--endpoint_fraction", "0.5", "--interval_dim", "8",
+                            "--validation_steps", "3"])
+    assert os.listdir(os.path.join(out, "samples")) == ["step_000003.png"]
+    pipe = DiffusionPipeline.from_pretrained(out)
+    pipe.set_progress_bar_config(disable=True)
+    assert type(pipe.scheduler) is DDIMScheduler and pipe.scheduler.config.timestep_spacing == "trailing"
+    assert pipe.unet.config.time_cond_proj_dim == 8
+    assert pipe.unet.time_embedding.cond_proj.weight.abs().max() > 0  # the interval input was trained
+    card = open(os.path.join(out, "README.md")).read()
+    assert "num_inference_steps=1, guidance_scale=1.01" in card and "num_inference_steps=2, guidance_scale=1.005" in card
+    with torch.no_grad():  # a strong interval input, so that an embedding that is off (formula, scale) shows
+        pipe.unet.time_embedding.cond_proj.weight.normal_(0, 1, generator=torch.Generator().manual_seed(0))
+    teacher = TextToImageTeacher(out, resolution=16)
+    view = FlowView(Denoiser(pipe.unet, teacher.process, teacher.prediction_type, interval="guidance"))
+    cond = teacher.cond(teacher._encode([PROMPTS[0]]), None, "cpu")
+    abar = pipe.scheduler.alphas_cumprod.double()
+    tau = lambda k: float(RectifiedFlow().t_from_noise_ratio(((1 - abar[k]) / abar[k]).sqrt()))  # noqa: E731
+    outs = {}
+    for steps, times in [(1, [tau(999), 0.0]), (2, [tau(999), tau(499), 0.0])]:
+        noise = torch.randn(1, *teacher.latent_shape, generator=torch.Generator().manual_seed(steps))
+        stock = pipe(PROMPTS[0], latents=noise, height=16, width=16, output_type="latent", num_inference_steps=steps,
+                     guidance_scale=interval_guidance_scale(steps)).images
+        z = noise / (abar[999].sqrt() + (1 - abar[999]).sqrt()).float()  # the VP point x_T on the RF path
+        with torch.no_grad():
+            for t, r in zip(times, times[1:]):
+                z = z - (t - r) * view(z, torch.tensor([t]), cond, target="flow", r=torch.tensor([r]))
+        torch.testing.assert_close(stock.float(), z, atol=1e-4, rtol=1e-4)
+        outs[steps] = stock
+        wrong = pipe(PROMPTS[0], latents=noise, height=16, width=16, output_type="latent", num_inference_steps=steps,
+                     guidance_scale=1.0 + 0.5 / steps).images  # another interval: another image
+        assert (wrong - stock).abs().max() > 1e-3
+    assert (outs[1] - outs[2]).abs().max() > 1e-3
+
+
+def test_meanflow_needs_a_unet_pipeline_and_real_images(teachers, tmp_path):
+    base = ["--output_dir", str(tmp_path / "x"), "--resolution", "16", "--report_to", "none"]
+    with pytest.raises(ValueError, match="is a FluxPipeline: MeanFlow students here are UNet students"):
+        run_script("meanflow", ["--pretrained_model_name_or_path", teachers["flux"], "--train_data_dir",
+                                teachers["images"], *base])
+    with pytest.raises(ValueError, match="needs real images"):
+        run_script("meanflow", ["--pretrained_model_name_or_path", teachers["sd"], "--prompts", teachers["prompts"], *base])
+    assert not os.path.exists(tmp_path / "x")
+
+
 @pytest.mark.parametrize("name", list(TEACHERS))
 def test_dmd2_full_student_is_the_teachers_pipeline_class_and_samples_its_recipe(teachers, name, tmp_path):
     out = str(tmp_path / "student")

@@ -60,3 +60,28 @@ def test_r_needs_an_interval_model():
         add_interval_input(student)
     with pytest.raises(TypeError, match="UNet2DConditionModel"):
         add_interval_input(T.tiny_unet2d())
+
+
+def test_the_guidance_interval_embedding_is_what_the_stock_pipeline_feeds():
+    """guidance_interval_embedding(t, r) equals StableDiffusionPipeline's own guidance-scale embedding of
+    w = interval_guidance_scale(N) - 1 for the N-step DDIM (trailing) jumps of 1000 / N timesteps."""
+    from diffusers import StableDiffusionPipeline
+
+    from diffusers_fastgen.models.interval import guidance_interval_embedding, interval_guidance_scale
+
+    for n in (1, 2, 4):
+        for dim in (8, 256):
+            t = torch.tensor([999.0, 499.0, 250.0])
+            mine = guidance_interval_embedding(t, t - 1000 / n, dim)
+            w = torch.full((3,), interval_guidance_scale(n) - 1)
+            stock = StableDiffusionPipeline.get_guidance_scale_embedding(None, w, embedding_dim=dim)
+            torch.testing.assert_close(mine, stock, atol=1e-6, rtol=1e-5)
+    slow = guidance_interval_embedding(torch.tensor([1000.0]), torch.tensor([0.0]), 256)
+    assert torch.isclose(slow[0, 0], torch.sin(torch.tensor(10.0)))  # the fastest feature: 10 rad per unit
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="num_steps"):
+            interval_guidance_scale(bad)
+    with pytest.raises(ValueError, match="dim"):
+        guidance_interval_embedding(t, t, 3)
+    with pytest.raises(ValueError, match="interval"):
+        Denoiser(digits_unet(), RectifiedFlow(), "flow", interval="lcm")

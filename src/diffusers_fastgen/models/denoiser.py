@@ -46,7 +46,7 @@ from ..parametrization import (
 )
 from .adapters import use_adapter
 from .causal_wan import CausalWan
-from .interval import interval_embedding
+from .interval import guidance_interval_embedding, interval_embedding
 from .unwrap import unwrap_model
 
 
@@ -173,6 +173,9 @@ def _cast_floating(value, dtype):
     return value
 
 
+INTERVAL_EMBEDDINGS = {"fourier": interval_embedding, "guidance": guidance_interval_embedding}
+
+
 class Denoiser:
     """D(x_t, t, cond) over a diffusers model, in any parametrization.
 
@@ -186,10 +189,16 @@ class Denoiser:
         adapter: for several peft adapters on one base (LoRA distillation): the adapter this denoiser
             runs, or `training.lora.BASE` for the base with adapters disabled; active for the call only
             (the adapter active before is restored after it). None: run whatever is active.
+        interval: how a second time `r` reaches a UNet with time_cond_proj_dim: "fourier" (`interval_embedding`,
+            our DigitsPipeline) or "guidance" (`guidance_interval_embedding`, what stock StableDiffusion(XL)Pipeline
+            computes from its `guidance_scale`).
     """
 
     def __init__(self, model, process: Process | None = None, prediction_type: str | None = None, *,
-                 adapter: str | None = None):
+                 adapter: str | None = None, interval: str = "fourier"):
+        if interval not in INTERVAL_EMBEDDINGS:
+            raise ValueError(f"`interval` must be one of {sorted(INTERVAL_EMBEDDINGS)}, got {interval!r}.")
+        self.interval = interval  # how `r` reaches the model: our Fourier features, or the stock guidance embedding
         self.model = model
         self.adapter = adapter  # peft adapter active during each call (training.lora.BASE = adapters off)
         self._call, default_process, default_prediction = _architecture(model)
@@ -221,7 +230,8 @@ class Denoiser:
             raise ValueError("`r` needs a UNet2DConditionModel with time_cond_proj_dim set "
                              "(models.interval.add_interval_input); got " + type(inner).__name__ + ".")
         r = torch.as_tensor(r, device=t.device, dtype=t.dtype).expand_as(t)
-        return interval_embedding(self.native_timestep(t), self.native_timestep(r), dim).to(inner.dtype)
+        embed = INTERVAL_EMBEDDINGS[self.interval]
+        return embed(self.native_timestep(t), self.native_timestep(r), dim).to(inner.dtype)
 
     def __call__(self, x_t: torch.Tensor, t, cond: dict | None = None, *, target: str = "x0", r=None) -> torch.Tensor:
         """Prediction of `target` type at (x_t, t), in x_t's dtype (so fp32 latents under bf16 autocast

@@ -9,6 +9,12 @@ zero-initialised, so the student starts as exactly the teacher for every r; `Den
 feeds Fourier features of the interval (timestep(t) - timestep(r)) / 1000 as `timestep_cond`.
 The student remains a stock UNet2DConditionModel: `save_pretrained` / `from_pretrained` need no
 custom code, and the teacher's weights load into it unchanged (only cond_proj is new).
+
+Two embeddings of the interval: `interval_embedding` (Fourier features, our DigitsPipeline feeds them) and
+`guidance_interval_embedding`, the one stock StableDiffusion(XL)Pipeline computes by itself for a UNet with
+time_cond_proj_dim: its LCM guidance-scale embedding of w = guidance_scale - 1. A student trained on it with
+w = INTERVAL_GUIDANCE_SCALE x interval samples N equal jumps through the stock call with
+`guidance_scale=interval_guidance_scale(N)` (the pipeline then runs no CFG: it is folded into the student).
 """
 
 from __future__ import annotations
@@ -56,3 +62,29 @@ def interval_embedding(timestep_t: torch.Tensor, timestep_r: torch.Tensor, dim: 
     freqs = torch.logspace(math.log10(INTERVAL_MIN_FREQUENCY), math.log10(INTERVAL_MAX_FREQUENCY), dim // 2,
                            device=delta.device)
     return torch.cat([torch.cos(freqs * delta), torch.sin(freqs * delta)], dim=1)
+
+
+# w = INTERVAL_GUIDANCE_SCALE * interval: the stock embedding multiplies w by 1000 and its fastest feature turns
+# one radian per unit of that, so the interval's features turn at most 10 radians per unit (as the bound above).
+INTERVAL_GUIDANCE_SCALE = 0.01
+
+
+def guidance_interval_embedding(timestep_t: torch.Tensor, timestep_r: torch.Tensor, dim: int) -> torch.Tensor:
+    """(B, dim) the guidance-scale embedding StableDiffusionPipeline feeds as `timestep_cond` (sin of w * 1000 *
+    f_k, then cos; f_k = 10000^(-k / (dim/2 - 1))), for w = INTERVAL_GUIDANCE_SCALE * (timestep_t - timestep_r) /
+    1000: the stock call's `guidance_scale` is then 1 + w (`interval_guidance_scale`)."""
+    if dim < 4 or dim % 2:
+        raise ValueError(f"`dim` must be an even number >= 4, got {dim}.")
+    w = INTERVAL_GUIDANCE_SCALE * (timestep_t - timestep_r).float() / INTERVAL_TIMESTEP_RANGE * 1000.0
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=w.device) * -(math.log(10000.0) / (half - 1)))
+    angles = w[:, None] * freqs[None, :]
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+
+
+def interval_guidance_scale(num_steps: int) -> float:
+    """The stock call's `guidance_scale` for a student trained on `guidance_interval_embedding` sampled in
+    `num_steps` equal jumps over the whole timestep range (DDIM trailing spacing: 1000 / num_steps timesteps each)."""
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"`num_steps` must be an int >= 1, got {num_steps!r}.")
+    return 1.0 + INTERVAL_GUIDANCE_SCALE / num_steps

@@ -113,7 +113,7 @@ def finish_digits_run(accelerator, modules: dict, params: dict, optimizers: dict
 
 @torch.no_grad()
 def validate_text_to_image_student(accelerator, modules: dict, ema, teacher, scheduler, embeddings: dict, *,
-                                   num_steps: int, step: int, output_dir: str) -> None:
+                                   num_steps: int, step: int, output_dir: str, sampling: dict | None = None) -> None:
     """Samples of the EMA student for a few prompts through the teacher's own pipeline class (its VAE, the
     recipe scheduler, precomputed embeddings: the text encoders are released): samples/step_<step>.png and the
     trackers. The EMA weights are swapped in and the training weights restored after; LoRA mode runs the
@@ -134,7 +134,7 @@ def validate_text_to_image_student(accelerator, modules: dict, ema, teacher, sch
             torch.manual_seed(0)
             images = pipe(**teacher.prompt_kwargs(embeddings, torch.float32), height=teacher.resolution,
                           width=teacher.resolution, output_type="pt", generator=torch.Generator().manual_seed(0),
-                          **teacher.sampling_kwargs(num_steps)).images
+                          **(sampling if sampling is not None else teacher.sampling_kwargs(num_steps))).images
     images = images * 2 - 1
     save_image_grid(images, os.path.join(output_dir, "samples", f"step_{step:06d}.png"), nrow=len(images))
     log_image_grid(accelerator, images, step, tag="student", nrow=len(images))
@@ -143,11 +143,12 @@ def validate_text_to_image_student(accelerator, modules: dict, ema, teacher, sch
 def finish_text_to_image_run(accelerator, modules: dict, params: dict, optimizers: dict, ema, teacher, scheduler, *,
                              output_dir: str, num_steps: int, method: str, prompts: list[str], logger,
                              push_to_hub: bool = False, hub_model_id: str | None = None,
-                             sampling: dict | None = None) -> None:
+                             sampling: dict | list[dict] | None = None) -> None:
     """End of a run on a stock text-to-image teacher (`training.teachers.TextToImageTeacher`): check that DDP
     replicas agree, save the EMA student as the teacher's pipeline class with its recipe scheduler (or, in
     LoRA mode, the teacher's `save_lora_weights` file + scheduler) and a model card, reload it with stock
-    diffusers, and save a grid of its samples for the first prompts (rank 0)."""
+    diffusers, and save a grid of its samples for the first prompts (rank 0). `sampling`: the stock call's
+    arguments (a list: one per step count, all in the card, the first for the grid)."""
     accelerator.wait_for_everyone()
     check_replicas_in_sync(accelerator, [p for ps in params.values() for p in ps])
     if accelerator.is_main_process:
@@ -170,7 +171,7 @@ def finish_text_to_image_run(accelerator, modules: dict, params: dict, optimizer
         torch.manual_seed(0)  # SD3 / Flux draw the re-noising noise from the global generator
         images = pipe(prompts[:8], height=teacher.resolution, width=teacher.resolution, output_type="pt",
                       generator=torch.Generator().manual_seed(0),
-                      **(sampling if sampling is not None else teacher.sampling_kwargs(num_steps))).images
+                      **(first_recipe(sampling) if sampling is not None else teacher.sampling_kwargs(num_steps))).images
         save_image_grid(images * 2 - 1, os.path.join(output_dir, "samples.png"), nrow=min(8, len(images)), upscale=1)
         if push_to_hub:  # the folder as saved (no checkpoints), to the user's repo
             repo_id = create_repo(hub_model_id or os.path.basename(os.path.abspath(output_dir)), exist_ok=True).repo_id
@@ -178,6 +179,11 @@ def finish_text_to_image_run(accelerator, modules: dict, params: dict, optimizer
             logger.info("pushed %s to the Hub as %s", output_dir, repo_id)
     accelerator.wait_for_everyone()  # ranks tear the process group down together (a lone gloo rank can hang)
     accelerator.end_training()
+
+
+def first_recipe(sampling: dict | list[dict]) -> dict:
+    """The first of a list of sampling recipes (or the one given)."""
+    return sampling[0] if isinstance(sampling, list) else sampling
 
 
 def resume_step(accelerator, run, ema, logger) -> int:

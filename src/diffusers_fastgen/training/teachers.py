@@ -366,7 +366,7 @@ class TextToImageTeacher:
     # --- output -------------------------------------------------------------------------------------
     def save_student(self, output_dir: str, student, scheduler, *, num_steps: int, method: str,
                      lora_layers: dict | None = None, lora_config: dict | None = None,
-                     sampling: dict | None = None) -> DiffusionPipeline:
+                     sampling: dict | list[dict] | None = None) -> DiffusionPipeline:
         """Write the student: full mode, the teacher's pipeline class with `student` as its denoiser and
         `scheduler`; LoRA mode (`lora_layers`, a peft state dict of the student adapter), the teacher's
         `save_lora_weights` file plus `scheduler/`. Both with a model card showing the stock call that samples
@@ -398,9 +398,11 @@ class TextToImageTeacher:
         return pipe
 
     def _write_model_card(self, output_dir: str, *, num_steps: int, method: str, lora: bool, scheduler,
-                          sampling: dict | None = None) -> None:
-        recipes = [sampling] if sampling is not None else [self.sampling_kwargs(n)
-                                                           for n in ((1, 2) if num_steps == 1 else (num_steps,))]
+                          sampling: dict | list[dict] | None = None) -> None:
+        if sampling is not None:
+            recipes = list(sampling) if isinstance(sampling, list) else [sampling]
+        else:
+            recipes = [self.sampling_kwargs(n) for n in ((1, 2) if num_steps == 1 else (num_steps,))]
         calls = [", ".join(f"{k}={v!r}" for k, v in kwargs.items()) for kwargs in recipes]
         if lora:
             load = (f'pipe = DiffusionPipeline.from_pretrained("{self.path}")\n'

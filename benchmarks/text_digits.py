@@ -29,6 +29,7 @@ from diffusers import DiffusionPipeline
 from diffusers_fastgen.evaluation.digits_benchmark import DigitsReference
 from diffusers_fastgen.evaluation.digits_data import load_digits_arrays
 from diffusers_fastgen.evaluation.text_digits import TEXT_DIGITS_TEACHER_PATH, score_text_digits_pipeline
+from diffusers_fastgen.models.interval import interval_guidance_scale
 
 COLUMNS = ("model", "nfe", "s_per_1k", "fd", "accuracy", "diversity")
 
@@ -85,6 +86,8 @@ def main():
     parser.add_argument("--timesteps", type=int, nargs="+", default=None,
                         help="a custom schedule the model card passes as `timesteps` (e.g. sCD's 2 steps: 999 557)")
     parser.add_argument("--guidance_scale", type=float, default=1.0)
+    parser.add_argument("--interval_guidance", action="store_true",
+                        help="a MeanFlow student: guidance_scale = 1 + 0.01 / N for N steps (its model card's call)")
     parser.add_argument("--num_samples", type=int, default=1000)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--repeats", type=int, default=1)
@@ -117,8 +120,10 @@ def main():
         calls = ([{"num_inference_steps": len(args.timesteps), "timesteps": args.timesteps}] if args.timesteps
                  else [{"num_inference_steps": steps} for steps in args.num_inference_steps])
         for call in calls:
+            scale = (interval_guidance_scale(call["num_inference_steps"]) if args.interval_guidance
+                     else args.guidance_scale)
             rows.append(rows_over_seeds(pipe, reference, name=f"{args.name or folder} {call['num_inference_steps']} step(s)",
-                                        guidance_scale=args.guidance_scale, **call, **common))
+                                        guidance_scale=scale, **call, **common))
             print(fmt(rows[-1]), flush=True)
     print("| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS))
     for row in rows:

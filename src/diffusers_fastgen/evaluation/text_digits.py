@@ -166,11 +166,14 @@ def score_text_digits_pipeline(pipe, reference: DigitsReference | None = None, *
     for _ in range(repeats):
         digits, labels, s = sample_text_digits(pipe, num_samples, seed=seed, **call_kwargs)
         seconds.append(s)
-    row = {"model": name, "nfe": _nfe(call_kwargs), **reference.score(digits, labels)}
+    row = {"model": name, "nfe": _nfe(call_kwargs, pipe), **reference.score(digits, labels)}
     row["s_per_1k"] = statistics.median(seconds) * 1000 / num_samples
     return row
 
 
-def _nfe(call_kwargs: dict) -> int:
+def _nfe(call_kwargs: dict, pipe=None) -> int:
+    """UNet evaluations per image: steps, twice with CFG (which the stock pipeline skips for a UNet with
+    time_cond_proj_dim: there guidance_scale is an input of the UNet, e.g. a MeanFlow student's interval)."""
     steps = len(call_kwargs["timesteps"]) if call_kwargs.get("timesteps") else call_kwargs.get("num_inference_steps", 50)
-    return int(steps) * (2 if call_kwargs.get("guidance_scale", 1.0) > 1.0 else 1)
+    embedded = getattr(getattr(getattr(pipe, "unet", None), "config", None), "time_cond_proj_dim", None) is not None
+    return int(steps) * (2 if call_kwargs.get("guidance_scale", 1.0) > 1.0 and not embedded else 1)

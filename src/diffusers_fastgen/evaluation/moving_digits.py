@@ -48,6 +48,10 @@ _MAX_POS = CANVAS - DIGIT  # 8
 # the bidirectional moving-digits teacher (train_causal_sft --num_frames_per_block 8), the video scripts'
 # default --teacher: 13,000 steps x 32 (the last 3,000 with cond_dropout 0.1), sampled with CFG 3 (docs/results.md)
 MOVING_DIGITS_TEACHER_PATH = os.path.join(os.path.dirname(__file__), "assets", "moving_digits_teacher")
+# the same teacher fine-tuned on any-phase clips (`sample_motion(any_phase=True)`), for students that stream past
+# 8 frames: every window of a long video is one of its clips (docs/results.md, long streams)
+MOVING_DIGITS_ANY_PHASE_TEACHER_PATH = os.path.join(os.path.dirname(__file__), "assets",
+                                                    "moving_digits_teacher_any_phase")
 
 
 def _token_table() -> torch.Tensor:

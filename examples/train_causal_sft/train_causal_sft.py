@@ -99,9 +99,7 @@ class CausalSFTArgs:
     logit_mean: float = 0.0  # per-block t ~ sigmoid(N(logit_mean, logit_std^2))
     logit_std: float = 1.0
     cond_dropout: float = 0.1  # probability of training a sample on the null conditioning (for CFG; 0 = none)
-    # moving digits start anywhere on the bounce cycle, not only moving along v: every window of a long video is
-    # then a training clip (for students that stream past 8 frames; see sample_motion)
-    any_phase: bool = False
+    any_phase: bool = False  # moving digits start anywhere on the bounce cycle (a teacher for long streams; sample_motion)
     sample_steps: int = 50  # Euler steps per block of the saved sampler
     eval_num_videos: int = 500  # moving-digits benchmark videos at the end (0 skips; none with a WanPipeline)
     video: TextToVideoArgs = field(default_factory=TextToVideoArgs)  # a stock WanPipeline and captioned videos instead

@@ -27,7 +27,7 @@ folder samples in N steps with the stock call
         --train_data_dir images/ --guidance_scale 2 --learning_rate 1.6e-3 --output_dir outputs/meanflow_sd
 
 (the default learning rate, 2e-4, is the pixel digits'; on the text-to-image digits teacher 1.6e-3 did best of
-1e-4 .. 1.6e-3: docs/results.md).
+1e-4 .. 3.2e-3: docs/results.md).
 """
 
 from __future__ import annotations

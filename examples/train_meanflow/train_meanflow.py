@@ -194,8 +194,8 @@ def main(argv=None):
         student, teacher = FlowView(student), (FlowView(teacher) if teacher is not None else None)
         scheduler = t2i.student_scheduler(stochastic=False)
         # The sampler's times in RF time; its last step lands on alpha = 1 (set_alpha_to_one), i.e. t = 0.
-        times = [[float(student.process.t_from_noise_ratio(process.sigma(t) / process.alpha(t))) if t > 0 else 0.0
-                  for t in t_list_from_scheduler(scheduler, n).double()] for n in (1, 2)]
+        times = [[float(student.rf_time(t)) if t > 0 else 0.0 for t in t_list_from_scheduler(scheduler, n).double()]
+                 for n in (1, 2)]
         jumps = [(ts[i], ts[i + 1]) for ts in times for i in range(len(ts) - 1)]  # (1, 0), (1, mid), (mid, 0)
         sampling = [{**t2i.sampling_kwargs(n), "guidance_scale": interval_guidance_scale(n)} for n in (1, 2)]
         batches, step = resumed_batches(accelerator, run, ema, logger, data)

@@ -34,13 +34,18 @@ class FlowView:
     def __init__(self, denoiser):
         self.denoiser = denoiser
         source = denoiser.process
-        if isinstance(source, RectifiedFlow):
-            t_max = float(source.t_max)
-        else:
-            top = torch.tensor([float(source.t_max)], dtype=torch.float64)
-            t_max = float(RectifiedFlow().t_from_noise_ratio(source.sigma(top) / source.alpha(top)))
-        self.process = RectifiedFlow(t_max=t_max)
+        self.process = RectifiedFlow(t_max=float(self.rf_time(float(source.t_max))))
         self.prediction_type = "flow"
+        # RF time of the source's first noise level (timestep 0), where `interval_time` switches map; once, on the host
+        self._tau0 = None if isinstance(source, RectifiedFlow) else float(self.rf_time(0.0))
+
+    def rf_time(self, t_src) -> torch.Tensor:
+        """The RF time with the noise ratio of the denoiser's own time t_src (float64)."""
+        t_src = torch.as_tensor(t_src, dtype=torch.float64).reshape(-1)
+        source = self.denoiser.process
+        if isinstance(source, RectifiedFlow):
+            return t_src
+        return RectifiedFlow().t_from_noise_ratio(source.sigma(t_src) / source.alpha(t_src))
 
     @property
     def model(self):
@@ -63,9 +68,7 @@ class FlowView:
         source = self.denoiser.process
         if isinstance(source, RectifiedFlow):
             return r
-        steps = source.num_train_timesteps - 1
-        zero = torch.zeros(1, dtype=torch.float64)
-        tau0 = float(RectifiedFlow().t_from_noise_ratio(source.sigma(zero) / source.alpha(zero)))
+        steps, tau0 = source.num_train_timesteps - 1, self._tau0
         above = self.source_time(r.clamp(min=tau0))
         return torch.where(r >= tau0, above, (r / tau0 - 1) / steps)
 

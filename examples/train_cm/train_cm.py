@@ -10,6 +10,8 @@
    pseudo-Huber d(f(x_t, t), sg f(x_r, r)) / (sigma_t - sigma_r) with x_r on the same noise (`--source
    data`: consistency training) or one teacher DDIM step from x_t (`--source teacher`: consistency
    distillation, CFG optional).
+   `--adv_weight w` adds LADD's adversarial loss on the teacher's features of the student's own few-step samples
+   (SANA-Sprint's hybrid; heads trained beside it on real data: `training.adversarial`).
 3. The student is saved as a DigitsPipeline with the CM multistep sampler (x0, then fresh noise)
    FlowMatchFewStepScheduler(shift); 1 and 2 steps from the same folder.
 
@@ -32,10 +34,11 @@ from diffusers_fastgen.models import Denoiser
 from diffusers_fastgen.models.digits import NULL_CLASS, digits_cond
 from diffusers_fastgen.parametrization import process_from_scheduler
 from diffusers_fastgen.pipelines import DigitsPipeline
-from diffusers_fastgen.schedulers import flow_match_sde_scheduler
+from diffusers_fastgen.schedulers import flow_match_sde_scheduler, t_list_from_scheduler
 from diffusers_fastgen.timesteps import sample_t_r_ect, times_from_noise_ratios
 from diffusers_fastgen.training import (
     Accumulator,
+    AdversarialArgs,
     EMAArgs,
     NonFiniteGuard,
     OptimizerArgs,
@@ -49,6 +52,7 @@ from diffusers_fastgen.training import (
     setup_accelerator,
     update,
 )
+from diffusers_fastgen.training.adversarial import AdversarialTerm, add_adversarial_heads
 from diffusers_fastgen.training.consistency_steps import SOURCES, cm_step
 from diffusers_fastgen.training.image_data import TextToImageData
 from diffusers_fastgen.training.players import (
@@ -87,6 +91,7 @@ class CMArgs:
     t_std: float = 2.0
     huber_c: float | None = None  # pseudo-Huber c (None: iCT's 0.00054 sqrt(D))
     shift: float = 1.0  # sampler: FlowMatchFewStepScheduler(shift); the 2-step midpoint is shift / (1 + shift)
+    adv: AdversarialArgs = field(default_factory=AdversarialArgs)  # --adv_weight > 0: + LADD on the teacher's features
     eval_num_samples: int = 1000  # samples for the final benchmark rows (0 skips)
 
     def __post_init__(self):
@@ -128,25 +133,34 @@ def main(argv=None):
         process, prediction_type = t2i.process, t2i.prediction_type
         modules = {"teacher": t2i.model.requires_grad_(False),
                    "student": copy.deepcopy(t2i.model).float().requires_grad_(True)}
+        probe_cond, sample_shape = t2i.cond(data.negative, None, "cpu"), t2i.latent_shape
     else:
         teacher_pipe = DigitsPipeline.from_pretrained(args.teacher)
         process, prediction_type = process_from_scheduler(teacher_pipe.scheduler)
         modules = {"teacher": teacher_pipe.unet.requires_grad_(False),
                    "student": DigitsPipeline.from_pretrained(args.teacher).unet.requires_grad_(True)}
+        probe_cond, sample_shape = digits_cond(torch.zeros(1, dtype=torch.long)), (1, 8, 8)
     params = {"student": list(modules["student"].parameters())}
     schedule = {"num_training_steps": run.max_train_steps, "num_processes": accelerator.num_processes}  # LR schedule
     optimizers = {"student": make_optimizer(params["student"], args.optimizer, **schedule)}
+    add_adversarial_heads(modules, params, optimizers, args.adv, Denoiser(modules["teacher"], process, prediction_type),
+                          probe_cond, sample_shape, args.optimizer, schedule)  # --adv_weight > 0 only
     modules, optimizers = prepare_players(accelerator, modules, optimizers, gradient_checkpointing=run.gradient_checkpointing)
     optimizer, lr_scheduler = optimizers["student"]
-    teacher = Denoiser(modules["teacher"], process, prediction_type) if args.source == "teacher" else None
+    frozen_teacher = Denoiser(modules["teacher"], process, prediction_type)  # the ODE (CD) and the heads' features
+    teacher = frozen_teacher if args.source == "teacher" else None
     student = Denoiser(modules["student"], process, prediction_type)
     ema = student_ema(accelerator, modules, args.ema, run.train_batch_size)
     if t2i is not None:  # x0, then fresh noise: LCMScheduler (VP) / stochastic flow-matching Euler (RF)
         scheduler = t2i.student_scheduler(stochastic=True)
+        adv_t_list = t2i.student_t_list(scheduler, args.adv.adv_num_steps)
         batches, step = resumed_batches(accelerator, run, ema, logger, data)
     else:
         scheduler = flow_match_sde_scheduler(shift=args.shift)
+        adv_t_list = t_list_from_scheduler(scheduler, args.adv.adv_num_steps)
         batches, step = digits_batches(accelerator, run, ema, logger)
+    adversarial = AdversarialTerm(args.adv, frozen_teacher, modules, params, optimizers, adv_t_list,
+                                  args.optimizer.max_grad_norm)
 
     # 2. The loop: one consistency step per iteration.
     def validate(s):  # a 1-step sample grid of the EMA student every `validation_steps`
@@ -168,12 +182,16 @@ def main(argv=None):
         t, r = sample_pair(x0.shape[0], step, args, process, x0.device)
         loss, _ = cm_step(student, x0, eps, t, r, cond, teacher=teacher, uncond=uncond,
                           guidance_scale=t2i.cfg_scale if t2i is not None else args.guidance_scale, huber_c=args.huber_c)
-        if not update(accelerator, loss, params["student"], optimizer, lr_scheduler, args.optimizer.max_grad_norm,
-                      guard=guard, accumulator=accumulator, step=step + 1):
+        logs = {"loss": loss.detach()}
+        loss = adversarial.add_to(loss, logs, student, cond, x0)  # --adv_weight > 0 only
+        applied = update(accelerator, loss, params["student"], optimizer, lr_scheduler, args.optimizer.max_grad_norm,
+                         guard=guard, accumulator=accumulator, step=step + 1)
+        adversarial.update_heads(accelerator, guard=guard, accumulator=accumulator, step=step + 1)
+        if not applied:
             continue  # a skipped non-finite update (--max_nonfinite_skips)
         ema.update(student.model)
         step += 1
-        log_and_checkpoint(accelerator, run, step, {"loss": loss.detach()}, ema, progress, validate=validate)
+        log_and_checkpoint(accelerator, run, step, logs, ema, progress, validate=validate)
 
     # 3. Save the student with its sampler, reload it, benchmark 1 and 2 steps.
     name = "CD student" if args.source == "teacher" else "ECT student"

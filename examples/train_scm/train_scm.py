@@ -8,6 +8,8 @@
    14.6 for SD1.5's VP schedule), and takes sCM's loss: one JVP of F along the PF-ODE tangent, tangent warm-up and
    normalisation, adaptive weighting by a learned log-variance head (models.logvar). The ODE velocity
    comes from the teacher with CFG (`--source teacher`: sCD) or from the data pair (`--source data`: sCT).
+   `--adv_weight w` adds LADD's adversarial loss on the teacher's features of the student's own few-step
+   samples (SANA-Sprint's sCM + LADD hybrid, w = 0.5 there; `training.adversarial`).
 3. The student is saved as a DigitsPipeline with sCM's 1-step (t = pi/2) and 2-step (pi/2,
    `intermediate_t`) sampler, expressed on the RF path (schedulers.scm_rf_scheduler).
 
@@ -38,10 +40,11 @@ from diffusers_fastgen.models.digits import NULL_CLASS, digits_cond
 from diffusers_fastgen.models.logvar import LogVarHead
 from diffusers_fastgen.parametrization import process_from_scheduler
 from diffusers_fastgen.pipelines import DigitsPipeline
-from diffusers_fastgen.schedulers import scm_rf_scheduler
+from diffusers_fastgen.schedulers import scm_rf_scheduler, t_list_from_scheduler
 from diffusers_fastgen.timesteps import noise_ratio_range, sample_trigflow_time
 from diffusers_fastgen.training import (
     Accumulator,
+    AdversarialArgs,
     EMAArgs,
     NonFiniteGuard,
     OptimizerArgs,
@@ -55,6 +58,7 @@ from diffusers_fastgen.training import (
     setup_accelerator,
     update,
 )
+from diffusers_fastgen.training.adversarial import AdversarialTerm, add_adversarial_heads
 from diffusers_fastgen.training.consistency_steps import SOURCES, scm_step
 from diffusers_fastgen.training.image_data import TextToImageData
 from diffusers_fastgen.training.players import (
@@ -98,6 +102,7 @@ class SCMArgs:
     adaptive_weighting: bool = True  # learned log-variance weighting (off: plain mean squared error)
     intermediate_t: float = 1.1  # 2-step sampler's second time (TrigFlow radians)
     jvp_method: Literal["finite_difference", "exact"] = "finite_difference"  # 3 forwards, fp32 (cheapest); or forward-mode AD
+    adv: AdversarialArgs = field(default_factory=AdversarialArgs)  # --adv_weight > 0: + LADD (SANA-Sprint's sCM + LADD)
     eval_num_samples: int = 1000  # samples for the final benchmark rows (0 skips)
 
     def __post_init__(self):
@@ -139,11 +144,13 @@ def main(argv=None):
         process, prediction_type = t2i.process, t2i.prediction_type
         modules = {"teacher": t2i.model.requires_grad_(False),
                    "student": copy.deepcopy(t2i.model).float().requires_grad_(True)}
+        probe_cond, sample_shape = t2i.cond(data.negative, None, "cpu"), t2i.latent_shape
     else:
         teacher_pipe = DigitsPipeline.from_pretrained(args.teacher)
         process, prediction_type = process_from_scheduler(teacher_pipe.scheduler)
         modules = {"teacher": teacher_pipe.unet.requires_grad_(False),
                    "student": DigitsPipeline.from_pretrained(args.teacher).unet.requires_grad_(True)}
+        probe_cond, sample_shape = digits_cond(torch.zeros(1, dtype=torch.long)), (1, 8, 8)
     params = {"student": list(modules["student"].parameters())}
     if args.adaptive_weighting:
         modules["logvar"] = LogVarHead()
@@ -152,22 +159,29 @@ def main(argv=None):
         [{"params": params["logvar"], "lr": args.logvar_learning_rate}] if args.adaptive_weighting else [])
     schedule = {"num_training_steps": run.max_train_steps, "num_processes": accelerator.num_processes}  # LR schedule
     optimizers = {"student": make_optimizer(groups, args.optimizer, **schedule)}
+    add_adversarial_heads(modules, params, optimizers, args.adv, Denoiser(modules["teacher"], process, prediction_type),
+                          probe_cond, sample_shape, args.optimizer, schedule)  # --adv_weight > 0 only
     modules, optimizers = prepare_players(accelerator, modules, optimizers, gradient_checkpointing=run.gradient_checkpointing)
     optimizer, lr_scheduler = optimizers["student"]
-    teacher = Denoiser(modules["teacher"], process, prediction_type) if args.source == "teacher" else None
+    frozen_teacher = Denoiser(modules["teacher"], process, prediction_type)  # the ODE (sCD) and the heads' features
+    teacher = frozen_teacher if args.source == "teacher" else None
     student = Denoiser(modules["student"], process, prediction_type)
     ema = student_ema(accelerator, modules, args.ema, run.train_batch_size)
-    all_params = [p for ps in params.values() for p in ps]
+    all_params = params["student"] + params.get("logvar", [])
     if t2i is not None:
         # sCM's samplers on the teacher's path: 1 step from pure noise; 2 steps through the point whose noise
         # ratio is sigma_d tan(intermediate_t), given to the stock call as timesteps (VP) or sigmas (RF).
         scheduler = t2i.student_scheduler(shift=None if t2i.kind in ("sd", "sdxl") else 1.0, stochastic=True)
         ratio = torch.tensor(args.sigma_d * math.tan(args.intermediate_t), dtype=torch.float64)
         t2i.set_custom_schedule([1.0, float(t2i.process.t_from_noise_ratio(ratio))])
+        adv_t_list = t2i.student_t_list(scheduler, args.adv.adv_num_steps)
         batches, step = resumed_batches(accelerator, run, ema, logger, data)
     else:
         scheduler = scm_rf_scheduler(args.sigma_d, args.intermediate_t)
+        adv_t_list = t_list_from_scheduler(scheduler, args.adv.adv_num_steps)
         batches, step = digits_batches(accelerator, run, ema, logger)
+    adversarial = AdversarialTerm(args.adv, frozen_teacher, modules, params, optimizers, adv_t_list,
+                                  args.optimizer.max_grad_norm)
 
     # 2. The loop: one sCM step per iteration.
     def validate(s):  # a 1-step sample grid of the EMA student every `validation_steps`
@@ -195,12 +209,16 @@ def main(argv=None):
                               guidance_scale=cfg_scale, warmup=warmup, tangent_c=args.tangent_c,
                               logvar_head=modules.get("logvar"), jvp_method=args.jvp_method,
                               tangent_norm=args.tangent_norm, prior_weight=args.prior_weighting)
-        if not update(accelerator, loss, all_params, optimizer, lr_scheduler, args.optimizer.max_grad_norm,
-                      guard=guard, accumulator=accumulator, step=step + 1):
+        logs = {"loss": loss.detach(), **logs}
+        loss = adversarial.add_to(loss, logs, student, cond, x0)  # --adv_weight > 0 only
+        applied = update(accelerator, loss, all_params, optimizer, lr_scheduler, args.optimizer.max_grad_norm,
+                         guard=guard, accumulator=accumulator, step=step + 1)
+        adversarial.update_heads(accelerator, guard=guard, accumulator=accumulator, step=step + 1)
+        if not applied:
             continue  # a skipped non-finite update (--max_nonfinite_skips)
         ema.update(student.model)
         step += 1
-        log_and_checkpoint(accelerator, run, step, {"loss": loss.detach(), **logs}, ema, progress, validate=validate)
+        log_and_checkpoint(accelerator, run, step, logs, ema, progress, validate=validate)
 
     # 3. Save the student with its sampler, reload it, benchmark 1 and 2 steps.
     name = "sCD student" if args.source == "teacher" else "sCT student"

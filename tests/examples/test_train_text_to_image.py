@@ -239,14 +239,21 @@ def test_kd_student_samples_its_deterministic_recipe_with_stock_diffusers(teache
     _stock_equals_training_rollout(TextToImageTeacher(out, resolution=16, guidance_scale=2.0), pipe, 2, stochastic=False)
 
 
-@pytest.mark.parametrize("name", ["sd", "sd3", "flux_guidance", "qwen"])
-def test_cm_on_real_images_samples_its_recipe_with_stock_diffusers(teachers, name, tmp_path):
+@pytest.mark.parametrize("name,extra", [("sd", []), ("sd3", []), ("flux_guidance", []), ("qwen", []),
+                                        ("sd", ["--adv_weight", "0.5", "--adv_num_steps", "2"]),
+                                        ("sd3", ["--adv_weight", "0.5", "--adv_feature_modules", "transformer_blocks.0"])])
+def test_cm_on_real_images_samples_its_recipe_with_stock_diffusers(teachers, name, extra, tmp_path):
     """Consistency distillation from real images (LCM-style for SD): images and captions are encoded once into
-    shards; the 1-step student reloads as the teacher's class and its stock call is the trained sampler."""
+    shards; the 1-step student reloads as the teacher's class and its stock call is the trained sampler. With the
+    adversarial term (heads on the teacher's features, real latents with their captions) the same holds."""
     out = str(tmp_path / "cm")
     run_script("cm", ["--pretrained_model_name_or_path", teachers[name], "--train_data_dir", teachers["images"],
                       "--output_dir", out, "--max_train_steps", "2", "--train_batch_size", "2", "--resolution", "16",
-                      "--report_to", "none", "--guidance_scale", "2", "--learning_rate", "1e-3"])
+                      "--report_to", "none", "--guidance_scale", "2", "--learning_rate", "1e-3", "--logging_steps", "1",
+                      *extra])
+    if extra:
+        last = json.load(open(os.path.join(out, "run_summary.json")))["last_scalars"]
+        assert math.isfinite(last["adversarial_loss"]) and last["heads_loss"] > 0
     pipe = DiffusionPipeline.from_pretrained(out)
     expected = LCMScheduler if name == "sd" else FlowMatchEulerDiscreteScheduler
     assert type(pipe.scheduler) is expected

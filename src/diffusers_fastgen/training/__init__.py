@@ -9,6 +9,7 @@ from .accelerate_setup import (
     update,
 )
 from .args import (
+    AdversarialArgs,
     EMAArgs,
     LoRAArgs,
     OptimizerArgs,

@@ -144,6 +144,28 @@ class LoRAArgs:
 
 
 @dataclass
+class AdversarialArgs:
+    """An adversarial term beside a consistency loss (`training.adversarial`; SANA-Sprint's sCM + LADD hybrid)."""
+
+    adv_weight: float = 0.0  # > 0 adds LADD's generator loss (heads on the teacher's features) with this weight
+    adv_feature_modules: list[str] = field(  # the teacher blocks whose features feed one head each
+        default_factory=lambda: ["down_blocks.0", "down_blocks.1", "mid_block"])
+    adv_head_learning_rate: float = 1e-3  # AdamW learning rate of the heads
+    adv_t_mean: float = -1.0  # re-noising s ~ logit-normal(mean, std) before the teacher's features (digits: low noise)
+    adv_t_std: float = 1.0
+    adv_num_steps: int = 1  # the student's samples for the term: its x0 at the points of its N-step sampler
+
+    def __post_init__(self):
+        _check(math.isfinite(self.adv_weight) and self.adv_weight >= 0,
+               f"`adv_weight` must be finite and >= 0 (0 = off), got {self.adv_weight}.")
+        _check(bool(self.adv_feature_modules), "`adv_feature_modules` must name at least one teacher block.")
+        _check(self.adv_head_learning_rate > 0, f"`adv_head_learning_rate` must be > 0, got {self.adv_head_learning_rate}.")
+        _check(math.isfinite(self.adv_t_mean), f"`adv_t_mean` must be finite, got {self.adv_t_mean}.")
+        _check(self.adv_t_std > 0, f"`adv_t_std` must be > 0, got {self.adv_t_std}.")
+        _check(self.adv_num_steps >= 1, f"`adv_num_steps` must be >= 1, got {self.adv_num_steps}.")
+
+
+@dataclass
 class PipelineSourceArgs:
     """Where a stock pipeline teacher and its prompts come from (shared by the image and video groups)."""
 

@@ -6,6 +6,8 @@
 2. Each step draws real digits x0, noise eps and (t, r), and regresses u_theta(z_t, r, t) on
    v - (t - r) du/dt (one JVP; losses.meanflow). v = eps - x0 (`--source data`: MeanFlow from data) or the
    teacher's CFG velocity at z_t (`--source teacher`: distillation, CFG folded into the target).
+   `--adv_weight w` adds LADD's adversarial loss on the teacher's features of the student's 1-step jumps from
+   noise (as in SANA-Sprint's consistency + LADD hybrid; `training.adversarial`).
 3. The student is saved as a DigitsPipeline with FlowMapEulerDiscreteScheduler, whose step
    z_r = z_t - (t - r) u is MeanFlow's sampler; 1 and 2 steps from the same folder.
 
@@ -53,6 +55,7 @@ from diffusers_fastgen.schedulers import flow_map_scheduler, t_list_from_schedul
 from diffusers_fastgen.timesteps import sample_t_r_meanflow
 from diffusers_fastgen.training import (
     Accumulator,
+    AdversarialArgs,
     EMAArgs,
     NonFiniteGuard,
     OptimizerArgs,
@@ -66,6 +69,7 @@ from diffusers_fastgen.training import (
     setup_accelerator,
     update,
 )
+from diffusers_fastgen.training.adversarial import AdversarialTerm, add_adversarial_heads
 from diffusers_fastgen.training.consistency_steps import SOURCES, meanflow_step
 from diffusers_fastgen.training.image_data import TextToImageData
 from diffusers_fastgen.training.players import (
@@ -108,6 +112,7 @@ class MeanFlowArgs:
     warmup_steps: int = 300  # tangent warm-up: the (t - r) du/dt term ramps 0 -> 1 over these steps
     jvp_method: Literal["finite_difference", "exact"] = "finite_difference"  # 3 forwards, fp32 (cheapest); or forward-mode AD
     fd_eps: float = 0.2  # finite-difference step along (z, t) (larger = a secant over the teacher's fine-scale roughness in t)
+    adv: AdversarialArgs = field(default_factory=AdversarialArgs)  # --adv_weight > 0: + LADD on the 1-step jumps
     eval_num_samples: int = 1000  # samples for the final benchmark rows (0 skips)
 
     def __post_init__(self):
@@ -124,6 +129,9 @@ class MeanFlowArgs:
                 raise ValueError(f"`interval_dim` must be >= 4 for the stock guidance embedding, got {self.interval_dim}.")
         if self.source not in SOURCES:
             raise ValueError(f"`source` must be one of {SOURCES}, got {self.source!r}.")
+        if self.adv.adv_num_steps != 1:
+            raise ValueError(f"`adv_num_steps` must be 1 here (the term reads the student's 1-step jump from noise), "
+                             f"got {self.adv.adv_num_steps}.")
         if self.jvp_method not in JVP_METHODS:
             raise ValueError(f"`jvp_method` must be one of {JVP_METHODS}, got {self.jvp_method!r}.")
         if self.run.mixed_precision != "no":
@@ -158,6 +166,18 @@ def sample_t_r(b: int, args: MeanFlowArgs, device, *, t_max: float = 1.0,
     return torch.where(use, pick[:, 0], t), torch.where(use, pick[:, 1], r)
 
 
+def one_jump_from_noise(student):
+    """(noise, t, cond) -> the student's 1-step sample as its saved sampler computes it from that noise:
+    x0 = z - t u(z, 0, t). On the RF view of a VP teacher the stock sampler's x_T = noise is the RF point
+    z = noise / (a + s) at the last timestep; on an RF teacher z is the noise itself."""
+    scale = 1.0
+    if isinstance(student, FlowView):
+        source = student.denoiser.process
+        end = torch.tensor(source.t_max)
+        scale = float(1 / (source.alpha(end) + source.sigma(end)))
+    return lambda z, t, cond: student(scale * z, t, cond, target="x0", r=torch.zeros_like(t))
+
+
 def main(argv=None):
     args = parse_args(MeanFlowArgs, argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
@@ -174,20 +194,25 @@ def main(argv=None):
         process, prediction_type = t2i.process, t2i.prediction_type
         teacher_unet = t2i.model
         student_unet = add_interval_input(copy.deepcopy(t2i.model).float(), dim=args.interval_dim).requires_grad_(True)
+        probe_cond, sample_shape = t2i.cond(data.negative, None, "cpu"), t2i.latent_shape
     else:
         teacher_pipe = DigitsPipeline.from_pretrained(args.teacher)
         process, prediction_type = process_from_scheduler(teacher_pipe.scheduler)
         teacher_unet = teacher_pipe.unet
         student_unet = add_interval_input(teacher_pipe.unet, dim=args.interval_dim).requires_grad_(True)
+        probe_cond, sample_shape = digits_cond(torch.zeros(1, dtype=torch.long)), (1, 8, 8)
     modules = {"teacher": teacher_unet.requires_grad_(False), "student": student_unet}
     params = {"student": list(student_unet.parameters())}
     schedule = {"num_training_steps": run.max_train_steps, "num_processes": accelerator.num_processes}  # LR schedule
     optimizers = {"student": make_optimizer(params["student"], args.optimizer, **schedule)}
+    add_adversarial_heads(modules, params, optimizers, args.adv, Denoiser(modules["teacher"], process, prediction_type),
+                          probe_cond, sample_shape, args.optimizer, schedule)  # --adv_weight > 0 only
     modules, optimizers = prepare_players(accelerator, modules, optimizers, gradient_checkpointing=run.gradient_checkpointing)
     optimizer, lr_scheduler = optimizers["student"]
     # The stock SD call feeds the interval as its guidance embedding; our DigitsPipeline feeds Fourier features.
     interval = "guidance" if t2i is not None else "fourier"
-    teacher = Denoiser(modules["teacher"], process, prediction_type) if args.source == "teacher" else None
+    frozen_teacher = Denoiser(modules["teacher"], process, prediction_type)  # v (distillation), the heads' features
+    teacher = frozen_teacher if args.source == "teacher" else None
     student = Denoiser(modules["student"], process, prediction_type, interval=interval)
     ema = student_ema(accelerator, modules, args.ema, run.train_batch_size)
     if t2i is not None:  # MeanFlow on the RF view of the VP teacher; DDIM (trailing) is its jump z_r = z_t - (t - r) u
@@ -203,6 +228,8 @@ def main(argv=None):
         scheduler, jumps, sampling = flow_map_scheduler(), ((1.0, 0.0), (1.0, 0.5), (0.5, 0.0)), None
         batches, step = digits_batches(accelerator, run, ema, logger)
     t_max = student.process.t_max
+    adversarial = AdversarialTerm(args.adv, frozen_teacher, modules, params, optimizers, torch.tensor([t_max, 0.0]),
+                                  args.optimizer.max_grad_norm, jump=one_jump_from_noise(student))
 
     # 2. The loop: one MeanFlow step per iteration.
     def validate(s):  # a 1-step sample grid of the EMA student every `validation_steps`
@@ -226,12 +253,16 @@ def main(argv=None):
                                    guidance_scale=t2i.cfg_scale if t2i is not None else args.guidance_scale,
                                    jvp_method=args.jvp_method, fd_eps=args.fd_eps, adaptive_p=args.adaptive_p,
                                    warmup=min(1.0, step / args.warmup_steps) if args.warmup_steps else 1.0)
-        if not update(accelerator, loss, params["student"], optimizer, lr_scheduler, args.optimizer.max_grad_norm,
-                      guard=guard, accumulator=accumulator, step=step + 1):
+        logs = {"loss": loss.detach(), **logs}
+        loss = adversarial.add_to(loss, logs, student, cond, x0)  # --adv_weight > 0 only
+        applied = update(accelerator, loss, params["student"], optimizer, lr_scheduler, args.optimizer.max_grad_norm,
+                         guard=guard, accumulator=accumulator, step=step + 1)
+        adversarial.update_heads(accelerator, guard=guard, accumulator=accumulator, step=step + 1)
+        if not applied:
             continue  # a skipped non-finite update (--max_nonfinite_skips)
         ema.update(student.model)
         step += 1
-        log_and_checkpoint(accelerator, run, step, {"loss": loss.detach(), **logs}, ema, progress, validate=validate)
+        log_and_checkpoint(accelerator, run, step, logs, ema, progress, validate=validate)
 
     # 3. Save the student with its sampler, reload it, benchmark 1 and 2 steps.
     name = "MeanFlow student" + (" (from data)" if args.source == "data" else "")

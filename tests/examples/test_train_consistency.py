@@ -126,6 +126,10 @@ def test_meanflow_folder_samples_with_the_training_time_sampler(tiny_teacher, tm
                                t_list_from_scheduler(flow_map_scheduler(), steps))
         theirs = pipe(labels, num_inference_steps=steps, latents=x, output_type="latent").images
         torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+        if steps == 1:  # the adversarial term's samples (--adv_weight) are this 1-step sample
+            with torch.no_grad():
+                jump = load_script("meanflow").one_jump_from_noise(student)(x, torch.ones(3), digits_cond(labels))
+            torch.testing.assert_close(theirs, jump, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("script", ["cm", "scm", "meanflow"])
@@ -134,13 +138,24 @@ def test_bad_arguments_name_the_field(script, tmp_path):
         run_script(script, ["--output_dir", str(tmp_path), "--source", "teachr"])
 
 
+def test_meanflow_adversarial_term_reads_the_one_step_jump(tmp_path):
+    with pytest.raises(ValueError, match="adv_num_steps"):
+        run_script("meanflow", ["--output_dir", str(tmp_path), "--adv_weight", "0.1", "--adv_num_steps", "2"])
+    for bad in ("nan", "-1"):
+        with pytest.raises(ValueError, match="adv_weight"):
+            run_script("cm", ["--output_dir", str(tmp_path), "--adv_weight", bad])
+    assert not os.listdir(tmp_path)
+
+
 @pytest.mark.parametrize("script", ["scm", "meanflow"])
 def test_jvp_methods_refuse_mixed_precision(script, tmp_path):
     with pytest.raises(ValueError, match="mixed_precision"):
         run_script(script, ["--output_dir", str(tmp_path), "--mixed_precision", "bf16"])
 
 
-@pytest.mark.parametrize("script,extra", [("meanflow", []), ("scm", []), ("cm", ["--num_stages", "1"]),
+@pytest.mark.parametrize("script,extra", [("meanflow", []), ("scm", []), ("meanflow", ["--adv_weight", "0.5"]),
+                                          ("scm", ["--adv_weight", "0.5", "--adv_num_steps", "2"]),
+                                          ("cm", ["--num_stages", "1"]),
                                           ("cm", ["--num_stages", "1", "--adv_weight", "0.5", "--adv_num_steps", "2"])])
 def test_resume_is_bit_identical(tiny_teacher, tmp_path, script, extra):
     """Stopped after 2 steps and resumed with `latest` to 4 == 4 uninterrupted steps (weights, EMA; with the

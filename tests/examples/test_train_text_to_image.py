@@ -24,7 +24,7 @@ from diffusers.schedulers import scheduling_flow_match_euler_discrete, schedulin
 from peft.tuners.tuners_utils import BaseTunerLayer
 from PIL import Image
 from safetensors.torch import load_file
-from script_utils import run_script
+from script_utils import load_script, run_script
 
 from diffusers_fastgen.models import Denoiser
 from diffusers_fastgen.models.denoiser import pack_flux_latents, unpack_flux_latents
@@ -154,6 +154,10 @@ def test_meanflow_student_samples_its_jumps_through_the_stock_call(teachers, nam
                 z = z - (t - r) * view(z, torch.tensor([t]), cond, target="flow", r=torch.tensor([r]))
         torch.testing.assert_close(stock.float(), z, atol=1e-4, rtol=1e-4)
         outs[steps] = stock
+        if steps == 1:  # the adversarial term's samples (--adv_weight) are this 1-step sample
+            with torch.no_grad():
+                jump = load_script("meanflow").one_jump_from_noise(view)(noise, torch.tensor([tau(999)]), cond)
+            torch.testing.assert_close(stock.float(), jump, atol=1e-4, rtol=1e-4)
         wrong = pipe(PROMPTS[0], latents=noise, height=16, width=16, output_type="latent", num_inference_steps=steps,
                      guidance_scale=1.0 + 0.5 / steps).images  # another interval: another image
         assert (wrong - stock).abs().max() > 1e-3

@@ -37,7 +37,8 @@ def add_adversarial_heads(modules: dict, params: dict, optimizers: dict, adv: Ad
     optimizers["heads"] = make_optimizer(params["heads"], head_args, **schedule)
 
 
-def adversarial_losses(student: Denoiser, teacher: Denoiser, heads, noise, cond, t_list, real_x0, adv: AdversarialArgs):
+def adversarial_losses(student: Denoiser, teacher: Denoiser, heads, noise, cond, t_list, real_x0, adv: AdversarialArgs, *,
+                       jump=None):
     """(generator loss, heads loss), both scalars, for one batch.
 
     The student's x0 at a point of its schedule `t_list` (from `noise`, by its own rollout for later
@@ -47,9 +48,14 @@ def adversarial_losses(student: Denoiser, teacher: Denoiser, heads, noise, cond,
     re-noised at the same s.
 
     Network evaluations: student fwd (+ bwd by the caller; + the rollout's fwds for later points), teacher
-    fwd cut at the last tap on the fake batch + its bwd to the input, and on the real batch without graph."""
+    fwd cut at the last tap on the fake batch + its bwd to the input, and on the real batch without graph.
+
+    `jump(x_t, t, cond) -> x0`: how the student reaches x0 in one step, if not by `student(x_t, t, cond)` (a
+    MeanFlow student jumps with its average velocity over (0, t); only from noise: a 2-point `t_list`)."""
+    if jump is not None and len(t_list) != 2:
+        raise ValueError(f"a `jump` student gets its samples from noise only (a 2-point t_list), got {len(t_list)} points.")
     x_t, t = student_inputs(student, noise, cond, t_list, real_x0, backward_simulation=True)
-    x0 = student(x_t, t, cond)
+    x0 = (jump or student)(x_t, t, cond)
     s = sample_logit_normal((x0.shape[0],), mean=adv.adv_t_mean, std=adv.adv_t_std, device=x0.device)
     taps = list(adv.adv_feature_modules)
     bare_teacher, bare_heads = unsynced(teacher), unwrap_model(heads)
@@ -72,8 +78,8 @@ class AdversarialTerm:
     (which reads the heads' weights). Built over the prepared `modules` / `optimizers`."""
 
     def __init__(self, adv: AdversarialArgs, teacher: Denoiser, modules: dict, params: dict, optimizers: dict,
-                 t_list, max_grad_norm: float):
-        self.adv, self.teacher, self.t_list, self.max_grad_norm = adv, teacher, t_list, max_grad_norm
+                 t_list, max_grad_norm: float, *, jump=None):
+        self.adv, self.teacher, self.t_list, self.max_grad_norm, self.jump = adv, teacher, t_list, max_grad_norm, jump
         self.on = adv.adv_weight > 0
         if self.on:
             self.heads, self.params, self.optimizer = modules["heads"], params["heads"], optimizers["heads"]
@@ -85,7 +91,7 @@ class AdversarialTerm:
         if not self.on:
             return loss
         generator, self._heads_loss = adversarial_losses(student, self.teacher, self.heads, torch.randn_like(real_x0),
-                                                         cond, self.t_list, real_x0, self.adv)
+                                                         cond, self.t_list, real_x0, self.adv, jump=self.jump)
         logs.update(adversarial_loss=generator.detach(), heads_loss=self._heads_loss.detach())
         return loss + self.adv.adv_weight * generator
 

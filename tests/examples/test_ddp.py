@@ -93,7 +93,7 @@ def test_two_process_ddp_consistency_with_adversarial_term(tiny_teacher, tmp_pat
     schedule's points drawn per step) inside one DDP backward, and the heads are a second DDP player updated after
     it; replicas on different data stay equal only if both players' gradients were all-reduced."""
     out = str(tmp_path / "ddp")
-    proc = _launch("cm", ["--teacher", tiny_teacher, "--output_dir", out, "--max_train_steps", "4",
+    proc = _launch("cm", ["--teacher", tiny_teacher, "--output_dir", out, "--max_train_steps", "3",
                           "--train_batch_size", "4", "--eval_num_samples", "0", "--report_to", "none",
                           "--adv_weight", "0.5", "--adv_num_steps", "2"], tmp_path, 29531)
     log = proc.stdout + proc.stderr

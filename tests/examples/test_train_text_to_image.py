@@ -244,7 +244,7 @@ def test_kd_student_samples_its_deterministic_recipe_with_stock_diffusers(teache
 
 
 @pytest.mark.parametrize("name,extra", [("sd", []), ("sd3", []), ("flux_guidance", []), ("qwen", []),
-                                        ("sd", ["--adv_weight", "0.5", "--adv_num_steps", "2"]),
+                                        ("sd", ["--adv_weight", "0.5", "--adv_num_steps", "2", "--weight_dtype", "bf16"]),
                                         ("sd3", ["--adv_weight", "0.5", "--adv_feature_modules", "transformer_blocks.0"])])
 def test_cm_on_real_images_samples_its_recipe_with_stock_diffusers(teachers, name, extra, tmp_path):
     """Consistency distillation from real images (LCM-style for SD): images and captions are encoded once into
@@ -280,7 +280,7 @@ def test_dmd2_gan_branch_on_real_images_with_their_captions(teachers, name, feat
 
 
 @pytest.mark.parametrize("script,name,extra", [
-    ("ladd", "sd", []), ("ladd", "sd3", ["--feature_modules", "transformer_blocks.0", "--lora_rank", "4"]),
+    ("ladd", "sd", ["--weight_dtype", "bf16"]), ("ladd", "sd3", ["--feature_modules", "transformer_blocks.0", "--lora_rank", "4"]),
     ("fdistill", "sd", ["--divergence", "js"]), ("fdistill", "flux", ["--gan_feature_module", "transformer_blocks.0"]),
     ("ladd", "qwen", ["--feature_modules", "transformer_blocks.0", "--lora_rank", "4"]),
     ("fdistill", "qwen", ["--gan_feature_module", "transformer_blocks.0", "--divergence", "kl"]),

@@ -59,4 +59,6 @@ class FeatureHeads(nn.Module):
     def forward(self, features):
         if len(features) != len(self.heads):
             raise ValueError(f"expected {len(self.heads)} feature tensors, got {len(features)}.")
-        return [head(f) for head, f in zip(self.heads, features)]
+        # Features of a frozen bf16 / fp16 teacher (--weight_dtype) meet heads trained in fp32: cast (differentiably).
+        dtype = next(self.parameters()).dtype
+        return [head(f.to(dtype)) for head, f in zip(self.heads, features)]

@@ -148,6 +148,9 @@ def test_meanflow_adversarial_term_reads_the_one_step_jump(tmp_path):
         with pytest.raises(ValueError, match="adv_weight"):
             run_script("cm", ["--output_dir", str(tmp_path), "--adv_weight", bad])
     assert not os.listdir(tmp_path)
+    with pytest.raises(ValueError, match="adv_feature_modules.*down_blocks.9"):
+        run_script("cm", ["--output_dir", str(tmp_path / "x"), "--adv_weight", "0.1", "--adv_feature_modules",
+                          "down_blocks.9"])
 
 
 @pytest.mark.parametrize("script", ["scm", "meanflow"])

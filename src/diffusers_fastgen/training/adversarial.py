@@ -31,7 +31,10 @@ def add_adversarial_heads(modules: dict, params: dict, optimizers: dict, adv: Ad
     `prepare_players`, so that checkpoints hold them). A no-op at weight 0."""
     if adv.adv_weight <= 0:
         return
-    modules["heads"] = make_heads(teacher, adv.adv_feature_modules, probe_cond, sample_shape)
+    try:
+        modules["heads"] = make_heads(teacher, adv.adv_feature_modules, probe_cond, sample_shape)
+    except ValueError as err:  # a block the teacher does not have
+        raise ValueError(f"`adv_feature_modules` {adv.adv_feature_modules}: {err}") from None
     params["heads"] = list(modules["heads"].parameters())
     head_args = replace(optimizer_args, learning_rate=adv.adv_head_learning_rate)
     optimizers["heads"] = make_optimizer(params["heads"], head_args, **schedule)

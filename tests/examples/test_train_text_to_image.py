@@ -280,7 +280,8 @@ def test_dmd2_gan_branch_on_real_images_with_their_captions(teachers, name, feat
 
 
 @pytest.mark.parametrize("script,name,extra", [
-    ("ladd", "sd", ["--weight_dtype", "bf16"]), ("ladd", "sd3", ["--feature_modules", "transformer_blocks.0", "--lora_rank", "4"]),
+    ("ladd", "sd", ["--weight_dtype", "bf16"]),  # a bf16 frozen teacher's features into fp32 heads
+    ("ladd", "sd3", ["--feature_modules", "transformer_blocks.0", "--lora_rank", "4"]),
     ("fdistill", "sd", ["--divergence", "js"]), ("fdistill", "flux", ["--gan_feature_module", "transformer_blocks.0"]),
     ("ladd", "qwen", ["--feature_modules", "transformer_blocks.0", "--lora_rank", "4"]),
     ("fdistill", "qwen", ["--gan_feature_module", "transformer_blocks.0", "--divergence", "kl"]),

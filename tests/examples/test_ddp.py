@@ -1,6 +1,6 @@
 """Two CPU processes (gloo DDP) run the distillation scripts to completion with replicas in sync: on
-digits DMD2 (full, LoRA, and with the GAN branch + approximate R1 in both modes), LADD, sCM, MeanFlow and CD with
-the adversarial term;
+digits DMD2 (full, LoRA, and with the GAN branch + approximate R1 in both modes), LADD, sCM and MeanFlow (with
+the adversarial term);
 on moving digits CausalSFT, CausalKD, CausVid and Self-Forcing (whose student runs several forwards
 with gradient, one per block, inside one DDP backward)."""
 
@@ -52,14 +52,16 @@ def test_two_process_ddp(tiny_teacher, tmp_path, script, extra, port):
     assert os.path.isfile(os.path.join(out, saved))
 
 
-@pytest.mark.parametrize("script,port", [("scm", 29522), ("meanflow", 29523)])
-def test_two_process_ddp_exact_jvp(tiny_teacher, tmp_path, script, port):
+@pytest.mark.parametrize("script,extra,port", [("scm", [], 29522), ("meanflow", ["--adv_weight", "0.5"], 29523)])
+def test_two_process_ddp_exact_jvp(tiny_teacher, tmp_path, script, extra, port):
     """The exact JVP runs through the DDP-wrapped student (dual tensors, not functorch's wrappers, which
-    DDP's forward rejects); replicas on different data stay equal only if the gradients were all-reduced."""
+    DDP's forward rejects); replicas on different data stay equal only if the gradients were all-reduced. The
+    MeanFlow run also has the adversarial term: the student runs again (its 1-step jump) inside the same DDP
+    backward, and the heads are a second DDP player updated after it."""
     out = str(tmp_path / "ddp")
     proc = _launch(script, ["--teacher", tiny_teacher, "--output_dir", out, "--max_train_steps", "3",
                             "--train_batch_size", "4", "--eval_num_samples", "0", "--report_to", "none",
-                            "--jvp_method", "exact"], tmp_path, port)
+                            "--jvp_method", "exact", *extra], tmp_path, port)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-3000:]
     assert "DDP replicas in sync across 2 processes" in log
@@ -87,16 +89,3 @@ def test_two_process_ddp_video(video_teacher, tmp_path, script, extra, port):
     assert "DDP replicas in sync across 2 processes" in log
     assert os.path.isfile(os.path.join(out, "model_index.json"))
 
-
-def test_two_process_ddp_consistency_with_adversarial_term(tiny_teacher, tmp_path):
-    """CD with the adversarial term: the student runs twice (consistency and adversarial samples, the 2-step
-    schedule's points drawn per step) inside one DDP backward, and the heads are a second DDP player updated after
-    it; replicas on different data stay equal only if both players' gradients were all-reduced."""
-    out = str(tmp_path / "ddp")
-    proc = _launch("cm", ["--teacher", tiny_teacher, "--output_dir", out, "--max_train_steps", "3",
-                          "--train_batch_size", "4", "--eval_num_samples", "0", "--report_to", "none",
-                          "--adv_weight", "0.5", "--adv_num_steps", "2"], tmp_path, 29531)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-3000:]
-    assert "DDP replicas in sync across 2 processes" in log
-    assert os.path.isfile(os.path.join(out, "model_index.json"))

@@ -60,7 +60,7 @@ def test_losses_equal_ladd_by_hand_and_move_only_their_player(num_steps):
     cond = T.tiny_cond("unet2d", 3, seed=1)
     t_list = torch.linspace(1, 0, num_steps + 1)
     teacher_before = {k: v.clone() for k, v in teacher_model.state_dict().items()}
-    for seed in range(4):  # several draws: the schedule point (2 steps), s and the re-noising
+    for seed in range(4):  # several draws: the schedule point (2 steps: seed 1 draws the rollout's point), s, re-noising
         gen = torch.Generator().manual_seed(100 + seed)
         noise, real = torch.randn(3, 1, 8, 8, generator=gen), torch.randn(3, 1, 8, 8, generator=gen)
         torch.manual_seed(seed)

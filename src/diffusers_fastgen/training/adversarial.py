@@ -74,7 +74,6 @@ def adversarial_losses(student: Denoiser, teacher: Denoiser, heads, noise, cond,
     return generator, heads_loss
 
 
-
 class AdversarialTerm:
     """The term as a script uses it, a no-op at `adv_weight` 0: `add_to` adds weight x the generator loss to the
     consistency loss (and keeps the heads' loss), `update_heads` steps the heads after the student's backward

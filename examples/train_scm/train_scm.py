@@ -102,6 +102,7 @@ class SCMArgs:
     adaptive_weighting: bool = True  # learned log-variance weighting (off: plain mean squared error)
     intermediate_t: float = 1.1  # 2-step sampler's second time (TrigFlow radians)
     jvp_method: Literal["finite_difference", "exact"] = "finite_difference"  # 3 forwards, fp32 (cheapest); or forward-mode AD
+    fd_eps: float = 3e-5  # finite-difference step along the tangent (cos t sin t (dx/dt, 1)); larger = a secant in t
     adv: AdversarialArgs = field(default_factory=AdversarialArgs)  # --adv_weight > 0: + LADD (SANA-Sprint's sCM + LADD)
     eval_num_samples: int = 1000  # samples for the final benchmark rows (0 skips)
 
@@ -124,6 +125,8 @@ class SCMArgs:
         if self.guidance_scale < 0 or self.logvar_learning_rate <= 0:
             raise ValueError("need guidance_scale >= 0 and logvar_learning_rate > 0, got "
                              f"{self.guidance_scale}, {self.logvar_learning_rate}.")
+        if not 0 < self.fd_eps < 1:  # NaN fails too
+            raise ValueError(f"`fd_eps` must be in (0, 1), got {self.fd_eps}.")
         if not 0 < self.intermediate_t < 1.5707963:
             raise ValueError(f"`intermediate_t` must be in (0, pi/2), got {self.intermediate_t}.")
 
@@ -208,7 +211,7 @@ def main(argv=None):
         loss, logs = scm_step(student, x0, eps, t, cond, sigma_d=args.sigma_d, teacher=teacher, uncond=uncond,
                               guidance_scale=cfg_scale, warmup=warmup, tangent_c=args.tangent_c,
                               logvar_head=modules.get("logvar"), jvp_method=args.jvp_method,
-                              tangent_norm=args.tangent_norm, prior_weight=args.prior_weighting)
+                              tangent_norm=args.tangent_norm, prior_weight=args.prior_weighting, fd_eps=args.fd_eps)
         logs = {"loss": loss.detach(), **logs}
         loss = adversarial.add_to(loss, logs, student, cond, x0)  # --adv_weight > 0 only
         applied = update(accelerator, loss, all_params, optimizer, lr_scheduler, args.optimizer.max_grad_norm,

@@ -5,6 +5,8 @@ Every sampler takes (shape, device, dtype, generator) and returns a tensor of `s
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -151,6 +153,12 @@ def noise_ratio_range(process) -> tuple[float, float]:
     low = float(sig[0] / alpha[0]) if alpha[0] > 0 else 0.0
     high = float(sig[1] / alpha[1]) if alpha[1] > 0 else float("inf")
     return low, high
+
+
+def trigflow_time_range(process, sigma_d: float) -> tuple[float, float]:
+    """(low, high): the TrigFlow times atan(ratio / sigma_d) of `process`'s ends (0 and pi/2 for RF)."""
+    low, high = noise_ratio_range(process)
+    return math.atan(low / sigma_d), math.atan(high / sigma_d)  # atan(inf) = pi/2
 
 
 def times_from_noise_ratios(process, sigma: torch.Tensor, r_factor) -> tuple[torch.Tensor, torch.Tensor]:

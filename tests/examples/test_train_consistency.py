@@ -28,7 +28,8 @@ COMMON = ["--train_batch_size", "8", "--learning_rate", "1e-3", "--report_to", "
                                           ("cm", ["--source", "data", "--shift", "2.0"]),
                                           ("scm", ["--source", "teacher", "--guidance_scale", "1.5", "--adv_weight", "0.5",
                                                    "--adv_num_steps", "2"]),
-                                          ("scm", ["--source", "data", "--jvp_method", "finite_difference"]),
+                                          ("scm", ["--source", "data", "--jvp_method", "finite_difference", "--fd_eps",
+                                                   "0.2"]),
                                           ("meanflow", ["--source", "teacher", "--guidance_scale", "1.5", "--adv_weight",
                                                         "0.5"]),
                                           ("meanflow", ["--source", "data", "--jvp_method", "finite_difference"])])
@@ -139,6 +140,10 @@ def test_meanflow_folder_samples_with_the_training_time_sampler(tiny_teacher, tm
 def test_bad_arguments_name_the_field(script, tmp_path):
     with pytest.raises(ValueError, match="source"):
         run_script(script, ["--output_dir", str(tmp_path), "--source", "teachr"])
+    if script == "scm":
+        for bad in ("nan", "0", "1.5"):
+            with pytest.raises(ValueError, match="fd_eps"):
+                run_script(script, ["--output_dir", str(tmp_path), "--fd_eps", bad])
 
 
 def test_meanflow_adversarial_term_reads_the_one_step_jump(tmp_path):

@@ -85,3 +85,43 @@ def test_normalisation_and_adaptive_weight():
         scm_loss(F, x, t, velocity(x, t), sigma_d=SD, tangent_norm="l1")
     with pytest.raises(ValueError, match="warmup"):
         scm_loss(F, x, t, velocity(x, t), sigma_d=SD, warmup=1.5)
+
+
+@pytest.mark.parametrize("eps", [0.1, 0.3])
+def test_finite_difference_step_is_a_secant_kept_inside_t_range(eps):
+    """A large `eps` takes the secant over t +- eps cos t sin t along the tangent (written out here); with
+    `t_range` a sample whose stencil would leave the range takes the step that just fits, and the network is
+    never evaluated outside it."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    t = torch.tensor([0.02, 0.3, 0.8, 1.3, 1.5], dtype=torch.float64)
+    seen = []
+
+    def F(y, tt):
+        seen.append(tt.detach().clone())
+        return 1.3 * F_star(y, tt) + 0.2 * torch.sin(3 * tt).view(-1, 1) * y**2
+
+    def secant(h):  # per-sample half-widths h (in units of the scaled tangent)
+        a = (torch.cos(t) * torch.sin(t)).view(-1, 1) * velocity(x, t) / SD
+        b = torch.cos(t) * torch.sin(t)
+        hv = h.view(-1, 1)
+        return (F(x / SD + hv * a, t + h * b) - F(x / SD - hv * a, t - h * b)) / (2 * hv)
+
+    def g_from(dF):
+        cos, sin = torch.cos(t).view(-1, 1), torch.sin(t).view(-1, 1)
+        return -cos**2 * (SD * F(x / SD, t) - velocity(x, t)) - (cos * sin * x + SD * dF)
+
+    _, aux = scm_loss(F, x, t, velocity(x, t), sigma_d=SD, jvp_method="finite_difference", eps=eps)
+    torch.testing.assert_close(aux["g"], g_from(secant(torch.full_like(t, eps))), rtol=1e-9, atol=1e-12)
+    exact = scm_loss(F, x, t, velocity(x, t), sigma_d=SD, jvp_method="exact")[1]["g"]
+    assert (aux["g"] - exact).abs().max() > 1e-4  # the secant is not the derivative at this step
+
+    low, high = 0.019, 1.503
+    seen.clear()
+    _, aux = scm_loss(F, x, t, velocity(x, t), sigma_d=SD, jvp_method="finite_difference", eps=eps, t_range=(low, high))
+    evaluated = torch.cat(seen)
+    assert evaluated.min() >= low - 1e-12 and evaluated.max() <= high + 1e-12
+    half = eps * torch.cos(t) * torch.sin(t)
+    fit = torch.minimum(t - low, high - t) / half  # the first and last samples do not fit at the full step
+    assert fit[0] < 1 and fit[-1] < 1 and (fit[1:-1] >= 1).all()
+    torch.testing.assert_close(aux["g"], g_from(secant(eps * fit.clamp(max=1.0))), rtol=1e-9, atol=1e-12)

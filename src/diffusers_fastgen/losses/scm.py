@@ -28,7 +28,8 @@ TANGENT_NORMS = ("rms", "l2")
 
 def scm_loss(F_fn, x_t: torch.Tensor, t: torch.Tensor, dxt_dt: torch.Tensor, *, sigma_d: float,
              warmup: float = 1.0, tangent_c: float = 0.1, logvar: torch.Tensor | None = None,
-             jvp_method: str = "exact", eps: float = 3e-5, tangent_norm: str = "rms", prior_weight: bool = True):
+             jvp_method: str = "exact", eps: float = 3e-5, tangent_norm: str = "rms", prior_weight: bool = True,
+             t_range: tuple[float, float] | None = None):
     """Per-sample sCM loss (B,) and detached diagnostics {"g" (unnormalised), "mse"}.
 
     F_fn(x_scaled, t) -> F: the network's TrigFlow output for x_t / sigma_d, t (B,) in radians.
@@ -37,6 +38,10 @@ def scm_loss(F_fn, x_t: torch.Tensor, t: torch.Tensor, dxt_dt: torch.Tensor, *, 
     loss = w mse e^(-logvar) + logvar (w mse without logvar), w = 1 / (sigma_d tan t) with `prior_weight`
     (else 1). warmup in [0, 1]; tangent_c > 0 (0 disables normalisation) with `tangent_norm` "rms"
     (g / (sqrt(mean g^2) + c), the reference's) or "l2" (g / (||g||_2 + c), ours before).
+    eps: the finite-difference step along the scaled tangent, so the stencil spans t +- eps cos t sin t: a
+    small eps is the derivative, a large one (0.1 - 0.3) a secant over the network's fine-scale roughness in t.
+    t_range (low, high): TrigFlow times the network is defined on (a VP teacher's schedule ends inside
+    (0, pi/2)); where the stencil would leave it, that sample's step shrinks to fit (at least 3e-5).
     """
     if not 0.0 <= warmup <= 1.0:
         raise ValueError(f"`warmup` must be in [0, 1], got {warmup}.")
@@ -44,10 +49,16 @@ def scm_loss(F_fn, x_t: torch.Tensor, t: torch.Tensor, dxt_dt: torch.Tensor, *, 
         raise ValueError(f"`tangent_norm` must be one of {TANGENT_NORMS}, got {tangent_norm!r}.")
     view = (-1,) + (1,) * (x_t.ndim - 1)
     cos, sin = torch.cos(t).view(view), torch.sin(t).view(view)
-    # 1. F_theta and cos(t) sin(t) dF^-/dt in one JVP (tangent scaled as in Alg. 1).
-    F, dF = jvp(F_fn, (x_t / sigma_d, t), (cos * sin * dxt_dt / sigma_d, torch.cos(t) * torch.sin(t)),
+    # 1. F_theta and cos(t) sin(t) dF^-/dt in one JVP (tangent scaled as in Alg. 1). A finite difference whose
+    #    stencil would leave t_range takes a shorter step there: the tangent times m <= 1, the result / m.
+    m = torch.ones_like(t)
+    if jvp_method == "finite_difference" and t_range is not None:
+        half = eps * torch.cos(t) * torch.sin(t)
+        room = torch.minimum(t - t_range[0], t_range[1] - t)
+        m = (room / half).clamp(min=3e-5 / eps, max=1.0)
+    F, dF = jvp(F_fn, (x_t / sigma_d, t), (m.view(view) * cos * sin * dxt_dt / sigma_d, m * torch.cos(t) * torch.sin(t)),
                 method=jvp_method, eps=eps)
-    F_minus, dF = F.detach(), dF.detach()
+    F_minus, dF = F.detach(), (dF / m.view(view)).detach()
     # 2. The tangent g = cos(t) df^-/dt, fp32 (at least), stop-gradient throughout.
     dtype = torch.promote_types(F.dtype, torch.float32)
     g = -cos**2 * (sigma_d * F_minus.to(dtype) - dxt_dt.to(dtype)) - warmup * (cos * sin * x_t.to(dtype) + sigma_d * dF.to(dtype))

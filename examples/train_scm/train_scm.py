@@ -8,12 +8,20 @@
    14.6 for SD1.5's VP schedule), and takes sCM's loss: one JVP of F along the PF-ODE tangent, tangent warm-up and
    normalisation, adaptive weighting by a learned log-variance head (models.logvar). The ODE velocity
    comes from the teacher with CFG (`--source teacher`: sCD) or from the data pair (`--source data`: sCT).
+   The JVP is a central difference over t +- fd_eps cos t sin t along the tangent (`--fd_eps 0.1`): a secant
+   over the teacher's fine-scale roughness in t, as MeanFlow's stencil (on digits the 1-step excess FD fell
+   from 4.4x to 1.9x the teacher's; `--fd_eps 3e-5` is the derivative, `--jvp_method exact` the exact one).
    `--adv_weight w` adds LADD's adversarial loss on the teacher's features of the student's own few-step
-   samples (SANA-Sprint's sCM + LADD hybrid, w = 0.5 there; `training.adversarial`).
+   samples (SANA-Sprint's sCM + LADD hybrid, w = 0.5 there; `training.adversarial`). sCM's normalised,
+   adaptively weighted gradient is 20-50x smaller than CD's, so the same w weighs an order of magnitude more
+   here: on digits w = 0.01 does what 0.1 does for CD, 0.1 did not help and 0.5
+   collapsed (`benchmarks/adversarial_balance.py` measures the ratio at a checkpoint).
 3. The student is saved as a DigitsPipeline with sCM's 1-step (t = pi/2) and 2-step (pi/2,
    `intermediate_t`) sampler, expressed on the RF path (schedulers.scm_rf_scheduler).
 
     accelerate launch examples/train_scm/train_scm.py --output_dir outputs/scd
+    # the digits recipe whose 1- and 2-step students beat the teacher's 50-step excess FD (docs/results.md)
+    accelerate launch examples/train_scm/train_scm.py --adv_weight 0.01 --output_dir outputs/scd_adv
 
 A VP teacher (SD1.5-style, eps prediction) through its TrigFlow view wants a smaller step: pass
 `--learning_rate 3e-5` (at 1e-4 the text-to-image digits student diverged once the tangent warm-up ended).
@@ -102,7 +110,7 @@ class SCMArgs:
     adaptive_weighting: bool = True  # learned log-variance weighting (off: plain mean squared error)
     intermediate_t: float = 1.1  # 2-step sampler's second time (TrigFlow radians)
     jvp_method: Literal["finite_difference", "exact"] = "finite_difference"  # 3 forwards, fp32 (cheapest); or forward-mode AD
-    fd_eps: float = 3e-5  # finite-difference step along the tangent (cos t sin t (dx/dt, 1)); larger = a secant in t
+    fd_eps: float = 0.1  # finite-difference step along the scaled tangent: a secant in t (3e-5: the derivative)
     adv: AdversarialArgs = field(default_factory=AdversarialArgs)  # --adv_weight > 0: + LADD (SANA-Sprint's sCM + LADD)
     eval_num_samples: int = 1000  # samples for the final benchmark rows (0 skips)
 

@@ -147,7 +147,7 @@ class LoRAArgs:
 class AdversarialArgs:
     """An adversarial term beside a consistency loss (`training.adversarial`; SANA-Sprint's sCM + LADD hybrid)."""
 
-    adv_weight: float = 0.0  # > 0 adds LADD's generator loss (heads on the teacher's features) with this weight
+    adv_weight: float = 0.0  # > 0 adds LADD's generator loss with this weight (digits: CD / MeanFlow 0.1, sCD 0.01)
     adv_feature_modules: list[str] = field(  # the teacher blocks whose features feed one head each
         default_factory=lambda: ["down_blocks.0", "down_blocks.1", "mid_block"])
     adv_head_learning_rate: float = 1e-3  # AdamW learning rate of the heads

@@ -89,8 +89,8 @@ def main():
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params)])
 
-    print(f"| {args.run} {args.checkpoint} (adv_weight {adv.adv_weight}) | batch | consistency loss | |grad consistency| "
-          "| |grad adv| | ratio | x adv_weight | cosine |")
+    print(f"| {args.run} {args.checkpoint} (adv_weight {adv.adv_weight}) | batch | consistency loss | norm grad consistency "
+          "| norm grad adv | ratio | x adv_weight | cosine |")
     print("|---|---|---|---|---|---|---|---|")
     ratios = []
     for seed in range(args.batches):

@@ -16,6 +16,7 @@ import os
 
 import torch
 import yaml
+from eval_checkpoint import student_pipeline  # benchmarks/: the run's student pipeline from its config
 from safetensors.torch import load_file
 
 from diffusers_fastgen.evaluation.digits_data import load_digits_arrays
@@ -24,8 +25,14 @@ from diffusers_fastgen.models.digits import NULL_CLASS, digits_cond
 from diffusers_fastgen.models.logvar import LogVarHead
 from diffusers_fastgen.parametrization import process_from_scheduler
 from diffusers_fastgen.pipelines import DigitsPipeline
-from diffusers_fastgen.schedulers import flow_match_sde_scheduler, scm_rf_scheduler, t_list_from_scheduler
-from diffusers_fastgen.timesteps import noise_ratio_range, sample_t_r_ect, sample_trigflow_time, times_from_noise_ratios
+from diffusers_fastgen.schedulers import t_list_from_scheduler
+from diffusers_fastgen.timesteps import (
+    noise_ratio_range,
+    sample_t_r_ect,
+    sample_trigflow_time,
+    times_from_noise_ratios,
+    trigflow_time_range,
+)
 from diffusers_fastgen.training.adversarial import adversarial_losses
 from diffusers_fastgen.training.args import AdversarialArgs
 from diffusers_fastgen.training.consistency_steps import cm_step, scm_step
@@ -66,22 +73,19 @@ def main():
     teacher_pipe = DigitsPipeline.from_pretrained(config["teacher"])
     process, prediction_type = process_from_scheduler(teacher_pipe.scheduler)
     teacher = Denoiser(teacher_pipe.unet.requires_grad_(False), process, prediction_type)
-    unet = DigitsPipeline.from_pretrained(config["teacher"]).unet
+    student_pipe = student_pipeline(config)  # the run's student architecture and saved sampler
+    unet = student_pipe.unet
     unet.load_state_dict(saved["student"])
     student, params = Denoiser(unet, process, prediction_type), list(unet.parameters())
     adv = AdversarialArgs(adv_weight=config["adv_weight"], adv_feature_modules=config["adv_feature_modules"],
                           adv_t_mean=config["adv_t_mean"], adv_t_std=config["adv_t_std"])
     heads = make_heads(teacher, adv.adv_feature_modules, digits_cond(torch.zeros(1, dtype=torch.long)), (1, 8, 8))
     heads.load_state_dict(saved["heads"])
-    if is_scm:
-        scheduler = scm_rf_scheduler(config["sigma_d"], config["intermediate_t"])
-        logvar = None
-        if "logvar" in saved:
-            logvar = LogVarHead()
-            logvar.load_state_dict(saved["logvar"])
-    else:
-        scheduler = flow_match_sde_scheduler(shift=config["shift"])
-    t_list = t_list_from_scheduler(scheduler, config["adv_num_steps"])
+    logvar = None
+    if "logvar" in saved:  # sCD's adaptive weighting
+        logvar = LogVarHead()
+        logvar.load_state_dict(saved["logvar"])
+    t_list = t_list_from_scheduler(student_pipe.scheduler, config["adv_num_steps"])
     images, labels = (torch.from_numpy(a) for a in load_digits_arrays("train"))
     b = config["train_batch_size"]
 
@@ -105,7 +109,8 @@ def main():
             loss, _ = scm_step(student, x0, eps, t, cond, sigma_d=config["sigma_d"], teacher=teacher, uncond=uncond,
                                guidance_scale=config["guidance_scale"], tangent_c=config["tangent_c"], logvar_head=logvar,
                                jvp_method=config["jvp_method"], tangent_norm=config["tangent_norm"],
-                               prior_weight=config["prior_weighting"], fd_eps=config.get("fd_eps", 3e-5))
+                               prior_weight=config["prior_weighting"], fd_eps=config.get("fd_eps", 3e-5),
+                               t_range=trigflow_time_range(process, config["sigma_d"]))
         else:  # the last stage of ECT's curriculum (the end of the run)
             total = config["max_train_steps"]
             sigma, sigma_r = sample_t_r_ect((b,), iteration=total - 1, total_iterations=total,

@@ -50,7 +50,7 @@ from diffusers_fastgen.models.logvar import LogVarHead
 from diffusers_fastgen.parametrization import process_from_scheduler
 from diffusers_fastgen.pipelines import DigitsPipeline
 from diffusers_fastgen.schedulers import scm_rf_scheduler, t_list_from_scheduler
-from diffusers_fastgen.timesteps import noise_ratio_range, sample_trigflow_time
+from diffusers_fastgen.timesteps import noise_ratio_range, sample_trigflow_time, trigflow_time_range
 from diffusers_fastgen.training import (
     Accumulator,
     AdversarialArgs,
@@ -203,6 +203,7 @@ def main(argv=None):
         validate_digits_student(accelerator, modules, ema, scheduler, num_steps=1, step=s, output_dir=run.output_dir)
 
     ratio_range = noise_ratio_range(process)  # a VP teacher spans only part of TrigFlow's (0, pi/2)
+    t_range = trigflow_time_range(process, args.sigma_d)  # ... where the JVP's stencil must stay
     guard = NonFiniteGuard(run.max_nonfinite_skips)
     accumulator = Accumulator(run.gradient_accumulation_steps)  # per player
     progress = TrainingProgress(accelerator, run, step, guard)
@@ -220,7 +221,8 @@ def main(argv=None):
         loss, logs = scm_step(student, x0, eps, t, cond, sigma_d=args.sigma_d, teacher=teacher, uncond=uncond,
                               guidance_scale=cfg_scale, warmup=warmup, tangent_c=args.tangent_c,
                               logvar_head=modules.get("logvar"), jvp_method=args.jvp_method,
-                              tangent_norm=args.tangent_norm, prior_weight=args.prior_weighting, fd_eps=args.fd_eps)
+                              tangent_norm=args.tangent_norm, prior_weight=args.prior_weighting, fd_eps=args.fd_eps,
+                              t_range=t_range)
         logs = {"loss": loss.detach(), **logs}
         loss = adversarial.add_to(loss, logs, student, cond, x0)  # --adv_weight > 0 only
         applied = update(accelerator, loss, all_params, optimizer, lr_scheduler, args.optimizer.max_grad_norm,

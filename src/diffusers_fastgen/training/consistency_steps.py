@@ -20,7 +20,6 @@ from ..losses.meanflow import meanflow_loss
 from ..losses.scm import scm_loss
 from ..models.trigflow import trigflow_network
 from ..parametrization import RectifiedFlow, add_noise
-from ..timesteps import trigflow_time_range
 
 SOURCES = ("teacher", "data")  # where a script's ODE information comes from: distillation / training from data
 
@@ -75,12 +74,14 @@ def tcm_step(student, stage1, x0, eps, t, r, cond, *, t_boundary: float, boundar
 
 def scm_step(student, x0, eps, t, cond, *, sigma_d: float, teacher=None, uncond=None, guidance_scale: float = 1.0,
              warmup: float = 1.0, tangent_c: float = 0.1, logvar_head=None, jvp_method: str = "exact",
-             tangent_norm: str = "rms", prior_weight: bool = True, fd_eps: float = 3e-5):
+             tangent_norm: str = "rms", prior_weight: bool = True, fd_eps: float = 3e-5,
+             t_range: tuple[float, float] | None = None):
     """sCT / sCD (arXiv:2410.11081 Alg. 1) on the TrigFlow view of the student (models.trigflow).
 
     x_t = cos(t) x0 + sin(t) sigma_d eps; dx_t/dt = cos(t) sigma_d eps - sin(t) x0 (sCT) or the teacher's
-    sigma_d F (sCD, CFG on F). Network evaluations: student JVP (primal with graph) + bwd; sCD: + teacher
-    fwd."""
+    sigma_d F (sCD, CFG on F). t_range: the student's TrigFlow times (`timesteps.trigflow_time_range`, computed
+    once by the caller), which the finite-difference stencil stays inside. Network evaluations: student JVP
+    (primal with graph) + bwd; sCD: + teacher fwd."""
     view = (-1,) + (1,) * (x0.ndim - 1)
     cos, sin = torch.cos(t).view(view), torch.sin(t).view(view)
     z = sigma_d * eps
@@ -96,7 +97,7 @@ def scm_step(student, x0, eps, t, cond, *, sigma_d: float, teacher=None, uncond=
     loss, diag = scm_loss(trigflow_network(student, cond, sigma_d=sigma_d), x_t, t, dxt_dt, sigma_d=sigma_d,
                           warmup=warmup, tangent_c=tangent_c, logvar=logvar, jvp_method=jvp_method, eps=fd_eps,
                           tangent_norm=tangent_norm, prior_weight=prior_weight,
-                          t_range=trigflow_time_range(student.process, sigma_d))
+                          t_range=t_range)
     return loss.mean(), {"mse": diag["mse"].mean()}
 
 

@@ -8,6 +8,9 @@ Three players (Yin et al., DMD2, arXiv:2405.14867):
               updates per student update (4 : 1 with the default N = 5; DMD2's paper uses 5 : 1, i.e. N = 6).
 The student's inputs are its schedule's points: pure noise at t_list[0], and for multi-step
 students the state reached by running itself (backward simulation) or noised real data.
+Two optional adversarial terms on real images: DMD2's GAN branch (`--gan_generator_weight`: one head on the fake
+score's features, trained with it) or LADD's heads on the frozen teacher's features at several blocks
+(`--adv_weight`: `training.adversarial`, trained beside the student on its own iterations).
 
     accelerate launch examples/train_dmd2/train_dmd2.py --output_dir outputs/dmd2
 
@@ -37,6 +40,7 @@ from diffusers_fastgen.pipelines import DigitsPipeline
 from diffusers_fastgen.schedulers import flow_match_sde_scheduler, t_list_from_scheduler
 from diffusers_fastgen.training import (
     Accumulator,
+    AdversarialArgs,
     EMAArgs,
     LoRAArgs,
     NonFiniteGuard,
@@ -51,6 +55,7 @@ from diffusers_fastgen.training import (
     setup_accelerator,
     update,
 )
+from diffusers_fastgen.training.adversarial import AdversarialTerm, add_adversarial_heads
 from diffusers_fastgen.training.data import InfiniteBatches, load_digits_arrays
 from diffusers_fastgen.training.distribution_matching_steps import (
     build_players,
@@ -102,15 +107,16 @@ class DMD2Args:
     gan_feature_module: str = "mid_block"  # fake-score block whose output the discriminator head reads
     r1_weight: float = 0.0  # approximate R1 on real data (0 = off)
     r1_sigma: float = 0.01  # perturbation of real inputs for approximate R1
+    adv: AdversarialArgs = field(default_factory=AdversarialArgs)  # --adv_weight > 0: + LADD on the teacher's features
     eval_num_samples: int = 1000  # samples for the final benchmark rows (0 skips)
 
     def __post_init__(self):
         check_pipeline_folder(self.teacher, "DigitsPipeline", "teacher")
         self.text.require(prompts_or_images=True)  # captions of real images, or a prompt file
         if self.text.pretrained_model_name_or_path is not None and not self.text.has_images:
-            if self.gan_generator_weight > 0 or self.r1_weight > 0:
-                raise ValueError("`gan_generator_weight` / `r1_weight` need real images: pass `train_data_dir` or "
-                                 "`dataset_name` (their captions condition the student).")
+            if self.gan_generator_weight > 0 or self.r1_weight > 0 or self.adv.adv_weight > 0:
+                raise ValueError("`gan_generator_weight` / `r1_weight` / `adv_weight` need real images: pass "
+                                 "`train_data_dir` or `dataset_name` (their captions condition the student).")
             if not self.backward_simulation and self.num_student_steps > 1:
                 raise ValueError("`backward_simulation` false noises real images: pass `train_data_dir` or "
                                  "`dataset_name`, or keep it true.")
@@ -149,12 +155,11 @@ def main(argv=None):
     modules, params = build_players(teacher_model, lora_rank=args.lora.lora_rank, lora_alpha=args.lora.lora_alpha,
                                     lora_target_modules=args.lora.lora_target_modules)
     nets = player_denoisers(modules, process, prediction_type)
+    if t2i is not None:  # one dry forward sizes the discriminator heads
+        probe_cond, shape = t2i.cond(data.negative, None, "cpu"), t2i.latent_shape
+    else:
+        probe_cond, shape = digits_cond(torch.zeros(1, dtype=torch.long)), (1, 8, 8)
     if args.gan_generator_weight > 0:  # discriminator head on the fake score's features, trained with it
-        if t2i is not None:
-            probe_cond = t2i.cond(data.negative, None, "cpu")
-            shape = t2i.latent_shape
-        else:
-            probe_cond, shape = digits_cond(torch.zeros(1, dtype=torch.long)), (1, 8, 8)
         modules["head"] = make_heads(nets["fake_score"], [args.gan_feature_module], probe_cond, shape).heads[0]
         params["fake_score"] = params["fake_score"] + list(modules["head"].parameters())
     fake_args = replace(args.optimizer, learning_rate=args.fake_score_learning_rate)
@@ -162,6 +167,8 @@ def main(argv=None):
     critic_schedule = {**schedule, "num_training_steps": run.max_train_steps * max(args.student_update_freq - 1, 1)}
     optimizers = {"student": make_optimizer(params["student"], args.optimizer, **schedule),
                   "fake_score": make_optimizer(params["fake_score"], fake_args, **critic_schedule)}
+    add_adversarial_heads(modules, params, optimizers, args.adv, nets["teacher"], probe_cond, shape, args.optimizer,
+                          schedule)  # --adv_weight > 0 only: LADD heads on the teacher, one step per student update
     modules, optimizers = prepare_players(accelerator, modules, optimizers, gradient_checkpointing=run.gradient_checkpointing)
     (student_opt, student_lr), (fake_opt, fake_lr) = optimizers["student"], optimizers["fake_score"]
     nets = player_denoisers(modules, process, prediction_type)  # over the prepared (DDP-wrapped) modules
@@ -170,14 +177,17 @@ def main(argv=None):
     if t2i is not None:  # the stock scheduler the saved pipeline samples with, and its t_list
         scheduler = t2i.student_scheduler(shift=args.shift)
         t_list = t2i.student_t_list(scheduler, args.num_student_steps)
+        adv_t_list = t2i.student_t_list(scheduler, args.adv.adv_num_steps)
         batches = data
     else:
         scheduler = flow_match_sde_scheduler(shift=1.0 if args.shift is None else args.shift)
         t_list = t_list_from_scheduler(scheduler, args.num_student_steps)
+        adv_t_list = t_list_from_scheduler(scheduler, args.adv.adv_num_steps)
         images, labels = (torch.from_numpy(a) for a in load_digits_arrays("train"))
         batches = InfiniteBatches(images, labels, batch_size=run.train_batch_size, seed=run.seed,
                                   rank=accelerator.process_index, world_size=accelerator.num_processes)
 
+    adversarial = AdversarialTerm(args.adv, teacher, modules, params, optimizers, adv_t_list, args.optimizer.max_grad_norm)
     step = resume_step(accelerator, run, ema, logger)  # counts student updates
     iteration = step * args.student_update_freq * run.gradient_accumulation_steps  # counts micro-batches
     batches.state_at(iteration)
@@ -217,12 +227,15 @@ def main(argv=None):
                             t_min=args.dmd_t_min, t_max=args.dmd_t_max, head=modules.get("head"),
                             gan_weight=args.gan_generator_weight, feature_module=args.gan_feature_module,
                             critic_params=params["fake_score"])
-        if not update(accelerator, loss, params["student"], student_opt, student_lr, args.optimizer.max_grad_norm,
-                      guard=guard, accumulator=accumulator, step=step + 1):
+        logs["dmd_loss"] = loss.detach()
+        loss = adversarial.add_to(loss, logs, student, cond, real_x0)  # --adv_weight > 0 only
+        applied = update(accelerator, loss, params["student"], student_opt, student_lr, args.optimizer.max_grad_norm,
+                         guard=guard, accumulator=accumulator, step=step + 1)
+        adversarial.update_heads(accelerator, guard=guard, accumulator=accumulator, step=step + 1)
+        if not applied:
             continue  # a skipped non-finite update (--max_nonfinite_skips)
         ema.update(student.model)
         step += 1
-        logs["dmd_loss"] = loss.detach()
         log_and_checkpoint(accelerator, run, step, logs, ema, progress, validate=validate)
 
     if t2i is not None:

@@ -1,5 +1,6 @@
 import os
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from script_utils import assert_changed, file_digest, run_script, unet_weights
@@ -51,10 +52,13 @@ def test_dmd2_lora_round_trip_and_frozen_base(tiny_teacher, tmp_path):
     torch.testing.assert_close(again([1, 5], generator=torch.Generator().manual_seed(0), **kw).images, a)
 
 
-def test_dmd2_resume_latest_equals_uninterrupted(tiny_teacher, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--adv_weight", "0.5", "--adv_num_steps", "2"]])
+def test_dmd2_resume_latest_equals_uninterrupted(tiny_teacher, tmp_path, extra):
+    """With LADD's heads on the teacher (--adv_weight) the heads and their optimizer come back from the
+    checkpoint too: a stale head would move the student differently after the resume."""
     common = ["--teacher", tiny_teacher, "--train_batch_size", "8", "--student_update_freq", "2",
               "--num_student_steps", "2", "--learning_rate", "1e-3", "--eval_num_samples", "0",
-              "--report_to", "none", "--checkpointing_steps", "2", "--seed", "5"]
+              "--report_to", "none", "--checkpointing_steps", "2", "--seed", "5", *extra]
     ref, run = str(tmp_path / "ref"), str(tmp_path / "run")
     run_script("dmd2", common + ["--output_dir", ref, "--max_train_steps", "4"])
     run_script("dmd2", common + ["--output_dir", run, "--max_train_steps", "2"])  # "killed" after step 2

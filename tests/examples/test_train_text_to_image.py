@@ -285,10 +285,12 @@ def test_dmd2_gan_branch_on_real_images_with_their_captions(teachers, name, feat
     ("fdistill", "sd", ["--divergence", "js"]), ("fdistill", "flux", ["--gan_feature_module", "transformer_blocks.0"]),
     ("ladd", "qwen", ["--feature_modules", "transformer_blocks.0", "--lora_rank", "4"]),
     ("fdistill", "qwen", ["--gan_feature_module", "transformer_blocks.0", "--divergence", "kl"]),
+    ("dmd2", "sd", ["--adv_weight", "0.5", "--lora_rank", "4", "--gradient_checkpointing"]),  # LADD heads beside DMD
 ])
 def test_adversarial_scripts_on_real_images_sample_their_recipe(teachers, script, name, extra, tmp_path):
-    """LADD (heads on the teacher's features) and f-distill (head on the fake score's) on real images with
-    their captions; full students reload as the teacher's class, LoRA ones through load_lora_weights."""
+    """LADD (heads on the teacher's features; also as DMD2's --adv_weight) and f-distill (head on the fake
+    score's) on real images with their captions; full students reload as the teacher's class, LoRA ones through
+    load_lora_weights."""
     out = str(tmp_path / script)
     run_script(script, ["--pretrained_model_name_or_path", teachers[name], "--train_data_dir", teachers["images"],
                         "--output_dir", out, "--max_train_steps", "2", "--train_batch_size", "2", "--student_update_freq",
@@ -298,11 +300,12 @@ def test_adversarial_scripts_on_real_images_sample_their_recipe(teachers, script
     if "--lora_rank" in extra:
         pipe = teacher.pipe
         pipe.load_lora_weights(out)
-        pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(out, subfolder="scheduler")
+        recipe = LCMScheduler if teacher.kind in ("sd", "sdxl") else FlowMatchEulerDiscreteScheduler
+        pipe.scheduler = recipe.from_pretrained(out, subfolder="scheduler")
     else:
         pipe = DiffusionPipeline.from_pretrained(out)
     card = open(os.path.join(out, "README.md")).read()
-    assert type(pipe) is type(teacher.pipe) and f"distilled with {dict(ladd='LADD', fdistill='f-distill')[script]}" in card
+    assert type(pipe) is type(teacher.pipe) and f"distilled with {dict(ladd='LADD', fdistill='f-distill', dmd2='DMD2')[script]}" in card
     _stock_equals_training_rollout(teacher, pipe, 2)
 
 

@@ -1,10 +1,10 @@
-"""An adversarial term for the consistency-family scripts: LADD's discriminator (heads on the frozen teacher's
-features, Sauer et al. arXiv:2403.12015) next to the consistency loss, as in SANA-Sprint's sCM + LADD hybrid
-(Chen et al. arXiv:2503.09641: L = L_consistency + weight * L_adv).
+"""An adversarial term for the consistency-family scripts and DMD2: LADD's discriminator (heads on the frozen teacher's
+features, Sauer et al. arXiv:2403.12015) next to the consistency (or DMD) loss, as in SANA-Sprint's sCM + LADD
+hybrid (Chen et al. arXiv:2503.09641: L = L_consistency + weight * L_adv).
 
 The generator's samples are the student's own: its x0 at the points its few-step sampler visits (pure noise
 for one step; for N steps also the states its own rollout reaches), so the term acts where sampling happens.
-Every iteration both players move: the student by consistency + weight * LADD generator loss, the heads by
+Every student update both players move: the student by consistency + weight * LADD generator loss, the heads by
 LADD's hinge loss on re-noised real and (detached) student samples at the same noise level.
 """
 
@@ -21,7 +21,7 @@ from ..parametrization import add_noise
 from ..timesteps import sample_logit_normal
 from .accelerate_setup import make_optimizer, update
 from .args import AdversarialArgs
-from .distribution_matching_steps import make_heads, student_inputs, unsynced
+from .distribution_matching_steps import _ready_for_backward, make_heads, student_inputs, unsynced
 
 
 def add_adversarial_heads(modules: dict, params: dict, optimizers: dict, adv: AdversarialArgs, teacher: Denoiser,
@@ -71,6 +71,7 @@ def adversarial_losses(student: Denoiser, teacher: Denoiser, heads, noise, cond,
     b = x0.shape[0]
     logits = heads([torch.cat([r, f.detach()]) for r, f in zip(real, fake)])  # one call per head on (real, fake)
     heads_loss = ladd_discriminator_loss([l[:b] for l in logits], [l[b:] for l in logits]).mean()
+    _ready_for_backward(student)  # LoRA: the teacher's calls switched the active adapter
     return generator, heads_loss
 
 

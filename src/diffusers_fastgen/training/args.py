@@ -145,7 +145,7 @@ class LoRAArgs:
 
 @dataclass
 class AdversarialArgs:
-    """An adversarial term beside a consistency loss (`training.adversarial`; SANA-Sprint's sCM + LADD hybrid)."""
+    """An adversarial term beside a consistency or DMD loss (`training.adversarial`; SANA-Sprint's sCM + LADD hybrid)."""
 
     adv_weight: float = 0.0  # > 0 adds LADD's generator loss with this weight (digits: CD / MeanFlow 0.1, sCD 0.01)
     adv_feature_modules: list[str] = field(  # the teacher blocks whose features feed one head each

@@ -305,7 +305,8 @@ def test_adversarial_scripts_on_real_images_sample_their_recipe(teachers, script
     else:
         pipe = DiffusionPipeline.from_pretrained(out)
     card = open(os.path.join(out, "README.md")).read()
-    assert type(pipe) is type(teacher.pipe) and f"distilled with {dict(ladd='LADD', fdistill='f-distill', dmd2='DMD2')[script]}" in card
+    method = dict(ladd="LADD", fdistill="f-distill", dmd2="DMD2")[script]
+    assert type(pipe) is type(teacher.pipe) and f"distilled with {method}" in card
     _stock_equals_training_rollout(teacher, pipe, 2)
 
 

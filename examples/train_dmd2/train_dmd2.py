@@ -22,6 +22,11 @@ type and guidance handling come from the teacher) with a prompt file:
 
 writes the teacher's pipeline class holding the student (or `pytorch_lora_weights.safetensors` for
 `load_lora_weights`) with its sampling recipe as a stock scheduler and a model card.
+
+`--student_times 0.4` tells a 1-step student it is at time 0.4 (VP: timestep 400) while it still gets pure noise, as
+DMD2's 1-step SDXL model is told timestep 399: an eps-prediction UNet at timestep 999 multiplies its error by
+sqrt(1 - alpha_bar) / sqrt(alpha_bar) ~ 15 on the way to x0 (SD's schedule), at 400 by ~ 1.2. The model card's call
+passes the same `timesteps` to the stock pipeline.
 """
 
 from __future__ import annotations
@@ -95,6 +100,7 @@ class DMD2Args:
     teacher: str = DIGITS_TEACHER_PATH  # digits teacher folder (default: the shipped one)
     num_student_steps: int = 1  # the student's step count (t_list length - 1)
     shift: float | None = None  # student schedule shift (default: 1 on digits, the teacher's on flow-matching pipelines)
+    student_times: list[float] | None = None  # stock teachers: times in (0, 1], one per step, decreasing; step 1 gets pure noise
     guidance_scale: float = 1.0  # teacher CFG in the real score
     fake_score_learning_rate: float = 1e-4  # AdamW learning rate of the fake score
     student_update_freq: int = 5  # of every N iterations, 1 updates the student and N - 1 the fake score (4 : 1 at 5)
@@ -122,6 +128,14 @@ class DMD2Args:
                                  "`dataset_name`, or keep it true.")
         if self.num_student_steps < 1:
             raise ValueError(f"`num_student_steps` must be >= 1, got {self.num_student_steps}.")
+        if self.student_times is not None:
+            times = self.student_times
+            if self.text.pretrained_model_name_or_path is None:
+                raise ValueError("`student_times` needs a stock text-to-image teacher (`pretrained_model_name_or_path`).")
+            if (len(times) != self.num_student_steps or not all(0 < t <= 1 for t in times)  # NaN fails the range
+                    or any(a <= b for a, b in zip(times, times[1:]))):
+                raise ValueError(f"`student_times` must be {self.num_student_steps} decreasing times in (0, 1] (one per "
+                                 f"student step), got {times}.")
         if self.student_update_freq < 1:
             raise ValueError(f"`student_update_freq` must be >= 1, got {self.student_update_freq}.")
         if not 0.0 <= self.dmd_t_min < self.dmd_t_max <= 1.0:
@@ -175,6 +189,8 @@ def main(argv=None):
     teacher, student, fake_score = nets["teacher"], nets["student"], nets["fake_score"]
     ema = student_ema(accelerator, modules, args.ema, run.train_batch_size)
     if t2i is not None:  # the stock scheduler the saved pipeline samples with, and its t_list
+        if args.student_times is not None:  # passed to the stock call (timesteps / sigmas): in the model card
+            t2i.set_custom_schedule(args.student_times, noise_input=True)
         scheduler = t2i.student_scheduler(shift=args.shift)
         t_list = t2i.student_t_list(scheduler, args.num_student_steps)
         adv_t_list = t2i.student_t_list(scheduler, args.adv.adv_num_steps)

@@ -310,6 +310,23 @@ def test_adversarial_scripts_on_real_images_sample_their_recipe(teachers, script
     _stock_equals_training_rollout(teacher, pipe, 2)
 
 
+@pytest.mark.parametrize("name", ["sd", "sd3"])
+def test_dmd2_student_told_an_earlier_time_samples_it_from_pure_noise(teachers, name, tmp_path):
+    """--student_times 0.4 0.2 (DMD2's conditioning timestep): the first step gets pure noise but is told t = 0.4;
+    the card's stock call (timesteps [400, 200] / sigmas [0.4, 0.2]) samples exactly the trained rollout."""
+    out = str(tmp_path / "dmd2")
+    run_script("dmd2", _argv(teachers, name, out, "--student_times", "0.4", "0.2"))
+    pipe = DiffusionPipeline.from_pretrained(out)
+    teacher = TextToImageTeacher(out, resolution=16, guidance_scale=2.0)
+    teacher.set_custom_schedule([0.4, 0.2], noise_input=True)
+    call = teacher.sampling_kwargs(2)
+    assert call.get("timesteps", call.get("sigmas")) == ([400, 200] if name == "sd" else [0.4, 0.2])
+    assert str(call.get("timesteps", call.get("sigmas"))) in open(os.path.join(out, "README.md")).read()
+    _stock_equals_training_rollout(teacher, pipe, 2)
+    with pytest.raises(ValueError, match="start at 1"):  # without noise_input a schedule must start at pure noise
+        teacher.set_custom_schedule([0.4, 0.2])
+
+
 @pytest.mark.parametrize("name", ["sd", "sd3", "qwen"])
 def test_scd_on_real_images_samples_its_trigflow_schedule_with_stock_diffusers(teachers, name, tmp_path):
     """sCD through the TrigFlow view of a VP (SD) or RF (SD3) teacher: 1 step from noise, 2 steps through the
@@ -412,6 +429,10 @@ def test_embedding_cache_gives_the_same_student_bit_for_bit(teachers, name, tmp_
     (["--resolution", "6"], "multiple of 4"),
     (["--push_to_hub"], "HF_HUB_OFFLINE"),
     (["--lora_alpha", "8"], "need `lora_rank`"),
+    (["--student_times", "0.5"], "student_times` must be 2 decreasing"),
+    (["--student_times", "0.5", "nan"], "student_times` must be a finite number"),
+    (["--student_times", "0.4", "0.6"], "student_times` must be 2 decreasing"),
+    (["--student_times", "1.5", "0.6"], "student_times` must be 2 decreasing"),
 ])
 def test_bad_text_to_image_arguments_are_named_before_any_work(teachers, tmp_path, extra, match):
     out = str(tmp_path / "bad")

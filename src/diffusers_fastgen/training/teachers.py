@@ -295,13 +295,17 @@ class TextToImageTeacher:
             config["shift"] = shift
         return FlowMatchEulerDiscreteScheduler.from_config(config)
 
-    def set_custom_schedule(self, times: list[float]) -> None:
+    def set_custom_schedule(self, times: list[float], *, noise_input: bool = False) -> None:
         """Sample the student at these times of the teacher's process (first 1, decreasing; e.g. sCM's TrigFlow
         midpoint mapped onto the teacher's path) whenever it runs len(times) steps: passed to the stock call as
         `timesteps` (VP, rounded to integer timesteps) or `sigmas` (flow matching; the student's scheduler then
-        has shift 1 so they are used as given)."""
-        if not times or times[0] != 1.0 or any(a <= b for a, b in zip(times, times[1:])) or times[-1] <= 0:
-            raise ValueError(f"the custom schedule must start at 1 and decrease inside (0, 1], got {times}.")
+        has shift 1 so they are used as given). noise_input: the first time may be below 1 — the first step still
+        gets pure noise and is only told that time (DMD2's conditioning timestep, e.g. 399 for its 1-step SDXL);
+        the stock schedulers do the same with such a schedule (x0 at the told time, then re-noised)."""
+        top = times[0] <= 1.0 if noise_input and times else bool(times) and times[0] == 1.0
+        if not times or not top or any(a <= b for a, b in zip(times, times[1:])) or times[-1] <= 0:
+            raise ValueError(f"the custom schedule must start at {'<= ' if noise_input else ''}1 and decrease inside "
+                             f"(0, 1], got {times}.")
         if self.kind in ("sd", "sdxl"):
             times = [round(t * 999) / 999 for t in times]
         self.custom_times = list(times)

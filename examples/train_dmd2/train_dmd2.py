@@ -136,6 +136,9 @@ class DMD2Args:
                     or any(a <= b for a, b in zip(times, times[1:]))):
                 raise ValueError(f"`student_times` must be {self.num_student_steps} decreasing times in (0, 1] (one per "
                                  f"student step), got {times}.")
+            if self.adv.adv_weight > 0 and self.adv.adv_num_steps != self.num_student_steps:
+                raise ValueError(f"with `student_times` the adversarial term samples the student's own schedule: "
+                                 f"`adv_num_steps` must be {self.num_student_steps}, got {self.adv.adv_num_steps}.")
         if self.student_update_freq < 1:
             raise ValueError(f"`student_update_freq` must be >= 1, got {self.student_update_freq}.")
         if not 0.0 <= self.dmd_t_min < self.dmd_t_max <= 1.0:

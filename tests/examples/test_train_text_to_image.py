@@ -433,10 +433,11 @@ def test_embedding_cache_gives_the_same_student_bit_for_bit(teachers, name, tmp_
     (["--student_times", "0.5", "nan"], "student_times` must be a finite number"),
     (["--student_times", "0.4", "0.6"], "student_times` must be 2 decreasing"),
     (["--student_times", "1.5", "0.6"], "student_times` must be 2 decreasing"),
+    (["--student_times", "0.5", "0.2", "--adv_weight", "0.1", "--train_data_dir", "IMAGES"], "adv_num_steps` must be 2"),
 ])
 def test_bad_text_to_image_arguments_are_named_before_any_work(teachers, tmp_path, extra, match):
     out = str(tmp_path / "bad")
-    argv = _argv(teachers, "flux", out, *extra)
+    argv = _argv(teachers, "flux", out, *(teachers["images"] if a == "IMAGES" else a for a in extra))
     if match is None:
         from diffusers_fastgen.evaluation import DIGITS_TEACHER_PATH
 

@@ -6,6 +6,8 @@
     python benchmarks/text_digits.py --student outputs/dmd2_text_digits --num_inference_steps 1
     # a LoRA student: the teacher with `load_lora_weights` and the saved scheduler
     python benchmarks/text_digits.py --lora outputs/dmd2_text_digits_lora --num_inference_steps 1
+    # the teacher with CFG 4 only where the timestep is in (300, 700] (CFG 1 elsewhere), 25 steps
+    python benchmarks/text_digits.py --guidance_windows 4,300,700 --num_inference_steps 25
 
 Rows: NFE, seconds per 1,000 images (VAE decode included; median of --repeats passes), FD / accuracy /
 diversity against the held-out digits with the digits benchmark's classifier, prompted with phrasings never
@@ -63,6 +65,27 @@ def floor_row(reference: DigitsReference, num_samples: int, seeds) -> dict:
     return out
 
 
+def guidance_window_call(pipe, spec: str, num_steps: int) -> dict:
+    """Pipeline-call kwargs for CFG W at timesteps in (LO, HI] only: the first step's scale, and a step-end
+    callback that sets the next step's (the stock pipeline reads `_guidance_scale` every step; "off" is 1 + 1e-6,
+    which keeps the batch doubled that the pipeline built for CFG)."""
+    try:
+        w, lo, hi = (float(v) for v in spec.split(","))
+    except ValueError:
+        raise ValueError(f"`guidance_windows` entries are W,LO,HI (three numbers), got {spec!r}.") from None
+    if not (w >= 1 and 0 <= lo < hi):
+        raise ValueError(f"`guidance_windows` needs W >= 1 and 0 <= LO < HI, got {spec!r}.")
+    off = 1.0 + 1e-6
+    pipe.scheduler.set_timesteps(num_steps)
+    timesteps = [int(t) for t in pipe.scheduler.timesteps]
+
+    def callback(p, i, t, kwargs):
+        nxt = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+        p._guidance_scale = w if lo < nxt <= hi else off
+        return kwargs
+    return {"guidance_scale": w if lo < timesteps[0] <= hi else off, "callback_on_step_end": callback}
+
+
 def fmt(row: dict) -> str:
     def cell(key):
         v = row[key]
@@ -88,6 +111,9 @@ def main():
     parser.add_argument("--guidance_scale", type=float, default=1.0)
     parser.add_argument("--interval_guidance", action="store_true",
                         help="a MeanFlow student: guidance_scale = 1 + 0.01 / N for N steps (its model card's call)")
+    parser.add_argument("--guidance_windows", nargs="+", default=[], metavar="W,LO,HI",
+                        help="teacher rows with CFG W only at timesteps in (LO, HI], CFG 1 elsewhere (Kynkaanniemi et "
+                             "al. 2024's guidance interval), at the first --num_inference_steps")
     parser.add_argument("--num_samples", type=int, default=1000)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--repeats", type=int, default=1)
@@ -106,6 +132,13 @@ def main():
                                             f"{steps} steps CFG {cfg:g}", num_inference_steps=steps,
                                             guidance_scale=cfg, **common))
                 print(fmt(rows[-1]), flush=True)
+    for spec in args.guidance_windows:
+        pipe = DiffusionPipeline.from_pretrained(args.teacher)
+        rows.append(rows_over_seeds(pipe, reference, name=f"teacher {type(pipe.scheduler).__name__} "
+                                    f"{args.num_inference_steps[0]} steps, CFG {spec} (W, LO, HI)",
+                                    num_inference_steps=args.num_inference_steps[0],
+                                    **guidance_window_call(pipe, spec, args.num_inference_steps[0]), **common))
+        print(fmt(rows[-1]), flush=True)
     for folder, lora in ((args.student, False), (args.lora, True)):
         if folder is None:
             continue

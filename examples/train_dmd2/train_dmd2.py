@@ -66,6 +66,7 @@ from diffusers_fastgen.training.distribution_matching_steps import (
     build_players,
     fake_score_step,
     finish_digits_run,
+    freeze_modules,
     make_heads,
     player_denoisers,
     prepare_players,
@@ -114,6 +115,7 @@ class DMD2Args:
     r1_weight: float = 0.0  # approximate R1 on real data (0 = off)
     r1_sigma: float = 0.01  # perturbation of real inputs for approximate R1
     adv: AdversarialArgs = field(default_factory=AdversarialArgs)  # --adv_weight > 0: + LADD on the teacher's features
+    student_frozen_modules: list[str] = field(default_factory=list)  # full mode: student blocks kept at the teacher's
     eval_num_samples: int = 1000  # samples for the final benchmark rows (0 skips)
 
     def __post_init__(self):
@@ -139,6 +141,9 @@ class DMD2Args:
             if self.adv.adv_weight > 0 and self.adv.adv_num_steps != self.num_student_steps:
                 raise ValueError(f"with `student_times` the adversarial term samples the student's own schedule: "
                                  f"`adv_num_steps` must be {self.num_student_steps}, got {self.adv.adv_num_steps}.")
+        if self.student_frozen_modules and self.lora.lora_rank > 0:
+            raise ValueError("`student_frozen_modules` is for full fine-tuning; a LoRA student trains only its "
+                             "`lora_target_modules`.")
         if self.student_update_freq < 1:
             raise ValueError(f"`student_update_freq` must be >= 1, got {self.student_update_freq}.")
         if not 0.0 <= self.dmd_t_min < self.dmd_t_max <= 1.0:
@@ -171,6 +176,8 @@ def main(argv=None):
         teacher_model = teacher_pipe.unet
     modules, params = build_players(teacher_model, lora_rank=args.lora.lora_rank, lora_alpha=args.lora.lora_alpha,
                                     lora_target_modules=args.lora.lora_target_modules)
+    if args.student_frozen_modules:  # e.g. attn2.to_k attn2.to_v: the student reads the prompt as the teacher does
+        params["student"] = freeze_modules(modules["student"], args.student_frozen_modules, arg="student_frozen_modules")
     nets = player_denoisers(modules, process, prediction_type)
     if t2i is not None:  # one dry forward sizes the discriminator heads
         probe_cond, shape = t2i.cond(data.negative, None, "cpu"), t2i.latent_shape

@@ -310,6 +310,24 @@ def test_adversarial_scripts_on_real_images_sample_their_recipe(teachers, script
     _stock_equals_training_rollout(teacher, pipe, 2)
 
 
+def test_dmd2_student_frozen_modules_keep_the_teachers_weights(teachers, tmp_path):
+    """--student_frozen_modules attn2.to_k attn2.to_v: every cross-attention key / value projection of the saved
+    student is the teacher's, bit for bit, while the rest trained; a name matching nothing, or a LoRA run, is refused."""
+    out = str(tmp_path / "dmd2")
+    run_script("dmd2", _argv(teachers, "sd", out, "--student_frozen_modules", "attn2.to_k", "attn2.to_v"))
+    teacher = load_file(os.path.join(teachers["sd"], "unet", "diffusion_pytorch_model.safetensors"))
+    student = load_file(os.path.join(out, "unet", "diffusion_pytorch_model.safetensors"))
+    frozen = [k for k in teacher if ".attn2.to_k." in k or ".attn2.to_v." in k]
+    assert frozen and all(torch.equal(teacher[k], student[k]) for k in frozen)
+    changed = [k for k in teacher if not torch.equal(teacher[k], student[k])]
+    assert changed and not set(changed) & set(frozen) and any(".attn2.to_q." in k for k in changed)
+    with pytest.raises(ValueError, match=r"`student_frozen_modules` \['attn9'\] match no module"):
+        run_script("dmd2", _argv(teachers, "sd", str(tmp_path / "bad"), "--student_frozen_modules", "attn9"))
+    with pytest.raises(ValueError, match="student_frozen_modules` is for full fine-tuning"):
+        run_script("dmd2", _argv(teachers, "sd", str(tmp_path / "bad2"), "--student_frozen_modules", "attn2.to_k",
+                                 "--lora_rank", "4"))
+
+
 @pytest.mark.parametrize("name", ["sd", "sd3"])
 def test_dmd2_student_told_an_earlier_time_samples_it_from_pure_noise(teachers, name, tmp_path):
     """--student_times 0.4 0.2 (DMD2's conditioning timestep): the first step gets pure noise but is told t = 0.4;

@@ -233,6 +233,20 @@ def build_players(teacher_unet, *, lora_rank: int = 0, trainable=("student", "fa
     return modules, {name: list(modules[name].parameters()) for name in trainable}
 
 
+def freeze_modules(model, names, *, arg: str = "frozen_modules") -> list:
+    """Freeze every module whose name is, or ends with, one of `names` (e.g. "attn2.to_k": the cross-attention
+    keys of every block); returns the parameters still trained. A name matching no module is a ValueError
+    naming `arg`."""
+    found = {name: [m for n, m in model.named_modules() if n == name or n.endswith("." + name)] for name in names}
+    missing = [name for name, hits in found.items() if not hits]
+    if missing:
+        raise ValueError(f"`{arg}` {missing} match no module of {type(model).__name__}.")
+    for hits in found.values():
+        for m in hits:
+            m.requires_grad_(False)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 def player_denoisers(modules, process, prediction_type, names=("student", "fake_score")) -> dict:
     """{"teacher": Denoiser, name: Denoiser, ...} over the (prepared) modules of `build_players`."""
     if "base" in modules:

@@ -11,7 +11,7 @@
 
 Rows: NFE, seconds per 1,000 images (VAE decode included; median of --repeats passes), FD / accuracy /
 diversity against the held-out digits with the digits benchmark's classifier, prompted with phrasings never
-seen in training (`evaluation.text_digits.HELD_OUT_PHRASINGS`). `--seeds 0 1 2` gives mean ± std over
+seen in training (`evaluation.text_digits.HELD_OUT_PHRASINGS`; `--phrasings` for others). `--seeds 0 1 2` gives mean ± std over
 sampling seeds. The first row is the floor: the same number of real training digits (balanced classes,
 drawn per seed) scored the same way; excess FD = FD - floor.
 """
@@ -30,7 +30,7 @@ from diffusers import DiffusionPipeline
 
 from diffusers_fastgen.evaluation.digits_benchmark import DigitsReference
 from diffusers_fastgen.evaluation.digits_data import load_digits_arrays
-from diffusers_fastgen.evaluation.text_digits import TEXT_DIGITS_TEACHER_PATH, score_text_digits_pipeline
+from diffusers_fastgen.evaluation.text_digits import HELD_OUT_PHRASINGS, TEXT_DIGITS_TEACHER_PATH, score_text_digits_pipeline
 from diffusers_fastgen.models.interval import interval_guidance_scale
 
 COLUMNS = ("model", "nfe", "s_per_1k", "fd", "accuracy", "diversity")
@@ -114,6 +114,9 @@ def main():
     parser.add_argument("--guidance_windows", nargs="+", default=[], metavar="W,LO,HI",
                         help="teacher rows with CFG W only at timesteps in (LO, HI], CFG 1 elsewhere (Kynkaanniemi et "
                              "al. 2024's guidance interval), at the first --num_inference_steps")
+    parser.add_argument("--phrasings", nargs="+", default=list(HELD_OUT_PHRASINGS),
+                        help="prompt templates ({n}: numeral, {w}: word); default the held-out ones; e.g. their training "
+                             "twins: 'a handwritten {w}' 'handwritten digit {n}'")
     parser.add_argument("--num_samples", type=int, default=1000)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--repeats", type=int, default=1)
@@ -121,7 +124,7 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(1)
     reference = DigitsReference()
-    common = dict(seeds=args.seeds, num_samples=args.num_samples, repeats=args.repeats)
+    common = dict(seeds=args.seeds, num_samples=args.num_samples, repeats=args.repeats, phrasings=tuple(args.phrasings))
     rows = [floor_row(reference, args.num_samples, args.seeds)]
     print(fmt(rows[-1]), flush=True)
     if args.teacher_table:

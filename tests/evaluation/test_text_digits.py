@@ -67,6 +67,20 @@ def test_benchmark_prompts_are_balanced_and_held_out():
     assert all(NUMBER_WORDS[c] in p or str(c) in p for p, c in zip(prompts, labels))
 
 
+def test_benchmark_prompts_in_other_phrasings():
+    """The held-out phrasings' training twins (numeral and word swapped back): every prompt is a training prompt,
+    prompt i names class i mod 10 in phrasing (i // 10) mod 2; a template without exactly one slot is refused."""
+    twins = ("a handwritten {w}", "handwritten digit {n}")
+    prompts, labels = benchmark_prompts(40, twins)
+    assert set(twins) <= set(TRAIN_PHRASINGS)
+    assert prompts[:12] == [f"a handwritten {NUMBER_WORDS[c]}" for c in range(10)] + ["handwritten digit 0",
+                                                                                       "handwritten digit 1"]
+    assert labels.tolist() == [i % 10 for i in range(40)]
+    for bad in ((), ("a digit",), ("{n} or {w}",)):
+        with pytest.raises(ValueError, match="phrasings"):
+            benchmark_prompts(10, bad)
+
+
 class _Replay:
     """A pipeline stand-in returning given digits for the prompts' classes (images in [0, 1], like
     output_type="pt")."""

@@ -127,20 +127,22 @@ def build_clip_tokenizer():
 
 
 # --- scoring a pipeline ---------------------------------------------------------------------------------
-def benchmark_prompts(num_samples: int) -> tuple[list[str], np.ndarray]:
-    """(prompts, labels): balanced classes 0..9, the held-out phrasings alternating."""
+def benchmark_prompts(num_samples: int, phrasings=HELD_OUT_PHRASINGS) -> tuple[list[str], np.ndarray]:
+    """(prompts, labels): balanced classes 0..9, the phrasings (default: the held-out ones) alternating."""
+    if not phrasings or any(("{n}" in p) == ("{w}" in p) for p in phrasings):
+        raise ValueError(f"`phrasings` must each hold one of {{n}} (numeral) or {{w}} (word), got {phrasings!r}.")
     labels = np.arange(num_samples) % 10
-    prompts = [digit_prompt(c, HELD_OUT_PHRASINGS[(i // 10) % len(HELD_OUT_PHRASINGS)]) for i, c in enumerate(labels)]
+    prompts = [digit_prompt(c, phrasings[(i // 10) % len(phrasings)]) for i, c in enumerate(labels)]
     return prompts, labels
 
 
 @torch.no_grad()
-def sample_text_digits(pipe, num_samples: int, *, seed: int = 0, batch_size: int = 500,
+def sample_text_digits(pipe, num_samples: int, *, seed: int = 0, batch_size: int = 500, phrasings=HELD_OUT_PHRASINGS,
                        **call_kwargs) -> tuple[torch.Tensor, np.ndarray, float]:
     """(digits (N, 1, 8, 8) in [-1, 1], labels, seconds including the VAE decode) from a text-to-image
-    pipeline prompted with the held-out phrasings. `call_kwargs` go to the pipeline call
+    pipeline prompted with `phrasings` (default: the held-out ones). `call_kwargs` go to the pipeline call
     (num_inference_steps, guidance_scale, timesteps, ...)."""
-    prompts, labels = benchmark_prompts(num_samples)
+    prompts, labels = benchmark_prompts(num_samples, phrasings)
     generator = torch.Generator().manual_seed(seed)
     out, start = [], time.perf_counter()
     with torch.random.fork_rng(devices=[]):
@@ -153,9 +155,9 @@ def sample_text_digits(pipe, num_samples: int, *, seed: int = 0, batch_size: int
 
 
 def score_text_digits_pipeline(pipe, reference: DigitsReference | None = None, *, name: str, num_samples: int = 1000,
-                               seed: int = 0, repeats: int = 1, **call_kwargs) -> dict:
-    """One benchmark row: FD / accuracy / diversity of `num_samples` images (held-out phrasings, classes
-    balanced) and the median seconds per 1,000 images over `repeats` passes, decode included."""
+                               seed: int = 0, repeats: int = 1, phrasings=HELD_OUT_PHRASINGS, **call_kwargs) -> dict:
+    """One benchmark row: FD / accuracy / diversity of `num_samples` images (`phrasings`, default the held-out
+    ones; classes balanced) and the median seconds per 1,000 images over `repeats` passes, decode included."""
     if num_samples < 10:
         raise ValueError(f"`num_samples` must be >= 10 (one per class), got {num_samples}.")
     if repeats < 1:
@@ -164,7 +166,7 @@ def score_text_digits_pipeline(pipe, reference: DigitsReference | None = None, *
     pipe.set_progress_bar_config(disable=True)
     seconds = []
     for _ in range(repeats):
-        digits, labels, s = sample_text_digits(pipe, num_samples, seed=seed, **call_kwargs)
+        digits, labels, s = sample_text_digits(pipe, num_samples, seed=seed, phrasings=phrasings, **call_kwargs)
         seconds.append(s)
     row = {"model": name, "nfe": _nfe(call_kwargs, pipe), **reference.score(digits, labels)}
     row["s_per_1k"] = statistics.median(seconds) * 1000 / num_samples

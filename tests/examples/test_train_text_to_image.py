@@ -339,10 +339,16 @@ def test_dmd2_student_told_an_earlier_time_samples_it_from_pure_noise(teachers, 
     teacher.set_custom_schedule([0.4, 0.2], noise_input=True)
     call = teacher.sampling_kwargs(2)
     assert call.get("timesteps", call.get("sigmas")) == ([400, 200] if name == "sd" else [0.4, 0.2])
-    assert str(call.get("timesteps", call.get("sigmas"))) in open(os.path.join(out, "README.md")).read()
+    card = open(os.path.join(out, "README.md")).read()
+    assert str(call.get("timesteps", call.get("sigmas"))) in card and card.count("num_inference_steps=") == 1
     _stock_equals_training_rollout(teacher, pipe, 2)
     with pytest.raises(ValueError, match="start at 1"):  # without noise_input a schedule must start at pure noise
         teacher.set_custom_schedule([0.4, 0.2])
+    if name == "sd":  # a 1-step student told 0.4: its card gives only that call (a 2-step call would start at 999)
+        one = str(tmp_path / "one")
+        run_script("dmd2", _argv(teachers, name, one, "--num_student_steps", "1", "--student_times", "0.4"))
+        card = open(os.path.join(one, "README.md")).read()
+        assert "num_inference_steps=1, timesteps=[400]" in card and card.count("num_inference_steps=") == 1
 
 
 @pytest.mark.parametrize("name", ["sd", "sd3", "qwen"])

@@ -405,8 +405,9 @@ class TextToImageTeacher:
                           sampling: dict | list[dict] | None = None) -> None:
         if sampling is not None:
             recipes = list(sampling) if isinstance(sampling, list) else [sampling]
-        else:
-            recipes = [self.sampling_kwargs(n) for n in ((1, 2) if num_steps == 1 else (num_steps,))]
+        else:  # a 1-step student also samples at 2 steps, unless it was told a time below 1 (the 2-step call starts at 1)
+            told = self.custom_times is not None and self.custom_times[0] < 1
+            recipes = [self.sampling_kwargs(n) for n in ((1, 2) if num_steps == 1 and not told else (num_steps,))]
         calls = [", ".join(f"{k}={v!r}" for k, v in kwargs.items()) for kwargs in recipes]
         if lora:
             load = (f'pipe = DiffusionPipeline.from_pretrained("{self.path}")\n'

@@ -302,8 +302,8 @@ class TextToImageTeacher:
         has shift 1 so they are used as given). noise_input: the first time may be below 1 — the first step still
         gets pure noise and is only told that time (DMD2's conditioning timestep, e.g. 399 for its 1-step SDXL);
         the stock schedulers do the same with such a schedule (x0 at the told time, then re-noised)."""
-        top = times[0] <= 1.0 if noise_input and times else bool(times) and times[0] == 1.0
-        if not times or not top or any(a <= b for a, b in zip(times, times[1:])) or times[-1] <= 0:
+        if (not times or not (times[0] <= 1.0 if noise_input else times[0] == 1.0)
+                or any(a <= b for a, b in zip(times, times[1:])) or times[-1] <= 0):
             raise ValueError(f"the custom schedule must start at {'<= ' if noise_input else ''}1 and decrease inside "
                              f"(0, 1], got {times}.")
         if self.kind in ("sd", "sdxl"):

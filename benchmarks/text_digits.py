@@ -30,7 +30,12 @@ from diffusers import DiffusionPipeline
 
 from diffusers_fastgen.evaluation.digits_benchmark import DigitsReference
 from diffusers_fastgen.evaluation.digits_data import load_digits_arrays
-from diffusers_fastgen.evaluation.text_digits import HELD_OUT_PHRASINGS, TEXT_DIGITS_TEACHER_PATH, score_text_digits_pipeline
+from diffusers_fastgen.evaluation.text_digits import (
+    HELD_OUT_PHRASINGS,
+    TEXT_DIGITS_TEACHER_PATH,
+    benchmark_prompts,
+    score_text_digits_pipeline,
+)
 from diffusers_fastgen.models.interval import interval_guidance_scale
 
 COLUMNS = ("model", "nfe", "s_per_1k", "fd", "accuracy", "diversity")
@@ -65,16 +70,22 @@ def floor_row(reference: DigitsReference, num_samples: int, seeds) -> dict:
     return out
 
 
-def guidance_window_call(pipe, spec: str, num_steps: int) -> dict:
-    """Pipeline-call kwargs for CFG W at timesteps in (LO, HI] only: the first step's scale, and a step-end
-    callback that sets the next step's (the stock pipeline reads `_guidance_scale` every step; "off" is 1 + 1e-6,
-    which keeps the batch doubled that the pipeline built for CFG)."""
+def parse_guidance_window(spec: str) -> tuple[float, float, float]:
+    """(W, LO, HI) from "W,LO,HI"; a ValueError naming `guidance_windows` otherwise (NaN included)."""
     try:
         w, lo, hi = (float(v) for v in spec.split(","))
     except ValueError:
         raise ValueError(f"`guidance_windows` entries are W,LO,HI (three numbers), got {spec!r}.") from None
     if not (w >= 1 and 0 <= lo < hi):
         raise ValueError(f"`guidance_windows` needs W >= 1 and 0 <= LO < HI, got {spec!r}.")
+    return w, lo, hi
+
+
+def guidance_window_call(pipe, spec: str, num_steps: int) -> dict:
+    """Pipeline-call kwargs for CFG W at timesteps in (LO, HI] only: the first step's scale, and a step-end
+    callback that sets the next step's (the stock pipeline reads `_guidance_scale` every step; "off" is 1 + 1e-6,
+    which keeps the batch doubled that the pipeline built for CFG)."""
+    w, lo, hi = parse_guidance_window(spec)
     off = 1.0 + 1e-6
     pipe.scheduler.set_timesteps(num_steps)
     timesteps = [int(t) for t in pipe.scheduler.timesteps]
@@ -122,6 +133,9 @@ def main():
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--json", default=None, help="also write the rows here")
     args = parser.parse_args()
+    for spec in args.guidance_windows:  # bad values are named before any sampling
+        parse_guidance_window(spec)
+    benchmark_prompts(10, tuple(args.phrasings))
     torch.set_num_threads(1)
     reference = DigitsReference()
     common = dict(seeds=args.seeds, num_samples=args.num_samples, repeats=args.repeats, phrasings=tuple(args.phrasings))

@@ -8,7 +8,7 @@ import types
 import numpy as np
 import pytest
 import torch
-from diffusers import DiffusionPipeline, StableDiffusionPipeline
+from diffusers import DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline
 from transformers import CLIPTokenizer
 
 from diffusers_fastgen.evaluation.digits_benchmark import DigitsReference
@@ -79,6 +79,29 @@ def test_benchmark_prompts_in_other_phrasings():
     for bad in ((), ("a digit",), ("{n} or {w}",)):
         with pytest.raises(ValueError, match="phrasings"):
             benchmark_prompts(10, bad)
+
+
+def test_guidance_window_sets_each_steps_scale():
+    """benchmarks/text_digits.py --guidance_windows 4,300,700 on DDIM's 10 steps (999, 899, ..., 99 trailing):
+    CFG 4 exactly at the steps whose timestep is in (300, 700], 'off' (1 + 1e-6, the CFG batch kept) elsewhere."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "text_digits.py")
+    spec = importlib.util.spec_from_file_location("bench_text_digits", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    pipe = type("P", (), {})()
+    pipe.scheduler = DDIMScheduler(timestep_spacing="trailing")
+    call = bench.guidance_window_call(pipe, "4,300,700", 10)
+    timesteps = [int(t) for t in pipe.scheduler.timesteps]
+    used = [call["guidance_scale"]]
+    for i in range(len(timesteps) - 1):  # the pipeline calls back after step i; step i + 1 reads the scale
+        call["callback_on_step_end"](pipe, i, timesteps[i], {})
+        used.append(pipe._guidance_scale)
+    assert used == [4.0 if 300 < t <= 700 else 1.0 + 1e-6 for t in timesteps] and used.count(4.0) == 4
+    for bad in ("4,7", "0.5,0,500", "4,nan,700", "4,700,300"):
+        with pytest.raises(ValueError, match="guidance_windows"):
+            bench.parse_guidance_window(bad)
 
 
 class _Replay:

@@ -83,3 +83,39 @@ def test_latents_are_the_vae_posterior_scaled(sd_teacher, tmp_path):
         dist = vae.encode(pixels).latent_dist
     draw = torch.randn(dist.mean.shape, generator=torch.Generator().manual_seed(0))  # seed * 100003 + shard 0
     torch.testing.assert_close(got, (dist.mean + dist.std * draw) * vae.config.scaling_factor, atol=1e-5, rtol=1e-5)
+
+
+def test_a_teacher_rebuilt_at_the_same_path_gets_new_caches_not_its_predecessors_encodings(tmp_path):
+    """The latents and prompt-embedding caches are keyed on the encoders' files, not only the path: replacing the
+    text encoder (or the VAE) in place must not hand back the old caption embeddings (or latents)."""
+    T.tiny_pipeline("sd", DDPMScheduler()).save_pretrained(tmp_path / "sd")
+    images = tmp_path / "images"
+    images.mkdir()
+    with open(images / "metadata.jsonl", "w") as f:
+        for i in range(2):
+            Image.fromarray(np.full((16, 16, 3), 60 * i, dtype=np.uint8)).save(images / f"{i}.png")
+            f.write(json.dumps({"file_name": f"{i}.png", "text": "a cat"}) + "\n")
+
+    def encode():
+        teacher = TextToImageTeacher(str(tmp_path / "sd"), resolution=16)
+        folder = encode_image_dataset(teacher, train_data_dir=str(images), out_dir=str(tmp_path / "cache"))
+        cond, _ = teacher.embed_prompts(["a dog"], cache_dir=str(tmp_path / "emb"))
+        fresh, _ = TextToImageTeacher(str(tmp_path / "sd"), resolution=16).embed_prompts(["a dog"])
+        return folder, LatentShards(folder).rows(torch.arange(2)), cond, fresh
+
+    folder, rows, cond, _ = encode()
+    assert encode()[0] == folder  # unchanged files: the cache is reused
+    for sub in ("text_encoder", "vae"):
+        pipe = TextToImageTeacher(str(tmp_path / "sd"), resolution=16).pipe
+        module = getattr(pipe, sub)
+        with torch.no_grad():
+            for p in module.parameters():
+                p.mul_(0.5)
+        module.save_pretrained(tmp_path / "sd" / sub)
+        new_folder, new_rows, new_cond, fresh = encode()
+        assert new_folder != folder
+        for k in fresh:  # the cached embeddings are the rebuilt encoder's, not the old ones
+            torch.testing.assert_close(new_cond[k], fresh[k])
+        changed = "encoder_hidden_states" if sub == "text_encoder" else "latents"
+        assert not torch.allclose(new_rows[changed], rows[changed])
+        folder, rows = new_folder, new_rows

@@ -24,7 +24,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .teachers import PromptBatches, TextToImageTeacher, load_prompts
+from .teachers import PromptBatches, TextToImageTeacher, encoder_stamp, load_prompts
 
 
 def _load_stream(train_data_dir: str | None, dataset_name: str | None, *, split: str = "train",
@@ -105,7 +105,7 @@ def encode_image_dataset(teacher, *, train_data_dir: str | None = None, dataset_
     key = json.dumps([teacher.path, teacher.class_name, teacher.load_kwargs, str(teacher.weight_dtype),
                       teacher.resolution, teacher.max_sequence_length, train_data_dir and os.path.abspath(train_data_dir),
                       dataset_name, split, image_column, caption_column, center_crop, random_flip, max_train_samples,
-                      shard_size, seed])
+                      shard_size, seed] + encoder_stamp(teacher.path))
     folder = os.path.join(out_dir, "latents-" + hashlib.sha1(key.encode()).hexdigest()[:12])
     done = os.path.join(folder, "complete.json")
     if os.path.isfile(done):

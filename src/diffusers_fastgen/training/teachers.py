@@ -64,6 +64,22 @@ def _read_json(path: str, filename: str, *, revision=None, cache_dir=None, argum
         return json.load(f)
 
 
+def encoder_stamp(path: str) -> list:
+    """What a cache of a local pipeline folder's encodings depends on besides the path: (file, size, mtime_ns)
+    of every file in its vae / text encoder / tokenizer subfolders, so a teacher rebuilt or replaced at the same
+    path gets a new cache folder instead of the old encodings. Empty for a Hub id (its revision is in the key)."""
+    if not os.path.isdir(path):
+        return []
+    stamp = []
+    for sub in sorted(os.listdir(path)):
+        if sub.startswith(("vae", "text_encoder", "tokenizer")) and os.path.isdir(os.path.join(path, sub)):
+            for root, _, files in sorted(os.walk(os.path.join(path, sub))):
+                for name in sorted(files):
+                    st = os.stat(os.path.join(root, name))
+                    stamp.append([os.path.relpath(os.path.join(root, name), path), st.st_size, st.st_mtime_ns])
+    return stamp
+
+
 def read_pipeline_class(path: str, *, revision: str | None = None, cache_dir: str | None = None,
                         argument: str = "pretrained_model_name_or_path") -> str:
     """`_class_name` of a pipeline folder's or Hub repo's model_index.json (ValueError naming `argument`)."""
@@ -220,7 +236,7 @@ class TextToImageTeacher:
         folder = None
         if cache_dir is not None:
             key = json.dumps([self.path, self.class_name, self.load_kwargs, str(self.weight_dtype),
-                              self.max_sequence_length, negative_prompt, prompts])
+                              self.max_sequence_length, negative_prompt, prompts] + encoder_stamp(self.path))
             folder = os.path.join(cache_dir, "embeddings-" + hashlib.sha1(key.encode()).hexdigest()[:12])
             os.makedirs(folder, exist_ok=True)
 

@@ -24,6 +24,7 @@ from PIL import Image, ImageSequence
 from safetensors.torch import save_file
 
 from .image_data import LatentShards, encode_latents
+from .teachers import encoder_stamp
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 VIDEO_EXTENSIONS = (".gif", ".mp4", ".webm", ".mov", ".avi", ".mkv")
@@ -100,7 +101,7 @@ def encode_video_dataset(teacher, *, train_data_dir: str, caption_column: str = 
     stamps = [(p, os.path.getmtime(p)) for p, _ in videos]
     key = json.dumps([teacher.path, teacher.class_name, teacher.load_kwargs, str(teacher.weight_dtype),
                       teacher.num_frames, teacher.height, teacher.width, teacher.max_sequence_length,
-                      os.path.abspath(train_data_dir), caption_column, stamps, shard_size, seed])
+                      os.path.abspath(train_data_dir), caption_column, stamps, shard_size, seed] + encoder_stamp(teacher.path))
     folder = os.path.join(out_dir, "video-latents-" + hashlib.sha1(key.encode()).hexdigest()[:12])
     done = os.path.join(folder, "complete.json")
     if os.path.isfile(done):

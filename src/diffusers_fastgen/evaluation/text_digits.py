@@ -4,9 +4,10 @@ The digits teacher (`DIGITS_TEACHER_PATH`) is our own class-conditional pixel pi
 user's SD1.5 teacher is, at toy scale, every part a stock diffusers / transformers class: an AutoencoderKL
 trained on the digits at 16x16 (nearest-neighbour 2x upscale of the 8x8 digits, grey replicated to RGB, so
 `to_digits` inverts `to_pixels` exactly), a CLIPTokenizer with a BPE vocabulary of the prompt words built
-here, a frozen CLIPTextModel, a UNet2DConditionModel with cross-attention, and an SD1.5-like VP scheduler
-(scaled-linear betas, eps prediction). Prompts name a class in several phrasings; two phrasings never appear
-in training and are what the benchmark prompts with (`HELD_OUT_PHRASINGS`).
+here, a frozen CLIPTextModel pretrained CLIP-style on the training captions, a UNet2DConditionModel with
+cross-attention, and an SD1.5-like VP scheduler (scaled-linear betas, eps prediction). Prompts name a class
+in several phrasings; two phrasings never appear in training and are what the benchmark prompts with
+(`HELD_OUT_PHRASINGS`).
 
 `score_text_digits_pipeline` samples any such pipeline folder (a teacher, a full student, or the teacher with
 a student LoRA) and scores the decoded images with the digits benchmark's classifier: FD / accuracy /
@@ -39,9 +40,8 @@ NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "
 # {n}: the numeral, {w}: the word. Training uses TRAIN_PHRASINGS; the benchmark prompts with the held-out ones.
 TRAIN_PHRASINGS = ("a handwritten {w}", "the digit {n}", "{n}", "{w}, written by hand", "the number {w}",
                    "a picture of the digit {w}", "handwritten digit {n}", "an image of the number {n}")
-# Never seen verbatim: training phrasings with the numeral and the word swapped. The frozen random text encoder
-# generalises to these (~91 % accuracy at CFG 3) but not to new word orders ("the handwritten number {n}":
-# 33 %, docs/results.md).
+# Never seen verbatim: training phrasings with the numeral and the word swapped. The teacher's contrastively
+# pretrained text encoder reads them as their class (docs/results.md; a random one did not: ~82-93 %).
 HELD_OUT_PHRASINGS = ("a handwritten {n}", "handwritten digit {w}")
 MAX_TOKENS = 16  # the tokenizer's model_max_length (every phrasing fits)
 

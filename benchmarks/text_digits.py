@@ -9,8 +9,8 @@
     # the teacher with CFG 4 only where the timestep is in (300, 700] (CFG 1 elsewhere), 25 steps
     python benchmarks/text_digits.py --guidance_windows 4,300,700 --num_inference_steps 25
 
-Rows: NFE, seconds per 1,000 images (VAE decode included; median of --repeats passes), FD / accuracy /
-diversity against the held-out digits with the digits benchmark's classifier, prompted with phrasings never
+Rows: NFE, seconds per 1,000 images (VAE decode included; median of --repeats passes), FD, excess FD over the
+floor, KID (×1e3), precision / recall (k = 3), accuracy and diversity against the held-out digits with the digits benchmark's classifier, prompted with phrasings never
 seen in training (`evaluation.text_digits.HELD_OUT_PHRASINGS`; `--phrasings` for others). `--seeds 0 1 2` gives mean ± std over
 sampling seeds. The first row is the floor: the same number of real training digits (balanced classes,
 drawn per seed) scored the same way; excess FD = FD - floor.
@@ -38,18 +38,26 @@ from diffusers_fastgen.evaluation.text_digits import (
 )
 from diffusers_fastgen.models.interval import interval_guidance_scale
 
-COLUMNS = ("model", "nfe", "s_per_1k", "fd", "accuracy", "diversity")
+COLUMNS = ("model", "nfe", "s_per_1k", "fd", "excess_fd", "kid", "precision", "recall", "accuracy", "diversity")
+HEADER = ("| model | NFE | s / 1k | FD ↓ | excess FD | KID ×1e3 ↓ | precision | recall | accuracy | diversity |\n"
+          "|---|---|---|---|---|---|---|---|---|---|")
+AVERAGED = ("fd", "kid", "precision", "recall", "accuracy", "diversity")
+
+
+def mean_over_seeds(rows: list[dict], head: dict) -> dict:
+    """`head` + the mean and (with > 1 row) sample std over seeds of every metric."""
+    out = dict(head)
+    for key in AVERAGED:
+        values = [r[key] for r in rows]
+        out[key] = statistics.mean(values)
+        out[key + "_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    return out
 
 
 def rows_over_seeds(pipe, reference, *, name, seeds, num_samples, repeats, **call) -> dict:
     rows = [score_text_digits_pipeline(pipe, reference, name=name, num_samples=num_samples, seed=s, repeats=repeats,
                                        **call) for s in seeds]
-    out = dict(rows[0])
-    for key in ("fd", "accuracy", "diversity"):
-        values = [r[key] for r in rows]
-        out[key] = statistics.mean(values)
-        out[key + "_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
-    return out
+    return mean_over_seeds(rows, rows[0])
 
 
 def floor_row(reference: DigitsReference, num_samples: int, seeds) -> dict:
@@ -62,12 +70,7 @@ def floor_row(reference: DigitsReference, num_samples: int, seeds) -> dict:
         want = np.arange(num_samples) % 10
         pick = np.array([rng.choice(np.flatnonzero(labels == c)) for c in want])
         rows.append(reference.score(torch.from_numpy(train[pick]), want))
-    out = {"model": f"floor: {num_samples} real training digits", "nfe": 0, "s_per_1k": 0.0}
-    for key in ("fd", "accuracy", "diversity"):
-        values = [r[key] for r in rows]
-        out[key] = statistics.mean(values)
-        out[key + "_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
-    return out
+    return mean_over_seeds(rows, {"model": f"floor: {num_samples} real training digits", "nfe": 0, "s_per_1k": 0.0})
 
 
 def parse_guidance_window(spec: str) -> tuple[float, float, float]:
@@ -97,15 +100,19 @@ def guidance_window_call(pipe, spec: str, num_steps: int) -> dict:
     return {"guidance_scale": w if lo < timesteps[0] <= hi else off, "callback_on_step_end": callback}
 
 
-def fmt(row: dict) -> str:
+def fmt(row: dict, floor: dict) -> str:
+    """One table line; excess FD = FD - the floor row's FD (both means over the same seeds)."""
     def cell(key):
+        if key == "excess_fd":
+            return f"{row['fd'] - floor['fd']:.2f}"
         v = row[key]
-        if key in ("fd", "accuracy", "diversity") and row.get(key + "_std"):
-            scale = 100 if key == "accuracy" else 1
-            return f"{v * scale:.{1 if key == 'accuracy' else 2}f} ± {row[key + '_std'] * scale:.2f}"
-        if key == "accuracy":
-            return f"{v * 100:.1f}%"
-        return f"{v:.2f}" if isinstance(v, float) else str(v)
+        if not isinstance(v, float):
+            return str(v)
+        scale = {"accuracy": 100, "kid": 1e3}.get(key, 1)
+        text = f"{v * scale:.{1 if key == 'accuracy' else 2}f}"
+        if key in AVERAGED and row.get(key + "_std"):
+            text += f" ± {row[key + '_std'] * scale:.2f}"
+        return text + ("%" if key == "accuracy" else "")
     return "| " + " | ".join(cell(k) for k in COLUMNS) + " |"
 
 
@@ -140,7 +147,8 @@ def main():
     reference = DigitsReference()
     common = dict(seeds=args.seeds, num_samples=args.num_samples, repeats=args.repeats, phrasings=tuple(args.phrasings))
     rows = [floor_row(reference, args.num_samples, args.seeds)]
-    print(fmt(rows[-1]), flush=True)
+    floor = rows[0]
+    print(fmt(rows[-1], floor), flush=True)
     if args.teacher_table:
         pipe = DiffusionPipeline.from_pretrained(args.teacher)
         for cfg in (1.0, 2.0, 4.0):
@@ -148,14 +156,14 @@ def main():
                 rows.append(rows_over_seeds(pipe, reference, name=f"teacher {type(pipe.scheduler).__name__} "
                                             f"{steps} steps CFG {cfg:g}", num_inference_steps=steps,
                                             guidance_scale=cfg, **common))
-                print(fmt(rows[-1]), flush=True)
+                print(fmt(rows[-1], floor), flush=True)
     for spec in args.guidance_windows:
         pipe = DiffusionPipeline.from_pretrained(args.teacher)
         rows.append(rows_over_seeds(pipe, reference, name=f"teacher {type(pipe.scheduler).__name__} "
                                     f"{args.num_inference_steps[0]} steps, CFG {spec} (W, LO, HI)",
                                     num_inference_steps=args.num_inference_steps[0],
                                     **guidance_window_call(pipe, spec, args.num_inference_steps[0]), **common))
-        print(fmt(rows[-1]), flush=True)
+        print(fmt(rows[-1], floor), flush=True)
     for folder, lora in ((args.student, False), (args.lora, True)):
         if folder is None:
             continue
@@ -174,10 +182,10 @@ def main():
                      else args.guidance_scale)
             rows.append(rows_over_seeds(pipe, reference, name=f"{args.name or folder} {call['num_inference_steps']} step(s)",
                                         guidance_scale=scale, **call, **common))
-            print(fmt(rows[-1]), flush=True)
-    print("| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS))
+            print(fmt(rows[-1], floor), flush=True)
+    print(HEADER)
     for row in rows:
-        print(fmt(row))
+        print(fmt(row, floor))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -81,15 +81,20 @@ def test_benchmark_prompts_in_other_phrasings():
             benchmark_prompts(10, bad)
 
 
-def test_guidance_window_sets_each_steps_scale():
-    """benchmarks/text_digits.py --guidance_windows 4,300,700 on DDIM's 10 steps (999, 899, ..., 99 trailing):
-    CFG 4 exactly at the steps whose timestep is in (300, 700], 'off' (1 + 1e-6, the CFG batch kept) elsewhere."""
+def _bench_module():
     import importlib.util
 
     path = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "text_digits.py")
     spec = importlib.util.spec_from_file_location("bench_text_digits", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_guidance_window_sets_each_steps_scale():
+    """benchmarks/text_digits.py --guidance_windows 4,300,700 on DDIM's 10 steps (999, 899, ..., 99 trailing):
+    CFG 4 exactly at the steps whose timestep is in (300, 700], 'off' (1 + 1e-6, the CFG batch kept) elsewhere."""
+    bench = _bench_module()
     pipe = type("P", (), {})()
     pipe.scheduler = DDIMScheduler(timestep_spacing="trailing")
     call = bench.guidance_window_call(pipe, "4,300,700", 10)
@@ -102,6 +107,24 @@ def test_guidance_window_sets_each_steps_scale():
     for bad in ("4,7", "0.5,0,500", "4,nan,700", "4,700,300"):
         with pytest.raises(ValueError, match="guidance_windows"):
             bench.parse_guidance_window(bad)
+
+
+def test_benchmark_rows_average_every_metric_and_print_excess_over_the_floor():
+    """benchmarks/text_digits.py: mean and sample std over seeds of FD, KID, precision, recall, accuracy and
+    diversity; excess FD = row FD - floor FD; KID printed x1e3, accuracy in %."""
+    bench = _bench_module()
+    seeds = [dict(fd=0.5, kid=0.001, precision=0.8, recall=0.7, accuracy=0.98, diversity=1.0),
+             dict(fd=0.7, kid=0.003, precision=0.9, recall=0.9, accuracy=0.96, diversity=0.9)]
+    row = bench.mean_over_seeds(seeds, {"model": "m", "nfe": 1, "s_per_1k": 2.0})
+    assert row["fd"] == pytest.approx(0.6) and row["fd_std"] == pytest.approx(0.2 / 2 ** 0.5)
+    assert row["recall"] == pytest.approx(0.8) and row["kid"] == pytest.approx(0.002)
+    floor = bench.mean_over_seeds([dict(seeds[0], fd=0.45), dict(seeds[0], fd=0.47)], {"model": "f", "nfe": 0,
+                                                                                         "s_per_1k": 0.0})
+    cells = [c.strip() for c in bench.fmt(row, floor).strip("|").split("|")]
+    assert len(cells) == len(bench.COLUMNS) == bench.HEADER.splitlines()[0].count("|") - 1
+    named = dict(zip(bench.COLUMNS, cells))
+    assert named["excess_fd"] == "0.14" and named["fd"] == "0.60 ± 0.14"
+    assert named["kid"] == "2.00 ± 1.41" and named["accuracy"] == "97.0 ± 1.41%" and named["model"] == "m"
 
 
 class _Replay:

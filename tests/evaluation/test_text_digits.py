@@ -223,3 +223,38 @@ def test_imagefolder_holds_every_training_digit_in_every_training_phrasing(tmp_p
         torch.testing.assert_close(pixels / 127.5 - 1, expected, rtol=0, atol=1 / 127.5)
     with pytest.raises(ValueError, match="already holds"):
         write_imagefolder(str(tmp_path / "images"))
+
+
+def test_eval_checkpoint_scores_a_text_to_image_checkpoints_ema_and_raw_unets(tmp_path, monkeypatch, capsys):
+    """benchmarks/eval_checkpoint.py on a text-to-image run: the checkpoint's EMA UNet (here the teacher's own
+    weights) inside the teacher's pipeline with the student's LCMScheduler at the run's told timestep scores
+    exactly what that stock pipeline scores; the raw file (another UNet) scores differently."""
+    import importlib.util
+
+    import yaml
+    from safetensors.torch import save_file
+
+    from diffusers_fastgen.schedulers import lcm_scheduler
+
+    teacher = StableDiffusionPipeline.from_pretrained(TEXT_DIGITS_TEACHER_PATH)
+    state = {k: v.contiguous() for k, v in teacher.unet.state_dict().items()}
+    folder = tmp_path / "run" / "checkpoints" / "checkpoint-5"
+    folder.mkdir(parents=True)
+    save_file(state, str(folder / "ema_student.safetensors"))
+    save_file({k: v + 0.05 * torch.randn_like(v) for k, v in state.items()}, str(folder / "model.safetensors"))
+    (tmp_path / "run" / "train_config.yaml").write_text(yaml.safe_dump(
+        {"pretrained_model_name_or_path": TEXT_DIGITS_TEACHER_PATH, "student_times": [0.7007], "lora_rank": 0}))
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "eval_checkpoint.py")
+    spec = importlib.util.spec_from_file_location("bench_eval_checkpoint", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr("sys.argv", ["eval_checkpoint.py", "--run", str(tmp_path / "run"), "--checkpoint",
+                                     "checkpoint-5", "--steps", "1", "--num_samples", "40", "--seeds", "3"])
+    bench.main()
+    rows = {line.split("|")[1].strip(): line.split("|") for line in capsys.readouterr().out.splitlines()
+            if "checkpoint-5" in line}
+    teacher.scheduler = lcm_scheduler(teacher.scheduler)
+    want = score_text_digits_pipeline(teacher, name="", num_samples=40, seed=3, timesteps=[700],
+                                      num_inference_steps=1, guidance_scale=1.0)
+    assert float(rows["checkpoint-5 ema"][6]) == pytest.approx(want["fd"], abs=0.006)
+    assert abs(float(rows["checkpoint-5 raw"][6]) - want["fd"]) > 0.05

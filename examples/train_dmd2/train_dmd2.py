@@ -27,8 +27,8 @@ writes the teacher's pipeline class holding the student (or `pytorch_lora_weight
 DMD2's 1-step SDXL model is told timestep 399: an eps-prediction UNet at timestep 999 multiplies its error by
 sqrt(1 - alpha_bar) / sqrt(alpha_bar) ~ 15 on the way to x0 (SD's schedule), at 700 by ~ 3.3, at 400 by ~ 1.2. The model
 card's call passes the same `timesteps` to the stock pipeline. On the text-to-image digits teacher `--student_times 0.7007`
-(timestep 700) with `--gan_generator_weight 0.3` took the 1-step excess FD from ~0.2 to ~0.06; told 400 the student lost
-recall (docs/results.md).
+(timestep 700) with `--gan_generator_weight 0.5` took the 1-step excess FD from ~0.2 to ~0.02 (the real-data floor within
+noise); told 400 the student lost recall (docs/results.md).
 """
 
 from __future__ import annotations

@@ -69,9 +69,9 @@ def main():
     folder = os.path.join(args.run, "checkpoints", args.checkpoint)
     text = config.get("pretrained_model_name_or_path") is not None
     reference, rows = DigitsReference(), []
+    teacher = text_to_image_student(config, args.deterministic) if text else None
+    pipe = teacher.pipe if text else student_pipeline(config)  # every weight of its UNet is replaced per file below
     for kind in args.weights:
-        teacher = text_to_image_student(config, args.deterministic) if text else None
-        pipe = teacher.pipe if text else student_pipeline(config)
         # accelerate names a lone prepared model model.safetensors, several model_0, model_1, ... (student first)
         raw = "model.safetensors" if os.path.isfile(os.path.join(folder, "model.safetensors")) else "model_0.safetensors"
         file = raw if kind == "raw" else "ema_student.safetensors"

@@ -81,11 +81,12 @@ def test_benchmark_prompts_in_other_phrasings():
             benchmark_prompts(10, bad)
 
 
-def _bench_module():
+def _bench_module(name: str = "text_digits"):
+    """benchmarks/<name>.py imported as a module."""
     import importlib.util
 
-    path = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "text_digits.py")
-    spec = importlib.util.spec_from_file_location("bench_text_digits", path)
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     return bench
@@ -229,8 +230,6 @@ def test_eval_checkpoint_scores_a_text_to_image_checkpoints_ema_and_raw_unets(tm
     """benchmarks/eval_checkpoint.py on a text-to-image run: the checkpoint's EMA UNet (here the teacher's own
     weights) inside the teacher's pipeline with the student's LCMScheduler at the run's told timestep scores
     exactly what that stock pipeline scores; the raw file (another UNet) scores differently."""
-    import importlib.util
-
     import yaml
     from safetensors.torch import save_file
 
@@ -244,10 +243,7 @@ def test_eval_checkpoint_scores_a_text_to_image_checkpoints_ema_and_raw_unets(tm
     save_file({k: v + 0.05 * torch.randn_like(v) for k, v in state.items()}, str(folder / "model.safetensors"))
     (tmp_path / "run" / "train_config.yaml").write_text(yaml.safe_dump(
         {"pretrained_model_name_or_path": TEXT_DIGITS_TEACHER_PATH, "student_times": [0.7007], "lora_rank": 0}))
-    path = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "eval_checkpoint.py")
-    spec = importlib.util.spec_from_file_location("bench_eval_checkpoint", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _bench_module("eval_checkpoint")
     monkeypatch.setattr("sys.argv", ["eval_checkpoint.py", "--run", str(tmp_path / "run"), "--checkpoint",
                                      "checkpoint-5", "--steps", "1", "--num_samples", "40", "--seeds", "3"])
     bench.main()

@@ -6,6 +6,8 @@
     python benchmarks/text_digits.py --student outputs/dmd2_text_digits --num_inference_steps 1
     # a LoRA student: the teacher with `load_lora_weights` and the saved scheduler
     python benchmarks/text_digits.py --lora outputs/dmd2_text_digits_lora --num_inference_steps 1
+    # a consistency student at 4 steps with stock TCDScheduler's gamma sampler (the card's `--tcd_gamma` call)
+    python benchmarks/text_digits.py --student outputs/cm_text_digits --num_inference_steps 4 --scheduler TCDScheduler --eta 0.7
     # the teacher with CFG 4 only where the timestep is in (300, 700] (CFG 1 elsewhere), 25 steps
     python benchmarks/text_digits.py --guidance_windows 4,300,700 --num_inference_steps 25
 
@@ -127,6 +129,10 @@ def main():
     parser.add_argument("--timesteps", type=int, nargs="+", default=None,
                         help="a custom schedule the model card passes as `timesteps` (e.g. sCD's 2 steps: 999 557)")
     parser.add_argument("--guidance_scale", type=float, default=1.0)
+    parser.add_argument("--scheduler", default=None,
+                        help="a stock diffusers scheduler class built from the student's saved one (from_config), e.g. "
+                             "TCDScheduler")
+    parser.add_argument("--eta", type=float, default=None, help="passed to the call (DDIM's eta, TCDScheduler's gamma)")
     parser.add_argument("--interval_guidance", action="store_true",
                         help="a MeanFlow student: guidance_scale = 1 + 0.01 / N for N steps (its model card's call)")
     parser.add_argument("--guidance_windows", nargs="+", default=[], metavar="W,LO,HI",
@@ -143,6 +149,11 @@ def main():
     for spec in args.guidance_windows:  # bad values are named before any sampling
         parse_guidance_window(spec)
     benchmark_prompts(10, tuple(args.phrasings))
+    if args.scheduler is not None and not (isinstance(getattr(diffusers, args.scheduler, None), type)
+                                           and args.scheduler.endswith("Scheduler")):
+        raise ValueError(f"`--scheduler` must name a diffusers scheduler class (e.g. TCDScheduler), got {args.scheduler!r}.")
+    if args.eta is not None and not 0.0 <= args.eta <= 1.0:  # NaN fails too
+        raise ValueError(f"`--eta` must be in [0, 1], got {args.eta}.")
     torch.set_num_threads(1)
     reference = DigitsReference()
     common = dict(seeds=args.seeds, num_samples=args.num_samples, repeats=args.repeats, phrasings=tuple(args.phrasings))
@@ -175,8 +186,12 @@ def main():
             pipe.scheduler = getattr(diffusers, name).from_pretrained(folder, subfolder="scheduler")  # the saved recipe
         else:
             pipe = DiffusionPipeline.from_pretrained(folder)
+        if args.scheduler is not None:  # the card's swap: the stock class on the saved scheduler's config
+            pipe.scheduler = getattr(diffusers, args.scheduler).from_config(pipe.scheduler.config)
         calls = ([{"num_inference_steps": len(args.timesteps), "timesteps": args.timesteps}] if args.timesteps
                  else [{"num_inference_steps": steps} for steps in args.num_inference_steps])
+        if args.eta is not None:
+            calls = [{**call, "eta": args.eta} for call in calls]
         for call in calls:
             scale = (interval_guidance_scale(call["num_inference_steps"]) if args.interval_guidance
                      else args.guidance_scale)

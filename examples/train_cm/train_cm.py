@@ -12,6 +12,10 @@
    distillation, CFG optional).
    `--adv_weight w` adds LADD's adversarial loss on the teacher's features of the student's own few-step samples
    (SANA-Sprint's hybrid; heads trained beside it on real data: `training.adversarial`).
+   `--tcd_gamma 0.7` (SD / SDXL teachers): the model card adds a 4-step call with stock TCDScheduler at eta 0.7 --
+   TCD's gamma sampler (arXiv:2402.19159): x0 is carried by a DDIM step to 0.3 x the next timestep and only the rest
+   re-noised. On the text-to-image digits teacher LCM's 4 steps (gamma 1) lose diversity (FD 0.56 against the floor's
+   0.46); gamma 0.5-0.7 gives 0.46 (docs/results.md). The weights do not depend on it.
 3. The student is saved as a DigitsPipeline with the CM multistep sampler (x0, then fresh noise)
    FlowMatchFewStepScheduler(shift); 1 and 2 steps from the same folder.
 
@@ -67,6 +71,7 @@ from diffusers_fastgen.training.players import (
     validate_text_to_image_student,
 )
 from diffusers_fastgen.training.progress import TrainingProgress
+from diffusers_fastgen.training.teachers import TEXT_TO_IMAGE, read_pipeline_class
 
 logger = get_logger("train_cm", log_level="INFO")
 
@@ -92,6 +97,8 @@ class CMArgs:
     huber_c: float | None = None  # pseudo-Huber c (None: iCT's 0.00054 sqrt(D))
     shift: float = 1.0  # sampler: FlowMatchFewStepScheduler(shift); the 2-step midpoint is shift / (1 + shift)
     adv: AdversarialArgs = field(default_factory=AdversarialArgs)  # --adv_weight > 0: + LADD on the teacher's features
+    tcd_gamma: float | None = None  # SD / SDXL teachers: the card adds a `tcd_steps` call with stock TCDScheduler, eta=gamma
+    tcd_steps: int = 4
     eval_num_samples: int = 1000  # samples for the final benchmark rows (0 skips)
 
     def __post_init__(self):
@@ -105,6 +112,17 @@ class CMArgs:
             raise ValueError(f"`guidance_scale` must be >= 0, got {self.guidance_scale}.")
         if self.huber_c is not None and self.huber_c < 0:
             raise ValueError(f"`huber_c` must be >= 0 or None, got {self.huber_c}.")
+        if self.tcd_gamma is not None:
+            if not 0.0 <= self.tcd_gamma <= 1.0:  # NaN fails too
+                raise ValueError(f"`tcd_gamma` must be in [0, 1], got {self.tcd_gamma}.")
+            if self.tcd_steps < 2:
+                raise ValueError(f"`tcd_steps` must be >= 2 (one step is the same for every gamma), got {self.tcd_steps}.")
+            path = self.text.pretrained_model_name_or_path
+            name = None if path is None else read_pipeline_class(path, revision=self.text.revision,
+                                                                   cache_dir=self.text.cache_dir)
+            if TEXT_TO_IMAGE.get(name) not in ("sd", "sdxl"):
+                raise ValueError("`tcd_gamma` needs an SD1.5 / SDXL teacher (`pretrained_model_name_or_path`): "
+                                 f"TCDScheduler samples VP students; got {name or 'the digits teacher'}.")
 
 
 def sample_pair(b: int, step: int, args: CMArgs, process, device):
@@ -196,9 +214,13 @@ def main(argv=None):
     # 3. Save the student with its sampler, reload it, benchmark 1 and 2 steps.
     name = "CD student" if args.source == "teacher" else "ECT student"
     if t2i is not None:
+        sampling = None  # the card's calls: 1 and 2 steps with the saved LCMScheduler (+ TCD's gamma sampler)
+        if args.tcd_gamma is not None:
+            sampling = [t2i.sampling_kwargs(1), t2i.sampling_kwargs(2), t2i.tcd_sampling_kwargs(args.tcd_steps, args.tcd_gamma)]
         finish_text_to_image_run(accelerator, modules, params, optimizers, ema, t2i, scheduler, output_dir=run.output_dir,
                                  num_steps=1, method="CD" if args.source == "teacher" else "ECT", prompts=data.prompts,
-                                 logger=logger, push_to_hub=args.text.push_to_hub, hub_model_id=args.text.hub_model_id)
+                                 logger=logger, push_to_hub=args.text.push_to_hub, hub_model_id=args.text.hub_model_id,
+                                 sampling=sampling)
         progress.summary("train_cm", logger)
         return
     finish_digits_run(accelerator, modules, params, optimizers, ema, scheduler, output_dir=run.output_dir,

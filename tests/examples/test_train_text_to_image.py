@@ -20,7 +20,7 @@ from diffusers import (
     FlowMatchEulerDiscreteScheduler,
     LCMScheduler,
 )
-from diffusers.schedulers import scheduling_flow_match_euler_discrete, scheduling_lcm
+from diffusers.schedulers import scheduling_flow_match_euler_discrete, scheduling_lcm, scheduling_tcd
 from peft.tuners.tuners_utils import BaseTunerLayer
 from PIL import Image
 from safetensors.torch import load_file
@@ -30,7 +30,7 @@ from diffusers_fastgen.models import Denoiser
 from diffusers_fastgen.models.denoiser import pack_flux_latents, unpack_flux_latents
 from diffusers_fastgen.parametrization import add_noise
 from diffusers_fastgen.testing import tiny as T
-from diffusers_fastgen.training.teachers import TextToImageTeacher
+from diffusers_fastgen.training.teachers import TextToImageTeacher, apply_recipe
 
 VP = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 TEACHERS = {
@@ -264,6 +264,72 @@ def test_cm_on_real_images_samples_its_recipe_with_stock_diffusers(teachers, nam
     teacher = TextToImageTeacher(out, resolution=16, guidance_scale=2.0)
     for steps in (1, 2):
         _stock_equals_training_rollout(teacher, pipe, steps)
+
+
+def test_cm_card_samples_tcd_gamma_steps_with_stock_tcdscheduler(teachers, tmp_path):
+    """--tcd_gamma 0.5 --tcd_steps 3 on an SD teacher: the weights are those of the run without it, the card's code
+    runs as written (1 and 2 steps with the saved LCMScheduler, then stock TCDScheduler on its config), and its
+    3-step call is TCD's gamma sampler, checked against an independent rollout: x0 and the implied noise at t_i, a
+    DDIM step to s = floor((1 - gamma) t_{i+1}), fresh noise from s to t_{i+1} (the last step ends at x_s, s = 0)."""
+    argv = ["--pretrained_model_name_or_path", teachers["sd"], "--train_data_dir", teachers["images"], "--max_train_steps",
+            "2", "--train_batch_size", "2", "--resolution", "16", "--report_to", "none", "--learning_rate", "1e-3"]
+    out, plain = str(tmp_path / "tcd"), str(tmp_path / "plain")
+    run_script("cm", [*argv, "--output_dir", out, "--tcd_gamma", "0.5", "--tcd_steps", "3"])
+    run_script("cm", [*argv, "--output_dir", plain])
+    assert load_file(os.path.join(out, "unet", "diffusion_pytorch_model.safetensors")).keys() and all(
+        torch.equal(v, load_file(os.path.join(plain, "unet", "diffusion_pytorch_model.safetensors"))[k])
+        for k, v in load_file(os.path.join(out, "unet", "diffusion_pytorch_model.safetensors")).items())
+    card = open(os.path.join(out, "README.md")).read()
+    code = card.split("```python\n")[1].split("```")[0]
+    assert code.count("pipe.scheduler = TCDScheduler.from_config(pipe.scheduler.config)") == 1
+    assert code.index("num_inference_steps=2") < code.index("TCDScheduler.from_config") < code.index("eta=0.5")
+    scope = {}
+    exec(code, scope)  # the card as a user pastes it
+    assert type(scope["pipe"].scheduler).__name__ == "TCDScheduler"
+
+    teacher = TextToImageTeacher(out, resolution=16)
+    recipe = teacher.tcd_sampling_kwargs(3, 0.5)
+    pipe = DiffusionPipeline.from_pretrained(out)
+    pipe.set_progress_bar_config(disable=True)
+    call = apply_recipe(pipe, recipe)
+    assert type(pipe.scheduler).__name__ == "TCDScheduler" and "scheduler" not in call
+    g = torch.Generator().manual_seed(5)
+    noise = torch.randn(1, *teacher.latent_shape, generator=g)
+    fresh = [torch.randn(1, *teacher.latent_shape, generator=g) for _ in range(2)]
+    draws = iter(fresh)
+    with mock.patch.object(scheduling_tcd, "randn_tensor", lambda shape, **kw: next(draws)):
+        stock = pipe(PROMPTS[0], latents=noise, height=16, width=16, output_type="latent", **call).images
+    timesteps = pipe.scheduler.timesteps.tolist()
+    assert len(timesteps) == 3 and timesteps[0] == 999
+    abar = pipe.scheduler.alphas_cumprod.double()
+    cond = teacher.cond(teacher._encode([PROMPTS[0]]), None, "cpu")
+    x = noise.double()
+    with torch.no_grad():
+        for i, t in enumerate(timesteps):
+            eps = pipe.unet(x.float(), t, encoder_hidden_states=cond["encoder_hidden_states"]).sample.double()
+            x0 = (x - (1 - abar[t]).sqrt() * eps) / abar[t].sqrt()
+            nxt = timesteps[i + 1] if i + 1 < len(timesteps) else 0
+            s = int((1 - 0.5) * nxt)
+            x_s = abar[s].sqrt() * x0 + (1 - abar[s]).sqrt() * eps
+            x = x_s if i + 1 == len(timesteps) else ((abar[nxt] / abar[s]).sqrt() * x_s
+                                                     + (1 - abar[nxt] / abar[s]).sqrt() * fresh[i].double())
+    torch.testing.assert_close(stock.double(), x, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="tcd_gamma` must be in"):
+        teacher.tcd_sampling_kwargs(3, float("nan"))
+
+
+@pytest.mark.parametrize("extra,match", [(["--tcd_gamma", "1.5"], "tcd_gamma` must be in"),
+                                         (["--tcd_gamma", "nan"], "tcd_gamma` must be a finite number"),
+                                         (["--tcd_gamma", "0.5", "--tcd_steps", "1"], "tcd_steps` must be >= 2"),
+                                         (["--tcd_gamma", "0.5", "--teacher_name", "sd3"], "SD1.5 / SDXL teacher")])
+def test_cm_tcd_gamma_is_checked_before_any_work(teachers, tmp_path, extra, match):
+    name = "sd3" if "--teacher_name" in extra else "sd"
+    extra = [e for e in extra if e not in ("--teacher_name", "sd3")]
+    out = tmp_path / "bad"
+    with pytest.raises(ValueError, match=match):
+        run_script("cm", ["--pretrained_model_name_or_path", teachers[name], "--train_data_dir", teachers["images"],
+                          "--output_dir", str(out), "--resolution", "16", *extra])
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("name,feature", [("sd", "mid_block"), ("sd3", "transformer_blocks.0")])

@@ -24,7 +24,7 @@ from .checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from .data import InfiniteBatches, load_digits_arrays
 from .lora import use_adapter
 from .nonfinite import check_finite
-from .teachers import lora_config, lora_state
+from .teachers import apply_recipe, lora_config, lora_state
 from .validation import log_image_grid, save_image_grid
 
 
@@ -169,9 +169,9 @@ def finish_text_to_image_run(accelerator, modules: dict, params: dict, optimizer
         logger.info("saved the student to %s", output_dir)
         pipe.set_progress_bar_config(disable=True)
         torch.manual_seed(0)  # SD3 / Flux draw the re-noising noise from the global generator
+        recipe = apply_recipe(pipe, first_recipe(sampling) if sampling is not None else teacher.sampling_kwargs(num_steps))
         images = pipe(prompts[:8], height=teacher.resolution, width=teacher.resolution, output_type="pt",
-                      generator=torch.Generator().manual_seed(0),
-                      **(first_recipe(sampling) if sampling is not None else teacher.sampling_kwargs(num_steps))).images
+                      generator=torch.Generator().manual_seed(0), **recipe).images
         save_image_grid(images * 2 - 1, os.path.join(output_dir, "samples.png"), nrow=min(8, len(images)), upscale=1)
         if push_to_hub:  # the folder as saved (no checkpoints), to the user's repo
             repo_id = create_repo(hub_model_id or os.path.basename(os.path.abspath(output_dir)), exist_ok=True).repo_id

@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 
+import diffusers
 import numpy as np
 import torch
 from diffusers import (
@@ -369,6 +370,18 @@ class TextToImageTeacher:
                 kwargs.setdefault("sigmas", self._sigmas(num_steps))
         return kwargs
 
+    def tcd_sampling_kwargs(self, num_steps: int, gamma: float) -> dict:
+        """A VP consistency student's multistep call with stock TCDScheduler (built from the saved LCMScheduler's
+        config) at `eta=gamma`: TCD's strategic stochastic sampling (Zheng et al. arXiv:2402.19159, Sec. 4.4) -- each
+        step's x0 is taken by a DDIM step to (1 - gamma) x the next timestep and only the rest re-noised (gamma 1:
+        LCM's x0-then-fresh-noise; 0: deterministic). The "scheduler" key is the swap the card writes
+        (`apply_recipe`)."""
+        if self.kind not in ("sd", "sdxl"):
+            raise ValueError(f"TCDScheduler samples VP (SD1.5 / SDXL) students; this teacher is {self.kind!r}.")
+        if not 0.0 <= gamma <= 1.0:  # NaN fails too
+            raise ValueError(f"`tcd_gamma` must be in [0, 1], got {gamma}.")
+        return {**self.sampling_kwargs(num_steps), "eta": float(gamma), "scheduler": "TCDScheduler"}
+
     def guided_sampling_kwargs(self, num_steps: int, guidance_scale: float, negative_prompt: str = "") -> dict:
         """The stock call that samples the teacher's own way (its scheduler, `num_steps`) with this guidance: CFG
         through `guidance_scale` (the embedding for guidance-distilled Flux), or, for Qwen-Image, `true_cfg_scale`
@@ -424,23 +437,35 @@ class TextToImageTeacher:
         else:  # a 1-step student also samples at 2 steps, unless it was told a time below 1 (the 2-step call starts at 1)
             told = self.custom_times is not None and self.custom_times[0] < 1
             recipes = [self.sampling_kwargs(n) for n in ((1, 2) if num_steps == 1 and not told else (num_steps,))]
-        calls = [", ".join(f"{k}={v!r}" for k, v in kwargs.items()) for kwargs in recipes]
+        lines, swaps = [], []  # a recipe naming a stock scheduler is sampled with it, built from the saved one's config
+        for kwargs in recipes:
+            kwargs = dict(kwargs)
+            swap = kwargs.pop("scheduler", None)
+            if swaps and swap is None:
+                raise ValueError("recipes with a scheduler swap must come after the saved scheduler's ones.")
+            if swap is not None and swap not in swaps:
+                lines.append(f"pipe.scheduler = {swap}.from_config(pipe.scheduler.config)\n")
+                swaps.append(swap)
+            lines.append(f'image = pipe("a prompt", {", ".join(f"{k}={v!r}" for k, v in kwargs.items())}).images[0]\n')
         if lora:
             load = (f'pipe = DiffusionPipeline.from_pretrained("{self.path}")\n'
                     f'pipe.load_lora_weights("{output_dir}")\n'
                     f'pipe.scheduler = {type(scheduler).__name__}.from_pretrained("{output_dir}", subfolder="scheduler")')
-            imports = f"from diffusers import DiffusionPipeline, {type(scheduler).__name__}"
+            imports = ["DiffusionPipeline", type(scheduler).__name__]
         else:
             load = f'pipe = DiffusionPipeline.from_pretrained("{output_dir}")'
-            imports = "from diffusers import DiffusionPipeline"
+            imports = ["DiffusionPipeline"]
+        imports = "from diffusers import " + ", ".join(dict.fromkeys(imports + swaps))
         verb = "fine-tuned" if method == "SFT" else "distilled"
         description = (
             f"# {method} student of {self.path}\n\n"
             f"A {num_steps}-step {'LoRA ' if lora else ''}student {verb} with {method} by diffusers_fastgen from "
             f"the {self.class_name} `{self.path}`. Its sampling recipe is the saved "
-            f"`{type(scheduler).__name__}`; sample it with exactly this call:\n\n"
-            f"```python\n{imports}\n\n{load}\n" + "".join(f"image = pipe(\"a prompt\", {c}).images[0]\n" for c in calls)
-            + "```\n")
+            f"`{type(scheduler).__name__}`"
+            + (f" (the last call{'s' if sum('scheduler' in r for r in recipes) > 1 else ''}: stock {' / '.join(swaps)} "
+               "on its config)" if swaps else "")
+            + "; sample it with exactly this call:\n\n"
+            f"```python\n{imports}\n\n{load}\n" + "".join(lines) + "```\n")
         # diffusers' training-script card template and tags (load_or_create_model_card would first look the
         # output folder up on the Hub, which fails for a local path or offline).
         card = ModelCard.from_template(card_data=ModelCardData(library_name="diffusers", base_model=self.path),
@@ -449,6 +474,17 @@ class TextToImageTeacher:
                                                "fine-tuning" if method == "SFT" else "distillation",
                                                "lora" if lora else "full"])
         card.save(os.path.join(output_dir, "README.md"))
+
+
+def apply_recipe(pipe, recipe: dict) -> dict:
+    """The call arguments of a sampling recipe (`TextToImageTeacher.sampling_kwargs` and kin); a recipe naming a
+    stock scheduler ("scheduler": "TCDScheduler") first gets it on `pipe`, built from the current one's config --
+    what the model card writes before that call."""
+    recipe = dict(recipe)
+    swap = recipe.pop("scheduler", None)
+    if swap is not None:
+        pipe.scheduler = getattr(diffusers, swap).from_config(pipe.scheduler.config)
+    return recipe
 
 
 def drop_prompts(cond: dict, uncond: dict, p: float, generator: torch.Generator | None = None) -> dict:

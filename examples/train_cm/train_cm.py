@@ -14,8 +14,10 @@
    (SANA-Sprint's hybrid; heads trained beside it on real data: `training.adversarial`).
    `--tcd_gamma 0.7` (SD / SDXL teachers): the model card adds a 4-step call with stock TCDScheduler at eta 0.7 --
    TCD's gamma sampler (arXiv:2402.19159): x0 is carried by a DDIM step to 0.3 x the next timestep and only the rest
-   re-noised. On the text-to-image digits teacher LCM's 4 steps (gamma 1) lose diversity (FD 0.56 against the floor's
-   0.46); gamma 0.5-0.7 gives 0.46 (docs/results.md). The weights do not depend on it.
+   re-noised. On the text-to-image digits teacher (with `--t_mean 1.0`: the LCM sampler's timesteps 999 / 759 / 499 /
+   259 get 60 % of the draws above 499, ECT's -1.1 gives 22 %) LCM's 4 steps (gamma 1) lose diversity (FD 0.56-0.58
+   against the floor's 0.46), gamma 0.7 gives 0.46-0.48 on three training seeds (docs/results.md). The weights do not
+   depend on it.
 3. The student is saved as a DigitsPipeline with the CM multistep sampler (x0, then fresh noise)
    FlowMatchFewStepScheduler(shift); 1 and 2 steps from the same folder.
 

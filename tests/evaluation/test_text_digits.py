@@ -254,3 +254,28 @@ def test_eval_checkpoint_scores_a_text_to_image_checkpoints_ema_and_raw_unets(tm
                                       num_inference_steps=1, guidance_scale=1.0)
     assert float(rows["checkpoint-5 ema"][6]) == pytest.approx(want["fd"], abs=0.006)
     assert abs(float(rows["checkpoint-5 raw"][6]) - want["fd"]) > 0.05
+
+
+def test_text_digits_benchmark_swaps_in_the_named_scheduler_and_passes_eta(monkeypatch, capsys):
+    """benchmarks/text_digits.py --scheduler TCDScheduler --eta 0.7 scores exactly the stock pipeline with TCDScheduler
+    built from the saved scheduler's config, called with eta=0.7 (a different eta scores differently); a name that is
+    not a diffusers scheduler and an eta outside [0, 1] are refused before any sampling."""
+    from diffusers import TCDScheduler
+
+    bench = _bench_module()
+    argv = ["text_digits.py", "--student", TEXT_DIGITS_TEACHER_PATH, "--num_inference_steps", "2", "--num_samples", "40",
+            "--seeds", "3", "--name", "probe"]
+    monkeypatch.setattr("sys.argv", [*argv, "--scheduler", "TCDScheduler", "--eta", "0.7"])
+    bench.main()
+    row = next(line.split("|") for line in capsys.readouterr().out.splitlines() if "probe" in line)
+    pipe = StableDiffusionPipeline.from_pretrained(TEXT_DIGITS_TEACHER_PATH)
+    pipe.scheduler = TCDScheduler.from_config(pipe.scheduler.config)
+    want = [score_text_digits_pipeline(pipe, name="", num_samples=40, seed=3, num_inference_steps=2, guidance_scale=1.0,
+                                       eta=eta)["fd"] for eta in (0.7, 0.0)]
+    assert float(row[4].split("±")[0]) == pytest.approx(want[0], abs=0.006)
+    assert abs(want[0] - want[1]) > 0.05
+    for extra, match in ((["--scheduler", "StableDiffusionPipeline"], "--scheduler"), (["--eta", "1.5"], "--eta"),
+                         (["--eta", "nan"], "--eta")):
+        monkeypatch.setattr("sys.argv", [*argv, *extra])
+        with pytest.raises(ValueError, match=match):
+            bench.main()

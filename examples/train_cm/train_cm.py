@@ -100,7 +100,7 @@ class CMArgs:
     shift: float = 1.0  # sampler: FlowMatchFewStepScheduler(shift); the 2-step midpoint is shift / (1 + shift)
     adv: AdversarialArgs = field(default_factory=AdversarialArgs)  # --adv_weight > 0: + LADD on the teacher's features
     tcd_gamma: float | None = None  # SD / SDXL teachers: the card adds a `tcd_steps` call with stock TCDScheduler, eta=gamma
-    tcd_steps: int = 4
+    tcd_steps: int = 4  # steps of that TCD call (1 step is the same for every gamma)
     eval_num_samples: int = 1000  # samples for the final benchmark rows (0 skips)
 
     def __post_init__(self):

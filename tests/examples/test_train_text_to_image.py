@@ -164,6 +164,19 @@ def test_meanflow_student_samples_its_jumps_through_the_stock_call(teachers, nam
     assert (outs[1] - outs[2]).abs().max() > 1e-3
 
 
+def test_meanflow_with_the_adversarial_term_on_a_vp_teacher(teachers, tmp_path):
+    """--adv_weight on MeanFlow through the RF view of an SD teacher (the view carries the student's adapter, which
+    the term re-activates before the backward): the heads train and the student reloads as the teacher's class."""
+    out = str(tmp_path / "mf_adv")
+    run_script("meanflow", ["--pretrained_model_name_or_path", teachers["sd"], "--train_data_dir", teachers["images"],
+                            "--output_dir", out, "--max_train_steps", "2", "--train_batch_size", "2", "--resolution", "16",
+                            "--report_to", "none", "--guidance_scale", "1", "--learning_rate", "1e-3", "--logging_steps",
+                            "1", "--adv_weight", "0.5"])
+    last = json.load(open(os.path.join(out, "run_summary.json")))["last_scalars"]
+    assert math.isfinite(last["adversarial_loss"]) and last["heads_loss"] > 0
+    assert type(DiffusionPipeline.from_pretrained(out).unet).__name__ == "UNet2DConditionModel"
+
+
 def test_meanflow_needs_a_unet_pipeline_and_real_images(teachers, tmp_path):
     base = ["--output_dir", str(tmp_path / "x"), "--resolution", "16", "--report_to", "none"]
     with pytest.raises(ValueError, match="is a FluxPipeline: MeanFlow students here are UNet students"):

@@ -51,6 +51,11 @@ class FlowView:
     def model(self):
         return self.denoiser.model
 
+    @property
+    def adapter(self):
+        """The denoiser's LoRA adapter name (None for a full model): what the adversarial term re-activates."""
+        return self.denoiser.adapter
+
     def source_time(self, t: torch.Tensor) -> torch.Tensor:
         """The denoiser's own time with the noise ratio of RF time t (t = 0 stays 0)."""
         t = torch.as_tensor(t, dtype=torch.float32)

@@ -462,8 +462,7 @@ class TextToImageTeacher:
             f"A {num_steps}-step {'LoRA ' if lora else ''}student {verb} with {method} by diffusers_fastgen from "
             f"the {self.class_name} `{self.path}`. Its sampling recipe is the saved "
             f"`{type(scheduler).__name__}`"
-            + (f" (the last call{'s' if sum('scheduler' in r for r in recipes) > 1 else ''}: stock {' / '.join(swaps)} "
-               "on its config)" if swaps else "")
+            + (f" (after the swap line: stock {' / '.join(swaps)} on its config)" if swaps else "")
             + "; sample it with exactly this call:\n\n"
             f"```python\n{imports}\n\n{load}\n" + "".join(lines) + "```\n")
         # diffusers' training-script card template and tags (load_or_create_model_card would first look the
